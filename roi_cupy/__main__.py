@@ -1,0 +1,38 @@
+"""``python -m roi_cupy COMMAND``: the demo, the benchmark runner and the kernel compile check."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+_COMMANDS = {
+    "demo": ("roi_cupy._demo", "run RoiAlign and RoiPool on an embedded image and save a PNG"),
+    "bench": ("roi_cupy._bench", "measure roi_cupy against torchvision side by side"),
+    "check-kernels": (
+        "roi_cupy._cuda.check",
+        "compile every CUDA kernel through NVRTC for several GPU architectures (no GPU needed)",
+    ),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m roi_cupy COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<14} {text}" for name, (_, text) in _COMMANDS.items()]
+    lines += ["", "python -m roi_cupy COMMAND --help describes a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in _COMMANDS:
+        print(f"unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(_COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Backend selection and the contract every backend implements.
+
+A backend is a module that provides four functions. ``roi_cupy.ops`` validates and normalises
+everything before calling them, so a backend may rely on the following:
+
+- ``input`` / ``grad_output`` are C-contiguous arrays of the backend's array library, dtype
+  float16, float32 or float64 (bfloat16 where the library has it).
+- ``rois`` is a C-contiguous ``[K, 5]`` array ``(batch_index, x1, y1, x2, y2)`` of the *compute*
+  dtype: float64 for float64 features, float32 otherwise.  ``validate=False`` lets invalid rows
+  through (a batch index outside ``[0, N)`` or a non-finite value anywhere in the row): a backend
+  must give such a RoI zeros, zero gradient and argmax -1, and never index out of bounds with it.
+  The batch index is read by truncation toward zero.
+- ``pooled_h``, ``pooled_w``, ``sampling_ratio`` are Python ints (pooled sizes >= 1),
+  ``spatial_scale`` a positive finite Python float, ``aligned`` a bool, ``input_shape`` a tuple of
+  four Python ints ``(N, C, H, W)``.
+- ``argmax`` is a C-contiguous int64 array ``[K, C, PH, PW]`` (flat index in the H x W plane, -1
+  for an empty bin).
+
+Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H, W]``)::
+
+    roi_align_forward(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
+        -> output [K, C, PH, PW]
+    roi_align_backward(grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned)
+        -> grad_input [N, C, H, W]
+    roi_pool_forward(input, rois, pooled_h, pooled_w, spatial_scale)
+        -> (output [K, C, PH, PW], argmax int64 [K, C, PH, PW])
+    roi_pool_backward(grad_output, rois, argmax, input_shape)
+        -> grad_input [N, C, H, W]
+
+The exact numbers are those of SEMANTICS.md. NumPy inputs go to the backend chosen with
+:func:`use_backend` ("numpy" by default); CuPy inputs always go to the CUDA backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+
+# Backends for NumPy inputs, by name, and the module that implements each.
+_NUMPY_BACKENDS = {
+    "numpy": "roi_cupy._numpy",
+    "emulator": "roi_cupy._emulator.backend",
+}
+_CUDA_BACKEND = "roi_cupy._cuda.backend"
+_DEFAULT = "numpy"
+
+_local = threading.local()
+
+
+def known_backends() -> tuple[str, ...]:
+    """Names accepted by :func:`use_backend`."""
+    return tuple(_NUMPY_BACKENDS)
+
+
+def current_backend() -> str:
+    """The backend NumPy inputs go to in this thread."""
+    return getattr(_local, "name", _DEFAULT)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run NumPy inputs through the named backend inside a ``with`` block (this thread only).
+
+    Args:
+        name (str): ``"numpy"`` (the default outside any block) or ``"emulator"`` (the CUDA
+            kernels compiled for the CPU; needs a C++ compiler).
+
+    Raises:
+        ValueError: for an unknown name; the message lists the known ones.
+    """
+    if name not in _NUMPY_BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, _NUMPY_BACKENDS))}, got {name!r}"
+        )
+    previous = current_backend()
+    _local.name = name
+    try:
+        yield
+    finally:
+        _local.name = previous
+
+
+def backend_for(xp: ModuleType) -> ModuleType:
+    """The backend module for arrays of the library ``xp`` (numpy or cupy)."""
+    if xp.__name__ == "numpy":
+        return importlib.import_module(_NUMPY_BACKENDS[current_backend()])
+    return importlib.import_module(_CUDA_BACKEND)

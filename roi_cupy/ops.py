@@ -1,0 +1,406 @@
+"""Functional RoI operators with torchvision's signatures and numbers.
+
+Every function here validates its arguments on the host, normalises the boxes to a ``[K, 5]``
+array, hands native arrays to a backend (see ``roi_cupy._backend``) and gives the results back in
+the kind of array the caller passed.
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy
+
+from roi_cupy import _backend, _interop
+
+BoxesLike = Any  # an array [K, 5], or a sequence of N arrays [L_i, 4]
+SizeLike = int | tuple[int, int]
+
+_FEATURE_DTYPES = ("float16", "float32", "float64", "bfloat16")
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_features(array: Any, what: str) -> None:
+    if array.ndim != 4:
+        raise ValueError(f"{what} must have shape [N, C, H, W], got {tuple(array.shape)}")
+    if numpy.dtype(array.dtype).name not in _FEATURE_DTYPES:
+        raise TypeError(
+            f"{what} must have a floating dtype (float16, float32 or float64), got {array.dtype}"
+        )
+
+
+def _pair(output_size: Any) -> tuple[int, int]:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if is_int(output_size):
+        size = (int(output_size), int(output_size))
+    elif (
+        isinstance(output_size, Sequence)
+        and len(output_size) == 2
+        and all(is_int(v) for v in output_size)
+    ):
+        size = (int(output_size[0]), int(output_size[1]))
+    else:
+        raise TypeError(f"output_size must be an int or a pair of ints, got {output_size!r}")
+    if min(size) <= 0:
+        raise ValueError(f"output_size must be positive, got {output_size!r}")
+    return size
+
+
+def _scale(spatial_scale: Any) -> float:
+    if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool):
+        raise TypeError(f"spatial_scale must be a real number, got {spatial_scale!r}")
+    value = float(spatial_scale)
+    if not (numpy.isfinite(value) and value > 0):
+        raise ValueError(f"spatial_scale must be positive and finite, got {spatial_scale!r}")
+    return value
+
+
+def _sampling(sampling_ratio: Any) -> int:
+    if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
+        raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
+    return int(sampling_ratio)
+
+
+def _input_shape(input_shape: Any) -> tuple[int, int, int, int]:
+    ok = (
+        isinstance(input_shape, Sequence)
+        and len(input_shape) == 4
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in input_shape)
+        and all(v >= 0 for v in input_shape)
+    )
+    if not ok:
+        raise ValueError(
+            f"input_shape must be four non-negative ints (N, C, H, W), got {input_shape!r}"
+        )
+    return tuple(int(v) for v in input_shape)
+
+
+def _compute_dtype(dtype: Any) -> numpy.dtype:
+    """The dtype coordinates are computed in: float64 for float64 features, float32 otherwise."""
+    return numpy.dtype(numpy.float64 if numpy.dtype(dtype) == numpy.float64 else numpy.float32)
+
+
+def _check_box_dtype(array: Any, what: str) -> None:
+    kind = numpy.dtype(array.dtype).kind
+    if kind not in "fiu" and numpy.dtype(array.dtype).name != "bfloat16":
+        raise TypeError(f"{what} must have a real dtype, got {array.dtype}")
+
+
+def convert_boxes_to_roi_format(boxes: BoxesLike) -> Any:
+    """Turn per-image boxes into the ``[sum L_i, 5]`` format the operators take.
+
+    Args:
+        boxes (Tensor[B, K, 4] or list of B Tensor[L_i, 4]): boxes ``(x1, y1, x2, y2)`` of each
+            image, as any array kind roi_cupy accepts.
+
+    Returns:
+        Tensor[sum L_i, 5]: rows ``(batch_index, x1, y1, x2, y2)``, image-major (b0k0, b0k1, ...,
+        b1k0, ...), in the boxes' dtype and array kind.
+    """
+    if isinstance(boxes, (list, tuple)):
+        if not boxes:
+            raise ValueError("boxes must hold at least one image's boxes, got an empty list")
+        arrays = [_interop.unwrap(b, f"boxes[{i}]") for i, b in enumerate(boxes)]
+        kind = arrays[0][1]
+        rois = _concat_per_image([a for a, _ in arrays])
+        return _interop.wrap(rois, kind)
+    array, kind = _interop.unwrap(boxes, "boxes")
+    if array.ndim != 3 or array.shape[2] != 4:
+        raise ValueError(f"boxes must have shape [B, K, 4], got {tuple(array.shape)}")
+    return _interop.wrap(_concat_per_image(list(array)), kind)
+
+
+def _concat_per_image(per_image: list[Any]) -> Any:
+    """``[L_i, 4]`` arrays (one per image, one device) -> ``[sum L_i, 5]`` with the index column."""
+    first = per_image[0]
+    xp = _interop.array_module(first)
+    device = _interop.device_of(first)
+    dtype = first.dtype
+    for i, b in enumerate(per_image):
+        if _interop.device_of(b) != device:
+            raise ValueError(f"boxes[{i}] is on {_interop.device_of(b)} but boxes[0] is on {device}")
+        _check_box_dtype(b, f"boxes[{i}]")
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise ValueError(
+                f"boxes[{i}] must have shape [L, 4] (one image's boxes), got {tuple(b.shape)}"
+            )
+        if b.dtype != dtype:
+            raise TypeError(f"boxes[{i}] has dtype {b.dtype} but boxes[0] has {dtype}")
+    with _device_scope(first):
+        counts = [b.shape[0] for b in per_image]
+        index = numpy.repeat(numpy.arange(len(per_image)), counts).astype(dtype)
+        rois = xp.empty((sum(counts), 5), dtype=dtype)
+        rois[:, 0] = xp.asarray(index)
+        if counts and sum(counts):
+            rois[:, 1:] = xp.concatenate(per_image, axis=0)
+        return rois
+
+
+def _device_scope(array: Any) -> Any:
+    """Make ``array``'s GPU current, so that new arrays and launches land beside it."""
+    if _interop.is_cupy_array(array):
+        return array.device
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _rois(boxes: BoxesLike, n: int, device: str, compute: numpy.dtype) -> Any:
+    """Normalise ``boxes`` (an array [K, 5] or a list of N arrays [L_i, 4]) to a contiguous
+    ``[K, 5]`` array of the compute dtype on ``device``."""
+    if isinstance(boxes, (list, tuple)):
+        if len(boxes) != n:
+            raise ValueError(
+                f"boxes must hold one array per image: got a list of {len(boxes)} for N = {n}"
+            )
+        if n == 0:
+            xp = numpy if device == "cpu" else _interop.cupy_or_none()
+            return xp.empty((0, 5), dtype=compute)
+        per_image = [
+            _interop.unwrap_like(b, f"boxes[{i}]", device, "input") for i, b in enumerate(boxes)
+        ]
+        rois = _concat_per_image(per_image)
+    else:
+        rois = _interop.unwrap_like(boxes, "boxes", device, "input")
+        _check_box_dtype(rois, "boxes")
+        if rois.ndim != 2 or rois.shape[1] != 5:
+            raise ValueError(
+                "boxes must have shape [K, 5] or be a list of [L, 4] per image, "
+                f"got {tuple(rois.shape)}"
+            )
+    xp = _interop.array_module(rois)
+    with _device_scope(rois):
+        return xp.ascontiguousarray(rois, dtype=compute)
+
+
+def _validate_rois(rois: Any, n: int) -> None:
+    """Reject non-finite coordinates and batch indices that are not integers in ``[0, n)``.
+
+    One reduction and one host synchronisation when all is well; the failing row is located only
+    after a failure.
+    """
+    if rois.shape[0] == 0:
+        return
+    xp = _interop.array_module(rois)
+    with _device_scope(rois):
+        finite = xp.isfinite(rois).all(axis=1)
+        b = rois[:, 0]
+        bad_index = (b < 0) | (b >= n) | (b != xp.trunc(b))
+        bad = ~finite | bad_index
+        if not bool(bad.any()):
+            return
+        row = int(xp.argmax(bad))
+        values = [float(v) for v in rois[row].tolist()]
+    if not bool(finite[row]):
+        raise ValueError(f"boxes must be finite, got row {row}: {values}")
+    raise ValueError(
+        f"boxes' batch index must be an integer in [0, {n}), got {values[0]!r} in row {row}"
+    )
+
+
+class _Call:
+    """One op call's arguments, unwrapped and checked; ``give_back`` wraps a result."""
+
+    def __init__(self, array: Any, what: str):
+        self.array, self.kind = _interop.unwrap(array, what)
+        self.device = _interop.device_of(self.array)
+        self.xp = _interop.array_module(self.array)
+        self.backend = _backend.backend_for(self.xp)
+
+    def contiguous(self) -> Any:
+        with _device_scope(self.array):
+            return self.xp.ascontiguousarray(self.array)
+
+    def scope(self) -> Any:
+        return _device_scope(self.array)
+
+    def give_back(self, result: Any) -> Any:
+        return _interop.wrap(result, self.kind)
+
+
+# ----------------------------------------------------------------------------- RoI Align
+def roi_align(
+    input: Any,
+    boxes: BoxesLike,
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    validate: bool = True,
+) -> Any:
+    """RoI Align (Mask R-CNN): bilinearly sampled, averaged crops of each box.
+
+    Args:
+        input (Tensor[N, C, H, W]): features, float16, float32 or float64.
+        boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): ``(batch_index, x1, y1, x2, y2)`` rows,
+            or each image's ``(x1, y1, x2, y2)`` boxes, in input-image coordinates.
+        output_size (int or (int, int)): ``PH, PW`` of each crop.
+        spatial_scale (float): multiplies box coordinates to reach feature coordinates (e.g.
+            1/16 for a stride-16 map). Default: 1.0.
+        sampling_ratio (int): samples per bin along each axis; ``<= 0`` picks
+            ``ceil(roi_size / output_size)`` per RoI (adaptive). Default: -1.
+        aligned (bool): shift box coordinates by -0.5 so that pixel centres are sampled exactly;
+            ``False`` keeps the original Mask R-CNN behaviour (and clamps RoI size to >= 1).
+            Default: False.
+        validate (bool): check that boxes are finite with integral in-range batch indices (one
+            device synchronisation on a GPU). With ``False`` an invalid RoI gives zeros and no
+            check synchronises. Default: True.
+
+    Returns:
+        Tensor[K, C, PH, PW]: in the input's dtype and array kind.
+    """
+    call = _Call(input, "input")
+    _check_features(call.array, "input")
+    pooled_h, pooled_w = _pair(output_size)
+    scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
+    rois = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
+    if validate:
+        _validate_rois(rois, call.array.shape[0])
+    with call.scope():
+        out = call.backend.roi_align_forward(
+            call.contiguous(), rois, pooled_h, pooled_w, scale, ratio, bool(aligned)
+        )
+    return call.give_back(out)
+
+
+def _check_grad_output(grad: Any, k: int, c: int, size: tuple[int, int] | None) -> None:
+    _check_features(grad, "grad_output")
+    expected = (k, c) + (size if size is not None else tuple(grad.shape[2:]))
+    if tuple(grad.shape) != expected:
+        raise ValueError(
+            f"grad_output must have shape [K, C, PH, PW] = {list(expected)} to fit boxes and "
+            f"input_shape, got {tuple(grad.shape)}"
+        )
+
+
+def roi_align_backward(
+    grad_output: Any,
+    boxes: BoxesLike,
+    input_shape: Sequence[int],
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    validate: bool = True,
+) -> Any:
+    """Gradient of :func:`roi_align` with respect to its input (boxes get none).
+
+    Args:
+        grad_output (Tensor[K, C, PH, PW]): gradient of the loss with respect to the output.
+        boxes, output_size, spatial_scale, sampling_ratio, aligned, validate: as passed to
+            :func:`roi_align`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
+
+    Returns:
+        Tensor[N, C, H, W]: in grad_output's dtype and array kind. Deterministic on NumPy.
+    """
+    call = _Call(grad_output, "grad_output")
+    shape = _input_shape(input_shape)
+    size = _pair(output_size)
+    scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
+    rois = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
+    _check_grad_output(call.array, rois.shape[0], shape[1], size)
+    if validate:
+        _validate_rois(rois, shape[0])
+    with call.scope():
+        grad_input = call.backend.roi_align_backward(
+            call.contiguous(), rois, shape, scale, ratio, bool(aligned)
+        )
+    return call.give_back(grad_input)
+
+
+# ----------------------------------------------------------------------------- RoI Pool
+def roi_pool(
+    input: Any,
+    boxes: BoxesLike,
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    *,
+    return_indices: bool = False,
+    validate: bool = True,
+) -> Any:
+    """RoI Pool (Fast R-CNN): the maximum of each bin of each box, on the integer pixel grid.
+
+    Box corners are scaled and rounded half away from zero; the end pixel is inclusive.
+
+    Args:
+        input (Tensor[N, C, H, W]): features, float16, float32 or float64.
+        boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): as for :func:`roi_align`.
+        output_size (int or (int, int)): ``PH, PW`` of each crop.
+        spatial_scale (float): multiplies box coordinates to reach feature coordinates.
+            Default: 1.0.
+        return_indices (bool): also return where each maximum was found. Default: False.
+        validate (bool): as for :func:`roi_align`. Default: True.
+
+    Returns:
+        Tensor[K, C, PH, PW], or ``(output, indices)`` with indices an int64 Tensor[K, C, PH, PW]
+        holding the flat index ``h * W + w`` of the maximum inside its H x W plane (-1 for an
+        empty bin), the convention of ``max_pool2d(return_indices=True)``.
+    """
+    call = _Call(input, "input")
+    _check_features(call.array, "input")
+    pooled_h, pooled_w = _pair(output_size)
+    scale = _scale(spatial_scale)
+    rois = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
+    if validate:
+        _validate_rois(rois, call.array.shape[0])
+    with call.scope():
+        out, argmax = call.backend.roi_pool_forward(
+            call.contiguous(), rois, pooled_h, pooled_w, scale
+        )
+    if return_indices:
+        return call.give_back(out), call.give_back(argmax)
+    return call.give_back(out)
+
+
+def roi_pool_backward(
+    grad_output: Any,
+    boxes: BoxesLike,
+    indices: Any,
+    input_shape: Sequence[int],
+    *,
+    validate: bool = True,
+) -> Any:
+    """Gradient of :func:`roi_pool` with respect to its input.
+
+    Args:
+        grad_output (Tensor[K, C, PH, PW]): gradient of the loss with respect to the output.
+        boxes: as passed to :func:`roi_pool`.
+        indices (Tensor[K, C, PH, PW]): the indices :func:`roi_pool` returned.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
+        validate (bool): also check that every index lies in ``[-1, H * W)`` (with ``False`` an
+            index outside that range is ignored). Default: True.
+
+    Returns:
+        Tensor[N, C, H, W]: in grad_output's dtype and array kind.
+    """
+    call = _Call(grad_output, "grad_output")
+    shape = _input_shape(input_shape)
+    rois = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
+    _check_grad_output(call.array, rois.shape[0], shape[1], None)
+    argmax = _interop.unwrap_like(indices, "indices", call.device, "grad_output")
+    if numpy.dtype(argmax.dtype).kind not in "iu":
+        raise TypeError(f"indices must have an integer dtype, got {argmax.dtype}")
+    if tuple(argmax.shape) != tuple(call.array.shape):
+        raise ValueError(
+            f"indices must have grad_output's shape {tuple(call.array.shape)}, "
+            f"got {tuple(argmax.shape)}"
+        )
+    with call.scope():
+        argmax = call.xp.ascontiguousarray(argmax, dtype=numpy.int64)
+        if validate:
+            _validate_rois(rois, shape[0])
+            plane = shape[2] * shape[3]
+            if argmax.size and bool(((argmax < -1) | (argmax >= plane)).any()):
+                low, high = int(argmax.min()), int(argmax.max())
+                raise ValueError(
+                    f"indices must lie in [-1, {plane}) for an H x W = {shape[2]} x {shape[3]} "
+                    f"plane, got values in [{low}, {high}]"
+                )
+        grad_input = call.backend.roi_pool_backward(call.contiguous(), rois, argmax, shape)
+    return call.give_back(grad_input)

@@ -1,0 +1,53 @@
+"""use_backend: names, nesting, thread-locality; and that importing roi_cupy stays light."""
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import roi_cupy
+from roi_cupy import _backend
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"backend must be one of 'numpy', 'emulator', got 'gpu'"):
+        with roi_cupy.use_backend("gpu"):
+            pass
+
+
+def test_use_backend_nests_and_restores():
+    assert _backend.current_backend() == "numpy"
+    with roi_cupy.use_backend("emulator"):
+        assert _backend.current_backend() == "emulator"
+        with roi_cupy.use_backend("numpy"):
+            assert _backend.current_backend() == "numpy"
+        assert _backend.current_backend() == "emulator"
+    assert _backend.current_backend() == "numpy"
+
+
+def test_use_backend_restores_after_an_exception():
+    with pytest.raises(RuntimeError):
+        with roi_cupy.use_backend("emulator"):
+            raise RuntimeError("boom")
+    assert _backend.current_backend() == "numpy"
+
+
+def test_use_backend_is_thread_local():
+    seen = []
+    with roi_cupy.use_backend("emulator"):
+        t = threading.Thread(target=lambda: seen.append(_backend.current_backend()))
+        t.start()
+        t.join()
+    assert seen == ["numpy"]
+
+
+def test_import_is_light():
+    code = (
+        "import sys, time; t = time.perf_counter(); import roi_cupy; "
+        "print(time.perf_counter() - t); "
+        "print(sorted(m for m in ('cupy', 'torch', 'jax', 'matplotlib', 'subprocess') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seconds, loaded = out.stdout.splitlines()
+    assert loaded == "[]"
+    assert float(seconds) < 2.0  # generous: catches a compile or a heavy import, not jitter
