@@ -1,4 +1,6 @@
 """Tensor, ModuleNative and the array-kind round trips (NumPy, torch through DLPack)."""
+import sys
+
 import numpy
 import pytest
 
@@ -107,24 +109,19 @@ def test_module_native_needs_an_array():
         _Echo()(1, 2)
 
 
-def test_module_native_without_cupy_path_says_so():
-    class Fake:
-        """A CUDA DLPack producer, without any CuPy behind it."""
+def test_cuda_input_without_cupy_says_what_to_install(monkeypatch):
+    class OnGpu:
+        """A CUDA DLPack producer."""
 
         def __dlpack__(self, stream=None):
-            raise BufferError("no")
+            raise BufferError("unreachable")
 
         def __dlpack_device__(self):
             return (2, 0)
 
-    try:
-        import cupy  # noqa: F401
-
-        pytest.skip("CuPy is installed: the message without CuPy cannot be shown")
-    except ImportError:
-        pass
-    with pytest.raises(ValueError, match="lives on CUDA device 0, which needs CuPy"):
-        _Echo()(Fake(), _rois())
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail
+    with pytest.raises(ValueError, match="argument 0 lives on CUDA device 0, which needs CuPy"):
+        _Echo()(OnGpu(), _rois())
 
 
 # ----------------------------------------------------------------------------- torch through DLPack

@@ -1,0 +1,104 @@
+// RoI Align (Mask R-CNN): forward and input gradient. See roi_common.cuh for the math and the
+// type names T (storage), C (compute), I (index).
+#include "roi_common.cuh"
+
+// output[k, c, ph, pw] = mean over the bin's gh x gw samples of the bilinear interpolation of
+// input[b, c]; one thread per output element, consecutive threads on consecutive pw.
+//
+// Parameters: const T* input [N, C, H, W], const C* rois [K, 5], T* output [K, C, PH, PW],
+// I total (= K * C * PH * PW), I channels, I height, I width, I batch, I pooled_h, I pooled_w,
+// C spatial_scale, int sampling_ratio (<= 0: adaptive), bool aligned.
+template <typename T, typename I>
+__global__ void roi_align_forward(
+    const T* __restrict__ input, const typename roi_compute<T>::type* __restrict__ rois,
+    T* __restrict__ output, I total, I channels, I height, I width, I batch, I pooled_h,
+    I pooled_w, typename roi_compute<T>::type spatial_scale, int sampling_ratio, bool aligned)
+{
+    typedef typename roi_compute<T>::type C;
+    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
+        const C* roi = rois + o.k * 5;
+        const I b = roi_batch(roi, batch, height, width);
+        if (b < 0) {
+            roi_store(output + index, C(0));
+            continue;
+        }
+        const roi_align_axis<C> ay =
+            roi_align_geometry(roi[2], roi[4], spatial_scale, aligned, pooled_h, sampling_ratio);
+        const roi_align_axis<C> ax =
+            roi_align_geometry(roi[1], roi[3], spatial_scale, aligned, pooled_w, sampling_ratio);
+        int y_first, y_last, x_first, x_last;
+        roi_align_window(ay, o.ph, height, y_first, y_last);
+        roi_align_window(ax, o.pw, width, x_first, x_last);
+
+        const T* plane = input + (b * channels + o.c) * height * width;
+        C sum = C(0);
+        for (int iy = y_first; iy < y_last; ++iy) {
+            roi_lerp<C, I> wy;
+            if (!roi_lerp_weights(roi_align_sample(ay, o.ph, iy), height, wy)) continue;
+            const T* row_lo = plane + wy.lo * width;
+            const T* row_hi = plane + wy.hi * width;
+            for (int ix = x_first; ix < x_last; ++ix) {
+                roi_lerp<C, I> wx;
+                if (!roi_lerp_weights(roi_align_sample(ax, o.pw, ix), width, wx)) continue;
+                sum += wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) +
+                       wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
+                       wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) +
+                       wy.whi * wx.whi * roi_load(row_hi[wx.hi]);
+            }
+        }
+        // Samples outside the map count too: they dilute the mean.
+        const C count = roi_max(C(ay.grid) * C(ax.grid), C(1));
+        roi_store(output + index, sum / count);
+    }
+}
+
+// grad_input[b, c] += for every sample of every bin, its four bilinear corners weighted by
+// grad_output[k, c, ph, pw] / (gh * gw). One thread per grad_output element, atomicAdd into an
+// accumulator of the compute type C (zero-filled by the caller; half is rounded once afterwards).
+//
+// Parameters: const T* grad_output [K, C, PH, PW], const C* rois [K, 5], C* grad_input
+// [N, C, H, W], I total (= K * C * PH * PW), I channels, I height, I width, I batch,
+// I pooled_h, I pooled_w, C spatial_scale, int sampling_ratio, bool aligned.
+template <typename T, typename I>
+__global__ void roi_align_backward(
+    const T* __restrict__ grad_output, const typename roi_compute<T>::type* __restrict__ rois,
+    typename roi_compute<T>::type* __restrict__ grad_input, I total, I channels, I height,
+    I width, I batch, I pooled_h, I pooled_w, typename roi_compute<T>::type spatial_scale,
+    int sampling_ratio, bool aligned)
+{
+    typedef typename roi_compute<T>::type C;
+    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
+        const C* roi = rois + o.k * 5;
+        const I b = roi_batch(roi, batch, height, width);
+        if (b < 0) continue;
+        const roi_align_axis<C> ay =
+            roi_align_geometry(roi[2], roi[4], spatial_scale, aligned, pooled_h, sampling_ratio);
+        const roi_align_axis<C> ax =
+            roi_align_geometry(roi[1], roi[3], spatial_scale, aligned, pooled_w, sampling_ratio);
+        int y_first, y_last, x_first, x_last;
+        roi_align_window(ay, o.ph, height, y_first, y_last);
+        roi_align_window(ax, o.pw, width, x_first, x_last);
+        if (y_first >= y_last || x_first >= x_last) continue;
+
+        // No max(., 1) here: a bin without samples has no sample to pass gradient to.
+        const C count = C(ay.grid) * C(ax.grid);
+        const C g = roi_load(grad_output[index]);
+        C* plane = grad_input + (b * channels + o.c) * height * width;
+        for (int iy = y_first; iy < y_last; ++iy) {
+            roi_lerp<C, I> wy;
+            if (!roi_lerp_weights(roi_align_sample(ay, o.ph, iy), height, wy)) continue;
+            C* row_lo = plane + wy.lo * width;
+            C* row_hi = plane + wy.hi * width;
+            for (int ix = x_first; ix < x_last; ++ix) {
+                roi_lerp<C, I> wx;
+                if (!roi_lerp_weights(roi_align_sample(ax, o.pw, ix), width, wx)) continue;
+                atomicAdd(row_lo + wx.lo, g * (wy.wlo * wx.wlo) / count);
+                atomicAdd(row_lo + wx.hi, g * (wy.wlo * wx.whi) / count);
+                atomicAdd(row_hi + wx.lo, g * (wy.whi * wx.wlo) / count);
+                atomicAdd(row_hi + wx.hi, g * (wy.whi * wx.whi) / count);
+            }
+        }
+    }
+}

@@ -1,0 +1,77 @@
+// RoI Pool (Fast R-CNN): forward with argmax, and input gradient. See roi_common.cuh for the math
+// and the type names T (storage), C (compute), I (index).
+#include "roi_common.cuh"
+
+// output[k, c, ph, pw] = max of input[b, c] over the bin's window, argmax its flat index h * W + w
+// in the plane. Scan row-major with a strict '>' from -FLT_MAX: the first maximum wins, NaN is
+// never picked, and a window of values <= -FLT_MAX keeps -FLT_MAX with argmax -1. An empty window
+// or an invalid RoI gives 0 and -1. One thread per output element.
+//
+// Parameters: const T* input [N, C, H, W], const C* rois [K, 5], T* output [K, C, PH, PW],
+// long long* argmax [K, C, PH, PW], I total (= K * C * PH * PW), I channels, I height, I width,
+// I batch, I pooled_h, I pooled_w, C spatial_scale.
+template <typename T, typename I>
+__global__ void roi_pool_forward(
+    const T* __restrict__ input, const typename roi_compute<T>::type* __restrict__ rois,
+    T* __restrict__ output, long long* __restrict__ argmax, I total, I channels, I height,
+    I width, I batch, I pooled_h, I pooled_w, typename roi_compute<T>::type spatial_scale)
+{
+    typedef typename roi_compute<T>::type C;
+    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
+        const C* roi = rois + o.k * 5;
+        const I b = roi_batch(roi, batch, height, width);
+        I h_first = 0, h_last = 0, w_first = 0, w_last = 0;
+        if (b >= 0) {
+            roi_pool_window(roi_pool_geometry(roi[2], roi[4], spatial_scale, pooled_h), o.ph,
+                            height, h_first, h_last);
+            roi_pool_window(roi_pool_geometry(roi[1], roi[3], spatial_scale, pooled_w), o.pw,
+                            width, w_first, w_last);
+        }
+        if (h_last <= h_first || w_last <= w_first) {
+            roi_store(output + index, C(0));
+            argmax[index] = -1;
+            continue;
+        }
+        const T* plane = input + (b * channels + o.c) * height * width;
+        C best = C(-ROI_FLT_MAX);
+        I best_at = -1;
+        for (I h = h_first; h < h_last; ++h) {
+            for (I w = w_first; w < w_last; ++w) {
+                const I at = h * width + w;
+                const C v = roi_load(plane[at]);
+                if (v > best) {
+                    best = v;
+                    best_at = at;
+                }
+            }
+        }
+        roi_store(output + index, best);
+        argmax[index] = best_at;
+    }
+}
+
+// grad_input[b, c].flat[argmax[k, c, ph, pw]] += grad_output[k, c, ph, pw], skipping an argmax
+// outside [0, H * W) and an invalid RoI. One thread per grad_output element, atomicAdd into an
+// accumulator of the compute type C (zero-filled by the caller; half is rounded once afterwards).
+//
+// Parameters: const T* grad_output [K, C, PH, PW], const C* rois [K, 5],
+// const long long* argmax [K, C, PH, PW], C* grad_input [N, C, H, W], I total
+// (= K * C * PH * PW), I channels, I height, I width, I batch, I pooled_h, I pooled_w.
+template <typename T, typename I>
+__global__ void roi_pool_backward(
+    const T* __restrict__ grad_output, const typename roi_compute<T>::type* __restrict__ rois,
+    const long long* __restrict__ argmax, typename roi_compute<T>::type* __restrict__ grad_input,
+    I total, I channels, I height, I width, I batch, I pooled_h, I pooled_w)
+{
+    typedef typename roi_compute<T>::type C;
+    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+        const long long at = argmax[index];
+        if (at < 0 || at >= height * width) continue;
+        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
+        const I b = roi_batch(rois + o.k * 5, batch, height, width);
+        if (b < 0) continue;
+        atomicAdd(grad_input + (b * channels + o.c) * height * width + static_cast<I>(at),
+                  roi_load(grad_output[index]));
+    }
+}

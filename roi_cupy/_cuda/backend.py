@@ -1,0 +1,64 @@
+"""The CUDA backend: the four functions of ``roi_cupy._backend`` for CuPy arrays.
+
+``roi_cupy.ops`` has made the input's device current; kernels launch on its current stream and
+nothing here synchronises with the host.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from roi_cupy._cuda import launch, roi_align, roi_pool
+
+
+@functools.cache
+def _runtime_of(device_id: int) -> launch.CupyRuntime:
+    return launch.CupyRuntime(device_id)
+
+
+def _runtime(array: Any) -> launch.CupyRuntime:
+    return _runtime_of(array.device.id)
+
+
+def roi_align_forward(
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Any:
+    """RoI Align: ``input`` [N, C, H, W], ``rois`` [K, 5] -> output [K, C, PH, PW]."""
+    return roi_align.forward(
+        _runtime(input), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+    )
+
+
+def roi_align_backward(
+    grad_output: Any,
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Any:
+    """Input gradient of RoI Align: ``grad_output`` [K, C, PH, PW] -> [N, C, H, W]."""
+    return roi_align.backward(
+        _runtime(grad_output), grad_output, rois, input_shape, spatial_scale, sampling_ratio,
+        aligned,
+    )
+
+
+def roi_pool_forward(
+    input: Any, rois: Any, pooled_h: int, pooled_w: int, spatial_scale: float
+) -> tuple[Any, Any]:
+    """RoI Pool: ``input`` [N, C, H, W], ``rois`` [K, 5] -> (output, argmax) [K, C, PH, PW]."""
+    return roi_pool.forward(_runtime(input), input, rois, pooled_h, pooled_w, spatial_scale)
+
+
+def roi_pool_backward(
+    grad_output: Any, rois: Any, argmax: Any, input_shape: tuple[int, int, int, int]
+) -> Any:
+    """Input gradient of RoI Pool: ``grad_output`` [K, C, PH, PW] -> [N, C, H, W]."""
+    return roi_pool.backward(_runtime(grad_output), grad_output, rois, argmax, input_shape)

@@ -1,0 +1,67 @@
+"""Launch geometry, index width and the CuPy runtime the launchers drive.
+
+A *runtime* (see ``roi_align.py``) has ``xp`` (the array module that allocates) and
+``function(name_expression)`` returning ``launch(grid, block, args)``. :class:`CupyRuntime` is the
+GPU one; the emulator provides another with NumPy arrays.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy
+
+from roi_cupy._cuda import kernels
+
+# Largest element count the 32-bit index path handles (tests lower it to reach the 64-bit path).
+INDEX32_LIMIT = 2**31 - 1
+
+BLOCK = 256
+# 4096 blocks of 256 threads keep every SM of current GPUs busy several times over; larger
+# outputs are covered by the kernels' grid-stride loops.
+MAX_GRID = 4096
+
+
+def use_index64(*counts: int) -> bool:
+    """Whether any element count (of an input or output array) needs the 64-bit index path."""
+    return max(counts) > INDEX32_LIMIT
+
+
+def index_scalar(index64: bool) -> type:
+    """The numpy scalar type of the kernels' index parameters on that path."""
+    return numpy.int64 if index64 else numpy.int32
+
+
+def grid(total: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """``(grid, block)`` for ``total`` elements (> 0) handled one per thread."""
+    blocks = min(-(-total // BLOCK), MAX_GRID)
+    return (blocks, 1, 1), (BLOCK, 1, 1)
+
+
+def compute_dtype(dtype: Any) -> numpy.dtype:
+    """float64 for float64 storage, float32 otherwise (the kernels' compute type)."""
+    return numpy.dtype(numpy.float64 if numpy.dtype(dtype) == numpy.float64 else numpy.float32)
+
+
+def kernel_name(kernel: str, dtype: Any, index64: bool) -> str:
+    return kernels.name_expression(kernel, numpy.dtype(dtype), index64)
+
+
+class CupyRuntime:
+    """Runs the kernels of one CUDA device on the current stream.
+
+    Args:
+        device_id (int): the CUDA device whose compiled module is used; launches must happen
+            while that device is current.
+    """
+
+    def __init__(self, device_id: int):
+        import cupy
+
+        self.xp: ModuleType = cupy
+        self.device_id = device_id
+
+    def function(self, name_expression: str) -> Callable[..., None]:
+        # A cupy.RawFunction is called as (grid, block, args) and launches on the current stream.
+        return kernels.module(self.device_id).get_function(name_expression)

@@ -1,0 +1,88 @@
+"""Launchers of the RoI Pool kernels (cuda/roi_pool.cu), for any runtime (GPU or emulator).
+
+Arguments arrive as ``roi_cupy._backend`` promises: C-contiguous arrays of ``rt.xp``, rois
+``[K, 5]`` of the compute dtype, argmax int64.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from roi_cupy._cuda import launch
+
+
+def forward(
+    rt: Any, input: Any, rois: Any, pooled_h: int, pooled_w: int, spatial_scale: float
+) -> tuple[Any, Any]:
+    """RoI Pool of every RoI.
+
+    Args:
+        rt: the runtime (``xp`` and ``function``).
+        input (ndarray[N, C, H, W]): features, float16, float32 or float64.
+        rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` in the compute dtype.
+        pooled_h, pooled_w (int): bins per RoI, >= 1.
+        spatial_scale (float): box-to-feature coordinate factor.
+
+    Returns:
+        (ndarray[K, C, PH, PW] in the input's dtype, int64 argmax ndarray[K, C, PH, PW]).
+    """
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    output = rt.xp.empty((k, c, pooled_h, pooled_w), dtype=input.dtype)
+    argmax = rt.xp.empty((k, c, pooled_h, pooled_w), dtype=numpy.int64)
+    if output.size == 0:
+        return output, argmax
+    if input.size == 0:  # every bin is empty
+        output[...] = 0
+        argmax[...] = -1
+        return output, argmax
+    index64 = launch.use_index64(input.size, output.size)
+    i = launch.index_scalar(index64)
+    real = launch.compute_dtype(input.dtype).type
+    grid, block = launch.grid(output.size)
+    rt.function(launch.kernel_name("roi_pool_forward", input.dtype, index64))(
+        grid,
+        block,
+        (
+            input, rois, output, argmax,
+            i(output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+            real(spatial_scale),
+        ),
+    )
+    return output, argmax
+
+
+def backward(
+    rt: Any, grad_output: Any, rois: Any, argmax: Any, input_shape: tuple[int, int, int, int]
+) -> Any:
+    """Gradient of :func:`forward` with respect to its input.
+
+    Args:
+        rt: the runtime.
+        grad_output (ndarray[K, C, PH, PW]): float16, float32 or float64.
+        rois (ndarray[K, 5]): as for :func:`forward`.
+        argmax (ndarray[K, C, PH, PW]): int64 flat indices into the H x W plane; values outside
+            ``[0, H * W)`` are skipped.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)``.
+
+    Returns:
+        ndarray[N, C, H, W] in grad_output's dtype.
+    """
+    n, c, h, w = input_shape
+    _, _, pooled_h, pooled_w = grad_output.shape
+    # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
+    grad_input = rt.xp.zeros(input_shape, dtype=launch.compute_dtype(grad_output.dtype))
+    if grad_output.size and grad_input.size:
+        index64 = launch.use_index64(grad_input.size, grad_output.size)
+        i = launch.index_scalar(index64)
+        grid, block = launch.grid(grad_output.size)
+        rt.function(launch.kernel_name("roi_pool_backward", grad_output.dtype, index64))(
+            grid,
+            block,
+            (
+                grad_output, rois, argmax, grad_input,
+                i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+            ),
+        )
+    return grad_input.astype(grad_output.dtype, copy=False)
