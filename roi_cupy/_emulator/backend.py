@@ -1,0 +1,62 @@
+"""The emulator backend: the four functions of ``roi_cupy._backend`` on NumPy arrays, computed by
+the CUDA kernels compiled for the CPU and driven by the same launch code as on a GPU."""
+from __future__ import annotations
+
+import numpy
+
+import roi_cupy._emulator as emulator
+from roi_cupy._cuda import roi_align, roi_pool
+
+
+def roi_align_forward(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> numpy.ndarray:
+    """RoI Align of ``input [N, C, H, W]`` over ``rois [K, 5]``; returns ``[K, C, PH, PW]``."""
+    return roi_align.forward(
+        emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+    )
+
+
+def roi_align_backward(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> numpy.ndarray:
+    """Input gradient of RoI Align for ``grad_output [K, C, PH, PW]``; returns ``[N, C, H, W]``."""
+    return roi_align.backward(
+        emulator.runtime(), grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned
+    )
+
+
+def roi_pool_forward(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """RoI Pool of ``input [N, C, H, W]`` over ``rois [K, 5]``.
+
+    Returns:
+        (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]).
+    """
+    return roi_pool.forward(emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale)
+
+
+def roi_pool_backward(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    argmax: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+) -> numpy.ndarray:
+    """Input gradient of RoI Pool for ``grad_output [K, C, PH, PW]``; returns ``[N, C, H, W]``."""
+    return roi_pool.backward(emulator.runtime(), grad_output, rois, argmax, input_shape)
