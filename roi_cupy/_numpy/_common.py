@@ -1,0 +1,90 @@
+"""Helpers shared by the NumPy RoI operators: dtypes, RoI validity, chunk sizes, layouts."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import glob
+import os
+from collections.abc import Iterator
+
+import numpy
+
+# The float32 maximum: RoI Pool's running maximum starts at its negation for every dtype.
+FLT_MAX = float(numpy.finfo(numpy.float32).max)
+
+# Working-set budgets in bytes; together they keep the extra memory well under 256 MiB.
+PLANE_BUDGET = 64 << 20  # a channels-last copy of (a channel slice of) the features
+GROUP_BUDGET = 16 << 20  # the gathered windows of one group of RoIs
+
+
+def compute_dtype(dtype: numpy.dtype) -> numpy.dtype:
+    """float64 for float64 data, float32 for everything narrower (float16, bfloat16, float32)."""
+    return numpy.dtype(numpy.float64 if numpy.dtype(dtype) == numpy.float64 else numpy.float32)
+
+
+def batch_index(rois: numpy.ndarray, n: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Batch index of each RoI (truncated toward zero) and whether the RoI is usable.
+
+    Args:
+        rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` rows.
+        n (int): the batch size N.
+
+    Returns:
+        (ndarray[K] int64, ndarray[K] bool): the index (0 where unusable) and the mask of RoIs
+        whose row is finite and whose truncated index lies in ``[0, n)``.
+    """
+    finite = numpy.isfinite(rois).all(axis=1)
+    b = numpy.where(finite, numpy.trunc(rois[:, 0]), -1.0)
+    valid = finite & (b >= 0) & (b < n)
+    return numpy.where(valid, b, 0).astype(numpy.int64), valid
+
+
+def channel_chunk(c: int, plane: int, itemsize: int) -> int:
+    """How many channels fit one channels-last working copy of ``plane`` = N*H*W pixels."""
+    return max(1, min(c, PLANE_BUDGET // max(1, plane * itemsize)))
+
+
+def channels_last(array: numpy.ndarray, c0: int, c1: int, dtype: numpy.dtype) -> numpy.ndarray:
+    """Channels ``c0:c1`` of ``array`` [N, C, H, W] as a contiguous ``[N * H * W, c1 - c0]``.
+
+    Channels-last makes every pixel a contiguous vector, so gathering pixels copies whole rows.
+    """
+    n, _, h, w = array.shape
+    out = numpy.empty((n, h, w, c1 - c0), dtype=dtype)
+    out[...] = array[:, c0:c1].transpose(0, 2, 3, 1)
+    return out.reshape(n * h * w, c1 - c0)
+
+
+@functools.cache
+def _openblas() -> ctypes.CDLL | None:
+    """NumPy's bundled OpenBLAS when it offers a per-thread thread count, else None."""
+    libs = os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+            setter = lib.openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+        return lib
+    return None
+
+
+@contextlib.contextmanager
+def serial_blas() -> Iterator[None]:
+    """Run the enclosed BLAS calls of this thread on one core.
+
+    The products here are many small ones (a few rows each); threading them only adds
+    synchronisation, and on a busy machine spinning worker threads slow them down by 10-100x.
+    Only the calling thread is affected; a NumPy without OpenBLAS is left as it is.
+    """
+    lib = _openblas()
+    if lib is None:
+        yield
+        return
+    previous = lib.openblas_set_num_threads_local(1)
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads_local(previous)
