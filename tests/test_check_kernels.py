@@ -1,0 +1,92 @@
+"""`python -m roi_cupy check-kernels`: every kernel instantiation compiles through NVRTC for every
+target architecture without a warning, and a broken source is caught. No GPU needed."""
+from __future__ import annotations
+
+import pytest
+
+from roi_cupy._cuda import check, kernels
+
+
+def _tools_missing() -> str:
+    try:
+        check.include_dir()
+        check._nvrtc()
+    except check.ToolsMissing as exc:
+        return str(exc)
+    return ""
+
+
+pytestmark = pytest.mark.skipif(
+    bool(_tools_missing()), reason=f"NVRTC or CUDA headers missing: {_tools_missing()}"
+)
+
+
+@pytest.fixture(scope="module")
+def results() -> list[check.ArchResult]:
+    return check.check()
+
+
+def test_every_instantiation_compiles_clean_for_every_arch(results):
+    assert [r.arch for r in results] == list(check.ARCHS)
+    for r in results:
+        assert r.ok, f"{r.arch}: {r.problems}\n{r.log}"
+        assert sorted(r.kernels) == sorted(kernels.NAME_EXPRESSIONS)
+
+
+def test_no_kernel_spills_or_uses_shared_memory(results):
+    for r in results:
+        for name, s in r.kernels.items():
+            assert 0 < s.registers <= 255, (r.arch, name, s)
+            assert (s.spill_stores, s.spill_loads, s.stack, s.shared) == (0, 0, 0, 0), (
+                r.arch, name, s,
+            )
+
+
+def test_name_expressions_cover_every_kernel_dtype_and_index_width():
+    assert len(set(kernels.NAME_EXPRESSIONS)) == 4 * 3 * 2
+    assert "roi_pool_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
+    assert "roi_align_forward<float, int>" in kernels.NAME_EXPRESSIONS
+
+
+def test_source_joins_the_files_without_the_local_include():
+    text = kernels.source()
+    assert '#include "roi_common.cuh"' not in text
+    assert text.count("#include <cuda_fp16.h>") == 1
+    for path in kernels.source_files():
+        assert path.read_text(encoding="utf-8").splitlines()[-1] in text
+
+
+def test_command_prints_the_table_and_succeeds(capsys):
+    assert check.main(["--arch", "sm_80"]) == 0
+    out = capsys.readouterr().out
+    assert "roi_align_forward<__half, long long>" in out and "sm_80" in out
+    assert "compiled without warnings" in out
+
+
+def test_syntax_error_fails():
+    (r,) = check.check(["sm_80"], source=kernels.source() + "\n}\n")
+    assert not r.ok and "compilation failed" in r.problems
+
+
+def test_warning_fails():
+    extra = "\ntemplate <typename T> __global__ void extra(T* p) { int unused = 1; p[0] = T(0); }\n"
+    (r,) = check.check(
+        ["sm_80"],
+        source=kernels.source() + extra,
+        name_expressions=(*kernels.NAME_EXPRESSIONS, "extra<float>"),
+    )
+    assert not r.ok
+    assert any("warning" in p and "unused" in p for p in r.problems), r.problems
+
+
+def test_double_arithmetic_in_a_float_kernel_fails():
+    src = kernels.source().replace("sum / count", "sum / (count * 1.000001)", 1)
+    assert src != kernels.source()
+    (r,) = check.check(["sm_80"], source=src)
+    assert "roi_align_forward<float, int> uses double-precision arithmetic" in r.problems
+    assert not any("<double," in p for p in r.problems)
+
+
+def test_unknown_name_expression_fails():
+    (r,) = check.check(["sm_80"], name_expressions=("roi_align_forward<int, int>",))
+    assert not r.ok

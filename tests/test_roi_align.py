@@ -1,0 +1,376 @@
+"""roi_align on every backend against the float64 reference, and each edge fact of SEMANTICS.md."""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy
+import pytest
+from conftest import (
+    DTYPES,
+    SAMPLING_RATIOS,
+    SPATIAL_SCALES,
+    assert_matches,
+    compute_dtype,
+    image_major,
+    make_rng,
+    per_image,
+    random_boxes,
+    random_features,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import (
+    bilinear_corners,
+    roi_align_geometry,
+    roi_align_ref,
+    roi_align_separable,
+    sample_points,
+)
+
+import roi_cupy
+
+
+def run(backend, x, boxes, output_size, contiguous=True, **kwargs):
+    """roi_align on ``backend`` with NumPy ``x`` and boxes ([K, 5] or a per-image list)."""
+    if isinstance(boxes, list):
+        boxes = [backend.asarray(b) for b in boxes]
+    else:
+        boxes = backend.asarray(boxes)
+    with backend.active():
+        out = roi_cupy.roi_align(backend.features(x, contiguous), boxes, output_size, **kwargs)
+    return backend.to_numpy(out)
+
+
+def plane(n=1, c=2, h=4, w=4, dtype=numpy.float64):
+    """Features whose channel 0 is ``10 * h + w`` (easy to interpolate by hand), channel 1 its
+    negative minus one."""
+    base = 10.0 * numpy.arange(h)[:, None] + numpy.arange(w)[None, :]
+    x = numpy.empty((n, c, h, w))
+    x[:, 0::2] = base
+    x[:, 1::2] = -base - 1.0
+    return x.astype(dtype)
+
+
+def point_box(y, x):
+    """A unit box whose one sample (sampling_ratio=1, output 1, aligned=False) lies at (y, x)."""
+    return [0.0, x - 0.5, y - 0.5, x + 0.5, y + 0.5]
+
+
+# ----------------------------------------------------------------------------- the oracle itself
+def test_reference_forward_is_separable():
+    """The literal loop reference and the 1-D weight matrices agree (two independent encodings)."""
+    rng = make_rng("reference separable")
+    x = random_features(rng, (2, 2, 9, 11), numpy.float64)
+    for aligned in (False, True):
+        for ratio in SAMPLING_RATIOS:
+            rois = random_boxes(rng, 2, 7, 9, 11)
+            out = roi_align_ref(x, rois, (3, 2), 1.0, ratio, aligned)
+            for k, row in enumerate(rois):
+                b, ay, ax = roi_align_separable(row, x.shape, (3, 2), 1.0, ratio, aligned)
+                numpy.testing.assert_allclose(out[k], ay @ x[b] @ ax.T, rtol=0, atol=1e-13)
+
+
+def test_reference_hand_values():
+    """Numbers worked out on paper for the plane 10 h + w (H = W = 4)."""
+    x = plane(c=1)
+    corners = [(0, 0, 1.0), (0, 1, 0.0), (1, 0, 0.0), (1, 1, 0.0)]
+    assert bilinear_corners(-1.0, -1.0, 4, 4) == corners
+    assert bilinear_corners(4.0001, 1.0, 4, 4) == []
+    assert bilinear_corners(float("nan"), 1.0, 4, 4) == []
+    rois = numpy.array([[0, 0, 0, 12, 2]], dtype=numpy.float64)
+    assert roi_align_ref(x, rois, 1, sampling_ratio=2)[0, 0, 0, 0] == 6.5
+    assert roi_align_geometry(rois[0], 1, 1, 1.0, -1, False)[4:] == (2, 12)
+    assert sample_points(-1.5, 1.0, 1, 0) == [-1.0]
+
+
+# ----------------------------------------------------------------------------- the parameter grid
+@functools.cache
+def grid_case(dtype_name, aligned, sampling_ratio, spatial_scale):
+    dtype = numpy.dtype(dtype_name)
+    rng = make_rng("align grid", dtype_name, aligned, sampling_ratio, spatial_scale)
+    n, c, h, w = 2, 3, 10, 12
+    x = random_features(rng, (n, c, h, w), dtype)
+    rois = random_boxes(rng, n, 7, h, w, spatial_scale, dtype=compute_dtype(dtype))
+    expected = roi_align_ref(x, rois, (3, 4), spatial_scale, sampling_ratio, aligned)
+    return x, rois, expected
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("spatial_scale", SPATIAL_SCALES, ids=str)
+@pytest.mark.parametrize("sampling_ratio", SAMPLING_RATIOS, ids=str)
+@pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_matches_reference(backend, dtype, aligned, sampling_ratio, spatial_scale, contiguous):
+    x, rois, expected = grid_case(numpy.dtype(dtype).name, aligned, sampling_ratio, spatial_scale)
+    out = run(
+        backend, x, rois, (3, 4), contiguous,
+        spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned,
+    )
+    assert_matches(out, expected, dtype, (len(rois), 3, 3, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_boxes_as_per_image_list(backend, dtype):
+    """A list of [L_i, 4] (one image without boxes) equals the image-major [K, 5] rows."""
+    rng = make_rng("align list", numpy.dtype(dtype).name)
+    x = random_features(rng, (3, 2, 8, 9), dtype)
+    rois = random_boxes(rng, 3, 8, 8, 9, dtype=compute_dtype(dtype))
+    rois[:, 0] = [0, 2, 0, 2, 2, 0, 0, 2]
+    boxes = per_image(rois, 3)
+    assert boxes[1].shape == (0, 4)
+    out = run(backend, x, boxes, 2, sampling_ratio=2)
+    expected = roi_align_ref(x, image_major(rois), 2, sampling_ratio=2)
+    assert_matches(out, expected, dtype, (8, 2, 2, 2))
+
+
+@pytest.mark.parametrize("output_size", [1, 3, (1, 5), (4, 2), (7, 7)], ids=str)
+def test_output_size_int_or_pair(backend, output_size):
+    rng = make_rng("align size", output_size)
+    x = random_features(rng, (1, 2, 9, 9), numpy.float64)
+    rois = random_boxes(rng, 1, 4, 9, 9)
+    out = run(backend, x, rois, output_size)
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
+    assert_matches(out, roi_align_ref(x, rois, output_size), numpy.float64, (4, 2, ph, pw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+@pytest.mark.parametrize(
+    "case", ["no rois", "no channels", "empty lists", "zero height", "zero width"]
+)
+def test_empty_inputs(backend, case, dtype):
+    rng = make_rng("align empty", case)
+    shape = {"no channels": (2, 0, 5, 5), "zero height": (2, 3, 0, 5), "zero width": (2, 3, 5, 0)}
+    x = random_features(rng, shape.get(case, (2, 3, 5, 5)), dtype)
+    rois = random_boxes(rng, 2, 3, 5, 5, dtype=compute_dtype(dtype))
+    if case == "no rois":
+        rois = rois[:0]
+    boxes = [rois[:0, 1:], rois[:0, 1:]] if case == "empty lists" else rois
+    out = run(backend, x, boxes, (2, 3), sampling_ratio=2)
+    k = 0 if case in ("no rois", "empty lists") else 3
+    # an empty plane has no pixel to read: every sample contributes 0
+    assert_matches(out, numpy.zeros((k, x.shape[1], 2, 3)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float16, numpy.float32], ids=lambda d: numpy.dtype(d).name)
+def test_box_dtypes_and_strides(backend, dtype):
+    """Boxes of any real dtype (here integer-valued, so exact in each) and strided boxes give the
+    same numbers as the compute-dtype boxes."""
+    rng = make_rng("align box dtypes", numpy.dtype(dtype).name)
+    x = random_features(rng, (2, 2, 7, 8), dtype)
+    rois = numpy.round(random_boxes(rng, 2, 7, 7, 8)).astype(numpy.float32)
+    expected = roi_align_ref(x, rois, 2, 0.5, 2, True)
+    for boxes in (rois.astype(numpy.float64), rois.astype(numpy.float16), rois.astype(numpy.int32),
+                  numpy.asfortranarray(rois), numpy.repeat(rois, 2, axis=0)[::2]):
+        assert_matches(run(backend, x, boxes, 2, spatial_scale=0.5, sampling_ratio=2, aligned=True),
+                       expected, dtype)
+
+
+def test_no_images(backend):
+    x = random_features(make_rng("align no images"), (0, 3, 5, 5), numpy.float32)
+    out = run(backend, x, numpy.zeros((0, 5), numpy.float32), 2)
+    assert_matches(out, numpy.zeros((0, 3, 2, 2)), numpy.float32)
+    assert run(backend, x, [], 2).shape == (0, 3, 2, 2)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+def test_huge_adaptive_grid(backend, dtype):
+    """A 10^4-pixel box on a 4 x 4 map of ones, adaptive: 10^4 x 10^4 samples at i + 0.5, of
+    which 4 x 4 lie inside [-1, 4]. The mean is 16 / 10^8 (too many samples for the reference)."""
+    x = numpy.ones((1, 1, 4, 4), dtype)
+    rois = numpy.array([[0, 0, 0, 1e4, 1e4]], dtype)
+    out = run(backend, x, rois, 1)
+    assert_matches(out, numpy.full((1, 1, 1, 1), 16 / 1e8), dtype, scale=1.0)
+
+
+# ----------------------------------------------------------------------------- edge facts by hand
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_outside_samples_are_counted(backend, dtype):
+    """Box x in [0, 12] on a 4-wide map, 2 x 2 samples: x = 3 (snapped, inside) and x = 9
+    (outside, 0). (8 + 18 + 0 + 0) / 4 = 6.5, not 13; channel 1: (-9 - 19) / 4 = -7."""
+    x = plane(dtype=dtype)
+    rois = numpy.array([[0, 0, 0, 12, 2]], dtype=compute_dtype(dtype))
+    out = run(backend, x, rois, 1, sampling_ratio=2)
+    assert_matches(out, numpy.array([6.5, -7.0]).reshape(1, 2, 1, 1), dtype)
+
+
+# (y, x) of one sample and the value of plane 10 h + w there (H = W = 4)
+SNAP_POINTS = [
+    ((-1.0, -1.0), 0.0),    # the corner of the range: inside, snaps to (0, 0)
+    ((-0.5, 2.0), 2.0),     # y in [-1, 0) snaps to row 0
+    ((2.0, -1.0), 20.0),    # x = -1 exactly is inside
+    ((3.5, 1.25), 31.25),   # y in (H - 1, H] snaps to row 3
+    ((0.75, 3.75), 10.5),   # x in (W - 1, W] snaps to column 3
+    ((4.0, 4.0), 33.0),     # y = H and x = W are inside
+    ((4.25, 1.0), 0.0),     # beyond H
+    ((-1.25, 1.0), 0.0),    # below -1
+    ((1.5, 2.5), 17.5),     # interior
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_edge_snapping(backend, dtype):
+    x = plane(dtype=dtype)
+    rois = numpy.array([point_box(*p) for p, _ in SNAP_POINTS], dtype=compute_dtype(dtype))
+    out = run(backend, x, rois, 1, sampling_ratio=1)
+    value = numpy.array([v for _, v in SNAP_POINTS])
+    inside = numpy.array([v != 0 or p == (-1.0, -1.0) for p, v in SNAP_POINTS])
+    expected = numpy.stack([value, numpy.where(inside, -value - 1, 0.0)], axis=1)
+    expected = expected.reshape(-1, 2, 1, 1)
+    assert_matches(out, expected, dtype)
+    assert_matches(out, roi_align_ref(x, rois, 1, sampling_ratio=1), dtype)
+
+
+# box (x1, y1, x2, y2), aligned, sampling_ratio, value on plane 10 h + w (channel 0)
+DEGENERATE = [
+    ((2, 1, 2, 1), True, -1, 0.0),   # aligned, zero size, adaptive: no samples
+    ((2, 1, 2, 1), True, 0, 0.0),
+    ((3, 1, 1, 3), True, -1, 0.0),   # reversed in x only, adaptive
+    ((1, 3, 3, 1), True, -1, 0.0),   # reversed in y only, adaptive
+    ((3, 3, 1, 1), True, -1, 0.0),   # reversed in both (grid -1 x -1): still no samples
+    ((2, 1, 2, 1), True, 2, 6.5),    # zero size, fixed ratio: all samples at (0.5, 1.5)
+    ((2, 1, 2, 1), False, -1, 17.5), # unaligned sizes clamp to 1: sample at (1.5, 2.5)
+    ((3, 2, 1, 0), False, 1, 28.0),  # reversed, unaligned: size 1, sample at (2.5, 3.5 -> 3)
+    ((3, 2, 1, 0), True, 1, 6.5),    # reversed, aligned, fixed: negative bins, sample (0.5, 1.5)
+    ((3, 2, 1, 0), True, 2, 6.5),    # samples at y in {1, 0}, x in {2, 1}
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+@pytest.mark.parametrize("box, aligned, sampling_ratio, value", DEGENERATE, ids=str)
+def test_degenerate_boxes(backend, dtype, box, aligned, sampling_ratio, value):
+    x = plane(dtype=dtype)
+    rois = numpy.array([[0, *box]], dtype=compute_dtype(dtype))
+    out = run(backend, x, rois, 1, sampling_ratio=sampling_ratio, aligned=aligned)
+    expected = numpy.array([value, -value - 1 if value else 0.0]).reshape(1, 2, 1, 1)
+    assert_matches(out, expected, dtype)
+    assert_matches(out, roi_align_ref(x, rois, 1, 1.0, sampling_ratio, aligned), dtype)
+
+
+@pytest.mark.parametrize("sampling_ratio", SAMPLING_RATIOS, ids=str)
+@pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
+def test_separable(backend, aligned, sampling_ratio):
+    """out[k, c] == Ay @ X[b, c] @ Ax.T with the reference's 1-D weights."""
+    rng = make_rng("align separable", aligned, sampling_ratio)
+    x = random_features(rng, (2, 3, 11, 13), numpy.float64)
+    rois = random_boxes(rng, 2, 7, 11, 13, spatial_scale=0.5)
+    out = run(backend, x, rois, (4, 3), spatial_scale=0.5, sampling_ratio=sampling_ratio,
+              aligned=aligned)
+    expected = numpy.empty(out.shape)
+    for k, row in enumerate(rois):
+        b, ay, ax = roi_align_separable(row, x.shape, (4, 3), 0.5, sampling_ratio, aligned)
+        expected[k] = ay @ x[b] @ ax.T
+    assert_matches(out, expected, numpy.float64, scale=1.0)
+
+
+# Rows a backend must give zeros without reading anything (validate=False lets them through).
+INVALID_ROWS = [
+    [-1, 1, 1, 4, 4],
+    [2, 1, 1, 4, 4],          # N = 2
+    [1e9, 1, 1, 4, 4],
+    [1e20, 1, 1, 4, 4],
+    [-1e20, 1, 1, 4, 4],
+    [-1.5, 1, 1, 4, 4],       # truncates to -1
+    [0, numpy.nan, 1, 4, 4],
+    [1, 1, 1, numpy.inf, 4],
+    [0, 1, -numpy.inf, 4, 4],
+    [numpy.nan, 1, 1, 4, 4],
+    [numpy.inf, 1, 1, 4, 4],
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_invalid_rois_give_zeros(backend, dtype):
+    rng = make_rng("align invalid", numpy.dtype(dtype).name)
+    x = random_features(rng, (2, 2, 6, 6), dtype)
+    valid = numpy.array([[0, 0.3, 0.7, 4.2, 5.1], [1.9, 1.1, 0.2, 5.5, 3.3], [-0.5, 2, 2, 3, 3]])
+    rois = numpy.concatenate([valid, INVALID_ROWS]).astype(compute_dtype(dtype))
+    for aligned, ratio in [(False, -1), (True, 2)]:
+        out = run(backend, x, rois, 2, sampling_ratio=ratio, aligned=aligned, validate=False)
+        expected = roi_align_ref(x, rois, 2, 1.0, ratio, aligned)
+        assert not expected[len(valid):].any() and expected[: len(valid)].all()
+        # batch indices 1.9 and -0.5 truncate to images 1 and 0
+        truncated = rois[: len(valid)].copy()
+        truncated[:, 0] = [0, 1, 0]
+        numpy.testing.assert_array_equal(
+            expected[: len(valid)], roi_align_ref(x, truncated, 2, 1.0, ratio, aligned)
+        )
+        assert_matches(out, expected, dtype)
+
+
+def test_float16_accumulates_in_float32(backend):
+    """400 samples near 1 averaged into one bin: a float16 running sum (spacing 0.25 above 256)
+    misses by far more than the float16 tolerance; float32 accumulation does not."""
+    rng = make_rng("align half accumulation")
+    x = rng.uniform(0.95, 1.0, size=(1, 2, 20, 20)).astype(numpy.float16)
+    rois = numpy.array([[0, 0, 0, 19, 19]], dtype=numpy.float32)
+    expected = roi_align_ref(x, rois, 1, sampling_ratio=20)
+
+    y0, x0, bh, bw, gh, gw = roi_align_geometry(rois[0], 1, 1, 1.0, 20, False)
+    half_sum = numpy.zeros(2, dtype=numpy.float16)
+    for y in sample_points(y0, bh, gh, 0):
+        for xs in sample_points(x0, bw, gw, 0):
+            value = sum(wt * x[0, :, h, w].astype(numpy.float64)
+                        for h, w, wt in bilinear_corners(y, xs, 20, 20))
+            half_sum = half_sum + value.astype(numpy.float16)  # float16 + float16 rounds
+    half_mean = (half_sum / numpy.float16(gh * gw)).astype(numpy.float16)
+    half_error = numpy.abs(half_mean.astype(numpy.float64) - expected.ravel()).max()
+    assert half_error > 5 * 2e-3, f"the case does not discriminate (error {half_error})"
+
+    out = run(backend, x, rois, 1, sampling_ratio=20)
+    assert_matches(out, expected, numpy.float16)
+
+
+# ----------------------------------------------------------------------------- many RoIs
+def test_many_rois_numpy():
+    """K = 5000 on a small map (any chunking inside the backend must not show): the whole batch
+    equals the same RoIs one call each, and the reference on a sample of them."""
+    rng = make_rng("align many")
+    x = random_features(rng, (2, 3, 16, 16), numpy.float64)
+    rois = random_boxes(rng, 2, 5000, 16, 16)
+    rng.shuffle(rois)
+    out = roi_cupy.roi_align(x, rois, 7, 0.5, -1, True)
+    assert out.shape == (5000, 3, 7, 7) and out.dtype == numpy.float64
+    picks = rng.choice(5000, size=150, replace=False)
+    for k in picks:
+        single = roi_cupy.roi_align(x, rois[k : k + 1], 7, 0.5, -1, True)
+        numpy.testing.assert_allclose(out[k : k + 1], single, rtol=0, atol=1e-12)
+    few = picks[:8]
+    assert_matches(out[few], roi_align_ref(x, rois[few], 7, 0.5, -1, True), numpy.float64)
+
+
+# ----------------------------------------------------------------------------- properties
+JITTER = (math.sqrt(5) - 1) / 2 * 1e-3  # keeps samples off exact pixel and range boundaries
+
+
+@st.composite
+def align_cases(draw):
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    k = draw(st.integers(0, 4))
+    quarters = st.integers(-4 * 12, 4 * 20)
+    rows = []
+    for i in range(k):
+        corners = [draw(quarters) / 4 + JITTER * (i + 1) for _ in range(4)]
+        rows.append([draw(st.integers(0, n - 1)), *corners])
+    return dict(
+        shape=(n, c, h, w),
+        rois=numpy.array(rows, dtype=numpy.float64).reshape(k, 5),
+        output_size=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
+        spatial_scale=draw(st.sampled_from(SPATIAL_SCALES)),
+        sampling_ratio=draw(st.integers(-1, 3)),
+        aligned=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=align_cases())
+def test_property_matches_reference(backend, case):
+    x = random_features(numpy.random.default_rng(case["seed"]), case["shape"], numpy.float64)
+    params = {k: case[k] for k in ("spatial_scale", "sampling_ratio", "aligned")}
+    out = run(backend, x, case["rois"], case["output_size"], **params)
+    expected = roi_align_ref(x, case["rois"], case["output_size"], **params)
+    assert_matches(out, expected, numpy.float64, scale=1.0)

@@ -1,0 +1,311 @@
+"""roi_pool on every backend against the float64 reference, and each edge fact of SEMANTICS.md.
+
+Box coordinates here are multiples of 1/4 (and spatial scales powers of two), exact in every
+float width, so that rounding a scaled corner cannot depend on the dtype; output sizes stay
+<= 6, for which float32 and float64 bin bounds agree (with 7 they can differ by a pixel).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy
+import pytest
+from conftest import (
+    DTYPES,
+    SPATIAL_SCALES,
+    assert_matches,
+    compute_dtype,
+    image_major,
+    make_rng,
+    per_image,
+    random_boxes,
+    random_features,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import FLT_MAX, c_round, roi_pool_ref, roi_pool_window
+
+import roi_cupy
+
+
+def run(backend, x, boxes, output_size, contiguous=True, **kwargs):
+    """``(out, argmax)`` of roi_pool on ``backend`` with NumPy ``x`` and boxes."""
+    if isinstance(boxes, list):
+        boxes = [backend.asarray(b) for b in boxes]
+    else:
+        boxes = backend.asarray(boxes)
+    with backend.active():
+        result = roi_cupy.roi_pool(
+            backend.features(x, contiguous), boxes, output_size, return_indices=True, **kwargs
+        )
+    return backend.to_numpy(result)
+
+
+def check(result, expected, dtype, scale=None):
+    """Values within the dtype's tolerance (a maximum is exact anyway), indices identical."""
+    (out, argmax), (ref_out, ref_argmax) = result, expected
+    assert_matches(out, ref_out, dtype, scale=scale)
+    assert argmax.dtype == numpy.int64, f"indices dtype {argmax.dtype}"
+    numpy.testing.assert_array_equal(argmax, ref_argmax)
+
+
+def plane(h=4, w=6, dtype=numpy.float64):
+    """N = 1, channel 0 is ``10 * h + w``, channel 1 its negative."""
+    base = 10.0 * numpy.arange(h)[:, None] + numpy.arange(w)[None, :]
+    return numpy.stack([base, -base])[None].astype(dtype)
+
+
+# ----------------------------------------------------------------------------- the oracle itself
+def test_reference_rounds_half_away_from_zero():
+    assert [c_round(v) for v in (0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999999999999994, -0.0)] == [
+        1, 2, 3, -1, -2, -3, 0, 0,
+    ]
+    # x = 0.5 .. 2.5 covers pixels 1..3, so three one-pixel bins
+    row = numpy.array([0, 0.5, 0, 2.5, 0])
+    assert [roi_pool_window(row, 0, pw, (1, 3), 1.0, (4, 6))[2:] for pw in range(3)] == [
+        (1, 2), (2, 3), (3, 4),
+    ]
+
+
+def test_reference_hand_values():
+    x = plane()
+    x[0, 0, 1, 2] = x[0, 0, 2, 0] = 99.0  # a tie: row-major first is (1, 2)
+    out, argmax = roi_pool_ref(x, numpy.array([[0, 0, 0, 3, 3]]), 1)
+    assert out[0, 0, 0, 0] == 99.0 and argmax[0, 0, 0, 0] == 1 * 6 + 2
+    assert out[0, 1, 0, 0] == 0.0 and argmax[0, 1, 0, 0] == 0
+
+
+# ----------------------------------------------------------------------------- the parameter grid
+@functools.cache
+def grid_case(dtype_name, spatial_scale, output_size):
+    dtype = numpy.dtype(dtype_name)
+    rng = make_rng("pool grid", dtype_name, spatial_scale, output_size)
+    n, c, h, w = 2, 3, 10, 12
+    x = random_features(rng, (n, c, h, w), dtype)
+    rois = random_boxes(rng, n, 8, h, w, spatial_scale, quantum=0.25, dtype=compute_dtype(dtype))
+    return x, rois, roi_pool_ref(x, rois, output_size, spatial_scale)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("output_size", [(3, 4), 2, (1, 6)], ids=str)
+@pytest.mark.parametrize("spatial_scale", SPATIAL_SCALES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_matches_reference(backend, dtype, spatial_scale, output_size, contiguous):
+    x, rois, expected = grid_case(numpy.dtype(dtype).name, spatial_scale, output_size)
+    result = run(backend, x, rois, output_size, contiguous, spatial_scale=spatial_scale)
+    check(result, expected, dtype)
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
+    assert result[0].shape == (8, 3, ph, pw)
+
+
+def test_without_indices_returns_the_output(backend):
+    x, rois, (expected, _) = grid_case("float32", 1.0, 2)
+    with backend.active():
+        out = roi_cupy.roi_pool(backend.asarray(x), backend.asarray(rois), 2)
+    assert_matches(backend.to_numpy(out), expected, numpy.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_boxes_as_per_image_list(backend, dtype):
+    rng = make_rng("pool list", numpy.dtype(dtype).name)
+    x = random_features(rng, (3, 2, 8, 9), dtype)
+    rois = random_boxes(rng, 3, 8, 8, 9, quantum=0.25, dtype=compute_dtype(dtype))
+    rois[:, 0] = [2, 0, 0, 2, 2, 0, 2, 0]
+    boxes = per_image(rois, 3)
+    assert boxes[1].shape == (0, 4)
+    check(run(backend, x, boxes, (2, 3)), roi_pool_ref(x, image_major(rois), (2, 3)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+@pytest.mark.parametrize(
+    "case", ["no rois", "no channels", "empty lists", "zero height", "zero width"]
+)
+def test_empty_inputs(backend, case, dtype):
+    rng = make_rng("pool empty", case)
+    shape = {"no channels": (2, 0, 5, 5), "zero height": (2, 3, 0, 5), "zero width": (2, 3, 5, 0)}
+    x = random_features(rng, shape.get(case, (2, 3, 5, 5)), dtype)
+    rois = random_boxes(rng, 2, 3, 5, 5, quantum=0.25, dtype=compute_dtype(dtype))
+    if case == "no rois":
+        rois = rois[:0]
+    boxes = [rois[:0, 1:], rois[:0, 1:]] if case == "empty lists" else rois
+    out, argmax = run(backend, x, boxes, (2, 3))
+    k = 0 if case in ("no rois", "empty lists") else 3
+    # an empty plane makes every bin empty: 0 and -1
+    assert_matches(out, numpy.zeros((k, x.shape[1], 2, 3)), dtype)
+    numpy.testing.assert_array_equal(argmax, numpy.full((k, x.shape[1], 2, 3), -1))
+    assert argmax.dtype == numpy.int64
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_box_dtypes_and_strides(backend, dtype):
+    """Integer boxes (the usual pixel boxes), float16/float64 boxes and strided boxes."""
+    rng = make_rng("pool box dtypes", numpy.dtype(dtype).name)
+    x = random_features(rng, (2, 2, 7, 8), dtype)
+    rois = random_boxes(rng, 2, 7, 7, 8, quantum=0.5, dtype=compute_dtype(dtype))
+    expected = roi_pool_ref(x, rois, (2, 3), 0.5)
+    for boxes in (rois.astype(numpy.float64), rois.astype(numpy.float16),
+                  numpy.asfortranarray(rois), numpy.repeat(rois, 2, axis=0)[::2]):
+        check(run(backend, x, boxes, (2, 3), spatial_scale=0.5), expected, dtype)
+    whole = numpy.round(rois).astype(numpy.int64)
+    expected = roi_pool_ref(x, whole, (2, 3), 0.5)
+    check(run(backend, x, whole, (2, 3), spatial_scale=0.5), expected, dtype)
+
+
+# ----------------------------------------------------------------------------- edge facts by hand
+@pytest.mark.parametrize("spatial_scale", SPATIAL_SCALES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_round_half_away_from_zero(backend, dtype, spatial_scale):
+    """Scaled corners at x.5 round away from zero (half-to-even would shift every window)."""
+    x = plane(dtype=dtype)
+    rows = numpy.array([
+        [0, 0.5, 0.0, 2.5, 0.0],     # x 0.5..2.5 -> pixels 1..3 (even rounding: 0..2)
+        [0, -0.5, 1.5, 1.5, 1.5],    # x -0.5 -> -1: pixels -1..2, y 1.5 -> row 2
+        [0, 1.0, -1.5, 1.0, -0.5],   # y -1.5..-0.5 -> rows -2..-1: all bins empty
+    ])
+    rows[:, 1:] /= spatial_scale
+    rois = rows.astype(compute_dtype(dtype))
+    out, argmax = run(backend, x, rois, (1, 4), spatial_scale=spatial_scale)
+    # row 0: 3 pixels in 4 bins of 0.75: [1,2) [1,3) [2,4) [3,4)
+    expected_index = numpy.array([[1, 2, 3, 3], [-1, 12, 13, 14], [-1, -1, -1, -1]])
+    expected_value = numpy.array([[1, 2, 3, 3], [0, 20, 21, 22], [0, 0, 0, 0]], dtype=float)
+    numpy.testing.assert_array_equal(argmax[:, 0, 0], expected_index)
+    assert_matches(out[:, 0, 0], expected_value, dtype)
+    # channel 1 (-plane): the first pixel of each window wins
+    numpy.testing.assert_array_equal(argmax[:, 1, 0], [[1, 1, 2, 3], [-1, 12, 13, 14], [-1] * 4])
+    check((out, argmax), roi_pool_ref(x, rois, (1, 4), spatial_scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_ties_first_maximum_wins(backend, dtype):
+    x = plane(dtype=dtype)
+    x[0, 0, 1, 2] = x[0, 0, 2, 0] = 99.0  # tie: row-major first is (1, 2)
+    x[0, 1] = 5.0  # channel 1 constant: the window's first pixel
+    rois = numpy.array([[0, 0, 0, 3, 3], [0, 1, 1, 3, 3]], dtype=compute_dtype(dtype))
+    out, argmax = run(backend, x, rois, 1)
+    numpy.testing.assert_array_equal(argmax[:, :, 0, 0], [[1 * 6 + 2, 0], [1 * 6 + 2, 1 * 6 + 1]])
+    assert_matches(out[:, :, 0, 0], numpy.array([[99.0, 5.0], [99.0, 5.0]]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_nan_is_never_the_maximum(backend, dtype):
+    x = plane(dtype=dtype)
+    x[0, 0, 0, 0] = x[0, 0, 1, 1] = numpy.nan  # the window's first pixel and its largest
+    x[0, 1, :2, :2] = numpy.nan  # a whole window of NaN
+    rois = numpy.array([[0, 0, 0, 1, 1]], dtype=compute_dtype(dtype))
+    out, argmax = run(backend, x, rois, 1)
+    assert argmax[0, 0, 0, 0] == 6 and out[0, 0, 0, 0] == 10.0  # (1, 0), the largest non-NaN
+    check((out, argmax), roi_pool_ref(x, rois, 1), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_window_without_a_value_above_minus_flt_max(backend, dtype):
+    """All -inf (or, where the dtype holds it, all <= -FLT_MAX) keeps -FLT_MAX and index -1."""
+    x = plane(dtype=dtype)
+    x[0, 0, :2, :2] = -numpy.inf
+    low = {numpy.float64: -1e300, numpy.float32: -FLT_MAX, numpy.float16: -numpy.inf}[dtype]
+    x[0, 1, :2, :2] = low
+    rois = numpy.array([[0, 0, 0, 1, 1], [0, 0, 0, 2, 0]], dtype=compute_dtype(dtype))
+    out, argmax = run(backend, x, rois, 1)
+    numpy.testing.assert_array_equal(argmax[:, :, 0, 0], [[-1, -1], [2, 2]])
+    with numpy.errstate(over="ignore"):
+        minus_flt_max = numpy.array(-FLT_MAX).astype(dtype)  # -inf in float16
+    assert out[0, 0, 0, 0] == minus_flt_max and out[0, 1, 0, 0] == minus_flt_max
+    assert out[1, 0, 0, 0] == 2 and out[1, 1, 0, 0] == -2
+    check((out, argmax), roi_pool_ref(x, rois, 1), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_empty_bins(backend, dtype):
+    x = plane(dtype=dtype)
+    rois = numpy.array([
+        [0, 30, 1, 40, 3],    # right of the map: every bin empty
+        [0, -5, 0, 2, 0],     # x -5..2 in 4 bins of 2: [-5,-3) [-3,-1) empty, [0,1) [1,3)
+        [0, 1, 10, 2, 12],    # below the map
+    ], dtype=compute_dtype(dtype))
+    out, argmax = run(backend, x, rois, (1, 4))
+    numpy.testing.assert_array_equal(argmax[:, 0, 0], [[-1] * 4, [-1, -1, 0, 2], [-1] * 4])
+    assert_matches(out[:, 0, 0], numpy.array([[0.0] * 4, [0, 0, 0, 2], [0.0] * 4]), dtype)
+    check((out, argmax), roi_pool_ref(x, rois, (1, 4)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_overlapping_bins(backend, dtype):
+    """Width 5 in 3 bins of 5/3: [0,2) [1,4) [3,5); pixel 1 is in two bins and wins both."""
+    x = plane(dtype=dtype)
+    x[0, 0, 0, :5] = [0, 9, 1, 8, 2]
+    rois = numpy.array([[0, 0, 0, 4, 0]], dtype=compute_dtype(dtype))
+    out, argmax = run(backend, x, rois, (1, 3))
+    numpy.testing.assert_array_equal(argmax[0, 0, 0], [1, 1, 3])
+    assert_matches(out[0, 0, 0], numpy.array([9.0, 9.0, 8.0]), dtype)
+    numpy.testing.assert_array_equal(argmax[0, 1, 0], [0, 1, 3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_invalid_rois_give_zeros_and_no_index(backend, dtype):
+    rng = make_rng("pool invalid", numpy.dtype(dtype).name)
+    x = random_features(rng, (2, 2, 6, 6), dtype)
+    valid = numpy.array([[0, 0.25, 0.75, 4.25, 5], [1.9, 1, 0.25, 5.5, 3.25], [-0.5, 2, 2, 3, 3]])
+    invalid = [
+        [-1, 1, 1, 4, 4], [2, 1, 1, 4, 4], [1e9, 1, 1, 4, 4], [1e20, 1, 1, 4, 4],
+        [-1e20, 1, 1, 4, 4], [-1.5, 1, 1, 4, 4], [0, numpy.nan, 1, 4, 4],
+        [1, 1, 1, numpy.inf, 4], [0, 1, -numpy.inf, 4, 4], [numpy.nan, 1, 1, 4, 4],
+    ]
+    rois = numpy.concatenate([valid, invalid]).astype(compute_dtype(dtype))
+    out, argmax = run(backend, x, rois, 2, validate=False)
+    expected = roi_pool_ref(x, rois, 2)
+    assert not expected[0][len(valid):].any() and (expected[1][len(valid):] == -1).all()
+    truncated = rois[: len(valid)].copy()
+    truncated[:, 0] = [0, 1, 0]  # 1.9 and -0.5 truncate toward zero
+    numpy.testing.assert_array_equal(expected[1][: len(valid)], roi_pool_ref(x, truncated, 2)[1])
+    check((out, argmax), expected, dtype)
+
+
+# ----------------------------------------------------------------------------- many RoIs
+def test_many_rois_numpy():
+    """K = 5000 on a small map: the whole batch equals the same RoIs one call each."""
+    rng = make_rng("pool many")
+    x = random_features(rng, (2, 3, 16, 16), numpy.float32)
+    rois = random_boxes(rng, 2, 5000, 16, 16, quantum=0.25, dtype=numpy.float32)
+    rng.shuffle(rois)
+    out, argmax = roi_cupy.roi_pool(x, rois, 6, 0.5, return_indices=True)
+    assert out.shape == argmax.shape == (5000, 3, 6, 6)
+    picks = rng.choice(5000, size=150, replace=False)
+    for k in picks:
+        single, index = roi_cupy.roi_pool(x, rois[k : k + 1], 6, 0.5, return_indices=True)
+        numpy.testing.assert_array_equal(out[k : k + 1], single)
+        numpy.testing.assert_array_equal(argmax[k : k + 1], index)
+    few = picks[:8]
+    check((out[few], argmax[few]), roi_pool_ref(x, rois[few], 6, 0.5), numpy.float32)
+
+
+# ----------------------------------------------------------------------------- properties
+@st.composite
+def pool_cases(draw):
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    k = draw(st.integers(0, 4))
+    quarters = st.integers(-4 * 12, 4 * 20)
+    rows = [
+        [draw(st.integers(0, n - 1))] + [draw(quarters) / 4 for _ in range(4)] for _ in range(k)
+    ]
+    return dict(
+        shape=(n, c, h, w),
+        rois=numpy.array(rows, dtype=numpy.float64).reshape(k, 5),
+        output_size=(draw(st.integers(1, 6)), draw(st.integers(1, 6))),
+        spatial_scale=draw(st.sampled_from(SPATIAL_SCALES)),
+        dtype=draw(st.sampled_from([numpy.float32, numpy.float64])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=pool_cases())
+def test_property_matches_reference(backend, case):
+    rng = numpy.random.default_rng(case["seed"])
+    # few distinct values, so that ties are common
+    x = rng.integers(-3, 4, size=case["shape"]).astype(case["dtype"])
+    rois = case["rois"].astype(compute_dtype(case["dtype"]))
+    result = run(backend, x, rois, case["output_size"], spatial_scale=case["spatial_scale"])
+    check(result, roi_pool_ref(x, rois, case["output_size"], case["spatial_scale"]), case["dtype"])

@@ -1,0 +1,320 @@
+"""Bad arguments give a ValueError or TypeError that names the argument and shows what it got.
+
+Validation runs on the host before any backend work, so NumPy inputs on the default backend
+cover it.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy
+import pytest
+
+import roi_cupy
+
+N, C, H, W = 2, 3, 6, 7
+
+
+def features(shape=(N, C, H, W), dtype=numpy.float32):
+    return numpy.random.default_rng(0).uniform(-1, 1, shape).astype(dtype)
+
+
+def rois(rows=None, dtype=numpy.float32):
+    if rows is None:
+        rows = [[0, 0.5, 1.0, 4.0, 5.0], [1, 1.0, 0.0, 6.0, 3.5], [1, 2.0, 2.0, 3.0, 3.0]]
+    return numpy.array(rows, dtype=dtype)
+
+
+def grad(shape=(3, C, 2, 2), dtype=numpy.float32):
+    return numpy.random.default_rng(1).uniform(-1, 1, shape).astype(dtype)
+
+
+OPS = ["roi_align", "roi_pool"]
+
+
+def forward(op, input=None, boxes=None, output_size=2, **kwargs):
+    input = features() if input is None else input
+    boxes = rois() if boxes is None else boxes
+    return getattr(roi_cupy, op)(input, boxes, output_size, **kwargs)
+
+
+def got(text):
+    """A regex matching ``text`` literally (the echo of what the caller passed)."""
+    return re.escape(text)
+
+
+# ----------------------------------------------------------------------------- input
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(C, H, W), (1, N, C, H, W), (H,)], ids=str)
+def test_input_rank(op, shape):
+    message = r"input must have shape \[N, C, H, W\], got " + got(str(shape))
+    with pytest.raises(ValueError, match=message):
+        forward(op, input=features(shape))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    "dtype",
+    [numpy.int32, numpy.int64, numpy.uint8, numpy.complex64, numpy.bool_],
+    ids=lambda d: numpy.dtype(d).name,
+)
+def test_input_dtype(op, dtype):
+    x = numpy.ones((N, C, H, W), dtype=dtype)
+    message = r"input must have a floating dtype .*got " + numpy.dtype(dtype).name
+    with pytest.raises(TypeError, match=message):
+        forward(op, input=x)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_input_not_an_array(op):
+    message = r"input must be a NumPy or CuPy array.*got builtins\.list"
+    with pytest.raises(TypeError, match=message):
+        forward(op, input=features().tolist())
+
+
+# ----------------------------------------------------------------------------- boxes
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(3, 4), (3, 6), (5,), (1, 3, 5)], ids=str)
+def test_boxes_shape(op, shape):
+    boxes = numpy.zeros(shape, dtype=numpy.float32)
+    message = r"boxes must have shape \[K, 5\].*got " + got(str(shape))
+    with pytest.raises(ValueError, match=message):
+        forward(op, boxes=boxes)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [numpy.complex64, numpy.bool_], ids=lambda d: numpy.dtype(d).name)
+def test_boxes_dtype(op, dtype):
+    message = r"boxes must have a real dtype, got " + numpy.dtype(dtype).name
+    with pytest.raises(TypeError, match=message):
+        forward(op, boxes=rois().astype(dtype))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("length", [1, 3])
+def test_box_list_length(op, length):
+    boxes = [numpy.zeros((1, 4), numpy.float32)] * length
+    message = rf"boxes must hold one array per image: got a list of {length} for N = {N}"
+    with pytest.raises(ValueError, match=message):
+        forward(op, boxes=boxes)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(2, 5), (4,), (1, 2, 4)], ids=str)
+def test_box_list_element_shape(op, shape):
+    boxes = [numpy.zeros((1, 4), numpy.float32), numpy.zeros(shape, numpy.float32)]
+    message = r"boxes\[1\] must have shape \[L, 4\].*got " + got(str(shape))
+    with pytest.raises(ValueError, match=message):
+        forward(op, boxes=boxes)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_box_list_mixed_dtypes(op):
+    boxes = [numpy.zeros((1, 4), numpy.float32), numpy.zeros((1, 4), numpy.float64)]
+    with pytest.raises(TypeError, match=r"boxes\[1\] has dtype float64 but boxes\[0\] has float32"):
+        forward(op, boxes=boxes)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("index", [-1.0, 2.0, 1e9, 0.5, -0.5, 1.25], ids=str)
+def test_batch_index(op, index):
+    boxes = rois()
+    boxes[1, 0] = index
+    value = repr(float(numpy.float32(index)))
+    message = rf"boxes' batch index must be an integer in \[0, {N}\), got {got(value)} in row 1"
+    with pytest.raises(ValueError, match=message):
+        forward(op, boxes=boxes)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("column", [0, 1, 4])
+@pytest.mark.parametrize("value", [numpy.nan, numpy.inf, -numpy.inf], ids=str)
+def test_non_finite_box(op, column, value):
+    boxes = rois()
+    boxes[2, column] = value
+    message = r"boxes must be finite, got row 2: \[.*" + got(str(float(value)))
+    with pytest.raises(ValueError, match=message):
+        forward(op, boxes=boxes)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_invalid_rois_in_a_box_list(op):
+    boxes = [rois()[:1, 1:].copy(), rois()[1:, 1:].copy()]
+    boxes[1][0, 2] = numpy.nan
+    with pytest.raises(ValueError, match=r"boxes must be finite, got row 1"):
+        forward(op, boxes=boxes)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_batch_index_for_an_empty_batch(op):
+    with pytest.raises(ValueError, match=r"batch index must be an integer in \[0, 0\), got 0.0"):
+        forward(op, input=features((0, C, H, W)))
+
+
+# ----------------------------------------------------------------------------- scalars
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("size", [0, -1, (0, 2), (2, -3)], ids=str)
+def test_output_size_not_positive(op, size):
+    with pytest.raises(ValueError, match=r"output_size must be positive, got " + got(repr(size))):
+        forward(op, output_size=size)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    "size", [2.0, True, (2, 2, 2), (2.0, 2), (2,), "2", None, (True, 2)], ids=repr
+)
+def test_output_size_type(op, size):
+    message = r"output_size must be an int or a pair of ints, got " + got(repr(size))
+    with pytest.raises(TypeError, match=message):
+        forward(op, output_size=size)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    "scale", [0, 0.0, -0.5, float("inf"), float("nan"), -float("inf")], ids=repr
+)
+def test_spatial_scale_value(op, scale):
+    message = r"spatial_scale must be positive and finite, got " + got(repr(scale))
+    with pytest.raises(ValueError, match=message):
+        forward(op, spatial_scale=scale)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("scale", ["1", None, True, 1j], ids=repr)
+def test_spatial_scale_type(op, scale):
+    message = r"spatial_scale must be a real number, got " + got(repr(scale))
+    with pytest.raises(TypeError, match=message):
+        forward(op, spatial_scale=scale)
+
+
+@pytest.mark.parametrize("ratio", [1.5, "2", 2.0, None, True], ids=repr)
+def test_sampling_ratio_type(ratio):
+    with pytest.raises(TypeError, match=r"sampling_ratio must be an int .*got " + got(repr(ratio))):
+        forward("roi_align", sampling_ratio=ratio)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_numpy_scalars_are_accepted(op):
+    kwargs = dict(spatial_scale=numpy.float32(0.5))
+    if op == "roi_align":
+        kwargs["sampling_ratio"] = numpy.int64(2)
+    out = forward(op, output_size=(numpy.int32(2), numpy.int64(3)), **kwargs)
+    assert out.shape == (3, C, 2, 3) and out.dtype == numpy.float32
+
+
+# ----------------------------------------------------------------------------- backward
+def align_backward(g=None, boxes=None, input_shape=(N, C, H, W), output_size=2, **kwargs):
+    g = grad() if g is None else g
+    boxes = rois() if boxes is None else boxes
+    return roi_cupy.roi_align_backward(g, boxes, input_shape, output_size, **kwargs)
+
+
+def pool_backward(g=None, boxes=None, indices=None, input_shape=(N, C, H, W), **kwargs):
+    g = grad() if g is None else g
+    boxes = rois() if boxes is None else boxes
+    indices = numpy.zeros(g.shape, dtype=numpy.int64) if indices is None else indices
+    return roi_cupy.roi_pool_backward(g, boxes, indices, input_shape, **kwargs)
+
+
+BACKWARDS = {"roi_align_backward": align_backward, "roi_pool_backward": pool_backward}
+
+
+@pytest.mark.parametrize("name", BACKWARDS)
+@pytest.mark.parametrize("shape", [(4, C, 2, 2), (3, C + 1, 2, 2), (3, C, 2)], ids=str)
+def test_grad_output_shape(name, shape):
+    g = grad(shape)
+    kwargs = {"indices": numpy.zeros(shape, numpy.int64)} if name == "roi_pool_backward" else {}
+    message = r"grad_output must have shape .*got " + got(str(shape))
+    with pytest.raises(ValueError, match=message):
+        BACKWARDS[name](g=g, **kwargs)
+
+
+def test_align_grad_output_does_not_fit_output_size():
+    message = r"grad_output must have shape \[K, C, PH, PW\] = \[3, 3, 3, 2\].*got \(3, 3, 2, 2\)"
+    with pytest.raises(ValueError, match=message):
+        align_backward(output_size=(3, 2))
+
+
+@pytest.mark.parametrize("name", BACKWARDS)
+@pytest.mark.parametrize(
+    "dtype", [numpy.int32, numpy.complex128], ids=lambda d: numpy.dtype(d).name
+)
+def test_grad_output_dtype(name, dtype):
+    message = r"grad_output must have a floating dtype .*got " + numpy.dtype(dtype).name
+    with pytest.raises(TypeError, match=message):
+        BACKWARDS[name](g=numpy.ones((3, C, 2, 2), dtype=dtype))
+
+
+@pytest.mark.parametrize("name", BACKWARDS)
+@pytest.mark.parametrize(
+    "shape", [(N, C, H), (N, C, H, -1), (N, C, H, 7.0), (N, C, H, True), 5], ids=repr
+)
+def test_input_shape(name, shape):
+    message = r"input_shape must be four non-negative ints .*got " + got(repr(shape))
+    with pytest.raises(ValueError, match=message):
+        BACKWARDS[name](input_shape=shape)
+
+
+@pytest.mark.parametrize("name", BACKWARDS)
+def test_backward_validates_boxes(name):
+    boxes = rois()
+    boxes[0, 0] = N
+    message = rf"batch index must be an integer in \[0, {N}\), got {float(N)!r} in row 0"
+    with pytest.raises(ValueError, match=message):
+        BACKWARDS[name](boxes=boxes)
+    boxes[0, 0] = 0
+    boxes[2, 3] = numpy.nan
+    with pytest.raises(ValueError, match=r"boxes must be finite, got row 2"):
+        BACKWARDS[name](boxes=boxes)
+
+
+@pytest.mark.parametrize("shape", [(3, C, 2, 3), (3, C, 2), (2, C, 2, 2)], ids=str)
+def test_indices_shape(shape):
+    message = r"indices must have grad_output's shape \(3, 3, 2, 2\), got " + got(str(shape))
+    with pytest.raises(ValueError, match=message):
+        pool_backward(indices=numpy.zeros(shape, numpy.int64))
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.bool_], ids=lambda d: numpy.dtype(d).name)
+def test_indices_dtype(dtype):
+    message = r"indices must have an integer dtype, got " + numpy.dtype(dtype).name
+    with pytest.raises(TypeError, match=message):
+        pool_backward(indices=numpy.zeros((3, C, 2, 2), dtype))
+
+
+@pytest.mark.parametrize("bad", [-2, H * W, 10**10], ids=str)
+def test_indices_out_of_range(bad):
+    indices = numpy.zeros((3, C, 2, 2), numpy.int64)
+    indices[1, 2, 1, 0] = bad
+    low, high = min(bad, 0), max(bad, 0)
+    message = (
+        rf"indices must lie in \[-1, {H * W}\) for an H x W = {H} x {W} plane, "
+        rf"got values in \[{low}, {high}\]"
+    )
+    with pytest.raises(ValueError, match=message):
+        pool_backward(indices=indices)
+
+
+@pytest.mark.parametrize("name", BACKWARDS)
+def test_backward_boxes_shape(name):
+    with pytest.raises(ValueError, match=r"boxes must have shape \[K, 5\].*got \(3, 4\)"):
+        BACKWARDS[name](boxes=numpy.zeros((3, 4), numpy.float32))
+
+
+# ----------------------------------------------------------------------------- validate=False
+INVALID = [[-1, 0, 0, 3, 3], [N, 0, 0, 3, 3], [0.5, 0, 0, 3, 3], [0, numpy.nan, 0, 3, 3],
+           [1, 0, 0, numpy.inf, 3], [numpy.inf, 0, 0, 3, 3]]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_validate_false_does_not_raise(op):
+    out = forward(op, boxes=rois(INVALID), validate=False)
+    assert out.shape == (len(INVALID), C, 2, 2)
+
+
+def test_validate_false_backward_does_not_raise():
+    g = grad((len(INVALID), C, 2, 2))
+    assert align_backward(g=g, boxes=rois(INVALID), validate=False).shape == (N, C, H, W)
+    indices = numpy.full(g.shape, H * W + 3, dtype=numpy.int64)  # out of range: ignored
+    grad_input = pool_backward(g=g, boxes=rois(INVALID), indices=indices, validate=False)
+    assert grad_input.shape == (N, C, H, W)
