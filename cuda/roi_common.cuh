@@ -80,18 +80,25 @@ __device__ __forceinline__ roi_bin<I> roi_split(I index, I channels, I pooled_h,
 }
 
 // ----------------------------------------------------------------------------- RoIs
-// The image a RoI row (batch_index, x1, y1, x2, y2) reads, or -1 when the RoI is invalid: a
-// batch index outside [0, batch) after truncation toward zero, a non-finite value, or an empty
-// feature plane. An invalid RoI yields zeros, zero gradient and argmax -1.
+// The image a RoI row (batch_index, x1, y1, x2, y2) refers to, or -1 when the row is invalid: a
+// batch index outside [0, batch) after truncation toward zero, or a non-finite value.
 template <typename C, typename I>
-__device__ __forceinline__ I roi_batch(const C* roi, I batch, I height, I width)
+__device__ __forceinline__ I roi_image(const C* roi, I batch)
 {
     const bool finite = isfinite(roi[0]) && isfinite(roi[1]) && isfinite(roi[2]) &&
                         isfinite(roi[3]) && isfinite(roi[4]);
     const C b = roi_trunc(roi[0]);
-    if (!finite || !(b >= C(0) && b < C(batch)) || height <= 0 || width <= 0) return -1;
+    if (!finite || !(b >= C(0) && b < C(batch))) return -1;
     const I index = static_cast<I>(b);
     return index < batch ? index : -1;
+}
+
+// The image a RoI reads, or -1 when the RoI is invalid (see roi_image) or the feature plane is
+// empty. An invalid RoI yields zeros, zero gradient and argmax -1.
+template <typename C, typename I>
+__device__ __forceinline__ I roi_batch(const C* roi, I batch, I height, I width)
+{
+    return height > 0 && width > 0 ? roi_image(roi, batch) : I(-1);
 }
 
 // ----------------------------------------------------------------------------- RoI Align

@@ -1,6 +1,6 @@
 """Backend selection and the contract every backend implements.
 
-A backend is a module that provides four functions. ``roi_cupy.ops`` validates and normalises
+A backend is a module that provides five functions. ``roi_cupy.ops`` validates and normalises
 everything before calling them, so a backend may rely on the following:
 
 - ``input`` / ``grad_output`` are C-contiguous arrays of the backend's array library, dtype
@@ -26,6 +26,9 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
         -> (output [K, C, PH, PW], argmax int64 [K, C, PH, PW])
     roi_pool_backward(grad_output, rois, argmax, input_shape)
         -> grad_input [N, C, H, W]
+    first_invalid_roi(rois, batch)
+        -> int: the first row with a non-finite value or a batch index that is not an integer
+           in [0, batch), or -1 (what ``validate=True`` checks; one synchronisation on a GPU)
 
 The exact numbers are those of SEMANTICS.md. NumPy inputs go to the backend chosen with
 :func:`use_backend` ("numpy" by default); CuPy inputs always go to the CUDA backend.

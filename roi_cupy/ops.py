@@ -176,25 +176,17 @@ def _rois(boxes: BoxesLike, n: int, device: str, compute: numpy.dtype) -> Any:
         return xp.ascontiguousarray(rois, dtype=compute)
 
 
-def _validate_rois(rois: Any, n: int) -> None:
+def _validate_rois(backend: Any, rois: Any, n: int) -> None:
     """Reject non-finite coordinates and batch indices that are not integers in ``[0, n)``.
 
-    One reduction and one host synchronisation when all is well; the failing row is located only
-    after a failure.
+    The backend finds the first bad row (on a GPU: one small kernel and one synchronisation);
+    the row is read back only to word the error.
     """
-    if rois.shape[0] == 0:
+    row = backend.first_invalid_roi(rois, n)
+    if row < 0:
         return
-    xp = _interop.array_module(rois)
-    with _device_scope(rois):
-        finite = xp.isfinite(rois).all(axis=1)
-        b = rois[:, 0]
-        bad_index = (b < 0) | (b >= n) | (b != xp.trunc(b))
-        bad = ~finite | bad_index
-        if not bool(bad.any()):
-            return
-        row = int(xp.argmax(bad))
-        values = [float(v) for v in rois[row].tolist()]
-    if not bool(finite[row]):
+    values = [float(v) for v in rois[row].tolist()]
+    if not all(numpy.isfinite(values)):
         raise ValueError(f"boxes must be finite, got row {row}: {values}")
     raise ValueError(
         f"boxes' batch index must be an integer in [0, {n}), got {values[0]!r} in row {row}"
@@ -258,9 +250,9 @@ def roi_align(
     pooled_h, pooled_w = _pair(output_size)
     scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
     rois = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
-    if validate:
-        _validate_rois(rois, call.array.shape[0])
     with call.scope():
+        if validate:
+            _validate_rois(call.backend, rois, call.array.shape[0])
         out = call.backend.roi_align_forward(
             call.contiguous(), rois, pooled_h, pooled_w, scale, ratio, bool(aligned)
         )
@@ -305,9 +297,9 @@ def roi_align_backward(
     scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
     rois = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
     _check_grad_output(call.array, rois.shape[0], shape[1], size)
-    if validate:
-        _validate_rois(rois, shape[0])
     with call.scope():
+        if validate:
+            _validate_rois(call.backend, rois, shape[0])
         grad_input = call.backend.roi_align_backward(
             call.contiguous(), rois, shape, scale, ratio, bool(aligned)
         )
@@ -347,9 +339,9 @@ def roi_pool(
     pooled_h, pooled_w = _pair(output_size)
     scale = _scale(spatial_scale)
     rois = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
-    if validate:
-        _validate_rois(rois, call.array.shape[0])
     with call.scope():
+        if validate:
+            _validate_rois(call.backend, rois, call.array.shape[0])
         out, argmax = call.backend.roi_pool_forward(
             call.contiguous(), rois, pooled_h, pooled_w, scale
         )
@@ -394,7 +386,7 @@ def roi_pool_backward(
     with call.scope():
         argmax = call.xp.ascontiguousarray(argmax, dtype=numpy.int64)
         if validate:
-            _validate_rois(rois, shape[0])
+            _validate_rois(call.backend, rois, shape[0])
             plane = shape[2] * shape[3]
             if argmax.size and bool(((argmax < -1) | (argmax >= plane)).any()):
                 low, high = int(argmax.min()), int(argmax.max())

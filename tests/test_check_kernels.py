@@ -43,9 +43,10 @@ def test_no_kernel_spills_or_uses_shared_memory(results):
 
 
 def test_name_expressions_cover_every_kernel_dtype_and_index_width():
-    assert len(set(kernels.NAME_EXPRESSIONS)) == 4 * 3 * 2
+    assert len(set(kernels.NAME_EXPRESSIONS)) == 5 * 3 * 2  # kernels x dtypes x index widths
     assert "roi_pool_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_align_forward<float, int>" in kernels.NAME_EXPRESSIONS
+    assert "roi_check<double, int>" in kernels.NAME_EXPRESSIONS
 
 
 def test_source_joins_the_files_without_the_local_include():

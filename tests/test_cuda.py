@@ -104,13 +104,15 @@ def test_grid_is_capped_and_covers_small_outputs():
 @pytest.mark.parametrize("index64", (False, True), ids=("int32", "int64"))
 def test_both_index_paths_match_the_reference(kernels_on, names, monkeypatch, dtype, index64):
     if index64:
-        monkeypatch.setattr(launch, "INDEX32_LIMIT", 50)  # smaller than every array here
+        monkeypatch.setattr(launch, "INDEX32_LIMIT", 20)  # smaller than every array here
     rng = make_rng("index", dtype)
     x = random_features(rng, SHAPE, dtype)
     rois = random_boxes(rng, SHAPE[0], 7, SHAPE[2], SHAPE[3], 0.5, dtype=x.dtype)
     got, grads = _all_four(kernels_on, x, rois)
     _check_all_four(got, grads, x, rois)
-    assert len(names) == 4
+    # Four ops, each after one validation launch.
+    assert [name.split("<")[0] for name in names[::2]] == ["roi_check"] * 4
+    assert len(names) == 8
     assert all(name.endswith(", long long>" if index64 else ", int>") for name in names), names
 
 

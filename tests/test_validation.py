@@ -151,6 +151,32 @@ def test_batch_index_for_an_empty_batch(op):
         forward(op, input=features((0, C, H, W)))
 
 
+@pytest.mark.parametrize("dtype", [numpy.float16, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+@pytest.mark.parametrize(
+    "bad, first",
+    [({517: (0, 2.0)}, 517), ({3: (3, numpy.inf), 517: (0, -0.5)}, 3), ({599: (0, 2.0)}, 599)],
+    ids=["one-late", "two", "last"],
+)
+def test_the_backend_finds_the_first_invalid_roi(backend, dtype, bad, first):
+    """Validation runs where the data is (one kernel on a GPU or the emulator): over several
+    blocks of RoIs it must name the first bad row, and accept -0.0 as image 0."""
+    rng = numpy.random.default_rng(5)
+    boxes = numpy.zeros((600, 5))
+    boxes[:, 0] = rng.integers(0, N, 600)
+    boxes[0, 0] = -0.0
+    boxes[:, 1:3] = rng.uniform(0, 3, (600, 2))
+    boxes[:, 3:] = boxes[:, 1:3] + rng.uniform(0.5, 3, (600, 2))
+    for row, (column, value) in bad.items():
+        boxes[row, column] = value
+    x = backend.asarray(features(dtype=dtype))
+    with backend.active(), pytest.raises(ValueError, match=rf"\b{first}\b"):
+        roi_cupy.roi_align(x, backend.asarray(boxes.astype(dtype)), 2)
+    fine = numpy.delete(boxes, list(bad), axis=0).astype(dtype)
+    with backend.active():
+        out = roi_cupy.roi_align(x, backend.asarray(fine), 2)
+    assert out.shape == (600 - len(bad), C, 2, 2)
+
+
 # ----------------------------------------------------------------------------- scalars
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("size", [0, -1, (0, 2), (2, -3)], ids=str)

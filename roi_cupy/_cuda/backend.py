@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from roi_cupy._cuda import launch, roi_align, roi_pool
+from roi_cupy._cuda import launch, roi_align, roi_check, roi_pool
 
 
 @functools.cache
@@ -62,3 +62,9 @@ def roi_pool_backward(
 ) -> Any:
     """Input gradient of RoI Pool: ``grad_output`` [K, C, PH, PW] -> [N, C, H, W]."""
     return roi_pool.backward(_runtime(grad_output), grad_output, rois, argmax, input_shape)
+
+
+def first_invalid_roi(rois: Any, batch: int) -> int:
+    """Index of the first invalid RoI of ``rois [K, 5]`` for a batch of ``batch``, or -1: one
+    kernel and one synchronisation."""
+    return roi_check.first_invalid(_runtime(rois), rois, batch)

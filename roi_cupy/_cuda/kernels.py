@@ -11,10 +11,16 @@ import re
 from typing import Any
 
 # Header first: the .cu files' own #include of it is dropped when they are concatenated.
-_FILES = ("roi_common.cuh", "roi_align.cu", "roi_pool.cu")
+_FILES = ("roi_common.cuh", "roi_align.cu", "roi_pool.cu", "roi_check.cu")
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"roi_common\.cuh"\s*$', re.MULTILINE)
 
-KERNELS = ("roi_align_forward", "roi_align_backward", "roi_pool_forward", "roi_pool_backward")
+KERNELS = (
+    "roi_align_forward",
+    "roi_align_backward",
+    "roi_pool_forward",
+    "roi_pool_backward",
+    "roi_check",
+)
 # Storage dtype -> the kernel's scalar type T; the compute type is float for float16/float32.
 SCALAR_TYPES = {"float16": "__half", "float32": "float", "float64": "double"}
 INDEX_TYPES = ("int", "long long")
@@ -64,7 +70,7 @@ def source_files() -> list[pathlib.Path]:
 
 
 def source() -> str:
-    """All kernels as one translation unit: roi_common.cuh, roi_align.cu, roi_pool.cu.
+    """All kernels as one translation unit: roi_common.cuh, then each .cu file.
 
     Read as text and joined (not ``#include``-d) because CuPy's on-disk cache hashes the source
     text only: an edited header must change the text that is compiled.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 
 import roi_cupy._emulator as emulator
-from roi_cupy._cuda import roi_align, roi_pool
+from roi_cupy._cuda import roi_align, roi_check, roi_pool
 
 
 def roi_align_forward(
@@ -60,3 +60,8 @@ def roi_pool_backward(
 ) -> numpy.ndarray:
     """Input gradient of RoI Pool for ``grad_output [K, C, PH, PW]``; returns ``[N, C, H, W]``."""
     return roi_pool.backward(emulator.runtime(), grad_output, rois, argmax, input_shape)
+
+
+def first_invalid_roi(rois: numpy.ndarray, batch: int) -> int:
+    """Index of the first invalid RoI of ``rois [K, 5]`` for a batch of ``batch``, or -1."""
+    return roi_check.first_invalid(emulator.runtime(), rois, batch)

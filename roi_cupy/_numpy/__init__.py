@@ -1,5 +1,12 @@
 """NumPy backend: RoI Align and RoI Pool on the CPU with the numbers of SEMANTICS.md."""
 from roi_cupy._numpy.roi_align import roi_align_backward, roi_align_forward
+from roi_cupy._numpy.roi_check import first_invalid_roi
 from roi_cupy._numpy.roi_pool import roi_pool_backward, roi_pool_forward
 
-__all__ = ["roi_align_backward", "roi_align_forward", "roi_pool_backward", "roi_pool_forward"]
+__all__ = [
+    "first_invalid_roi",
+    "roi_align_backward",
+    "roi_align_forward",
+    "roi_pool_backward",
+    "roi_pool_forward",
+]

@@ -61,6 +61,14 @@ inline unsigned int atomicAdd(unsigned int* a, unsigned int v) { return roi_emu_
 inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
   return roi_emu_atomic_add(a, v);
 }
+template <class T>
+inline T roi_emu_atomic_min(T* address, T value) {
+  T old = *address;
+  if (value < old) *address = value;
+  return old;
+}
+inline int atomicMin(int* a, int v) { return roi_emu_atomic_min(a, v); }
+inline long long atomicMin(long long* a, long long v) { return roi_emu_atomic_min(a, v); }
 inline __half atomicAdd(__half* a, __half v) {
   __half old = *a;
   *a = __half(static_cast<float>(old) + static_cast<float>(v));
