@@ -23,24 +23,20 @@ __global__ void roi_align_forward(
             roi_store(output + index, C(0));
             continue;
         }
-        const roi_align_axis<C> ay =
-            roi_align_geometry(roi[2], roi[4], spatial_scale, aligned, pooled_h, sampling_ratio);
-        const roi_align_axis<C> ax =
-            roi_align_geometry(roi[1], roi[3], spatial_scale, aligned, pooled_w, sampling_ratio);
-        int y_first, y_last, x_first, x_last;
-        roi_align_window(ay, o.ph, height, y_first, y_last);
-        roi_align_window(ax, o.pw, width, x_first, x_last);
+        const roi_align_bin<C> s = roi_align_locate(
+            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
+            sampling_ratio);
 
         const T* plane = input + (b * channels + o.c) * height * width;
         C sum = C(0);
-        for (int iy = y_first; iy < y_last; ++iy) {
+        for (int iy = s.y_first; iy < s.y_last; ++iy) {
             roi_lerp<C, I> wy;
-            if (!roi_lerp_weights(roi_align_sample(ay, o.ph, iy), height, wy)) continue;
+            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
             const T* row_lo = plane + wy.lo * width;
             const T* row_hi = plane + wy.hi * width;
-            for (int ix = x_first; ix < x_last; ++ix) {
+            for (int ix = s.x_first; ix < s.x_last; ++ix) {
                 roi_lerp<C, I> wx;
-                if (!roi_lerp_weights(roi_align_sample(ax, o.pw, ix), width, wx)) continue;
+                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
                 sum += wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) +
                        wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
                        wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) +
@@ -48,7 +44,7 @@ __global__ void roi_align_forward(
             }
         }
         // Samples outside the map count too: they dilute the mean.
-        const C count = roi_max(C(ay.grid) * C(ax.grid), C(1));
+        const C count = roi_max(C(s.y.grid) * C(s.x.grid), C(1));
         roi_store(output + index, sum / count);
     }
 }
@@ -73,27 +69,23 @@ __global__ void roi_align_backward(
         const C* roi = rois + o.k * 5;
         const I b = roi_batch(roi, batch, height, width);
         if (b < 0) continue;
-        const roi_align_axis<C> ay =
-            roi_align_geometry(roi[2], roi[4], spatial_scale, aligned, pooled_h, sampling_ratio);
-        const roi_align_axis<C> ax =
-            roi_align_geometry(roi[1], roi[3], spatial_scale, aligned, pooled_w, sampling_ratio);
-        int y_first, y_last, x_first, x_last;
-        roi_align_window(ay, o.ph, height, y_first, y_last);
-        roi_align_window(ax, o.pw, width, x_first, x_last);
-        if (y_first >= y_last || x_first >= x_last) continue;
+        const roi_align_bin<C> s = roi_align_locate(
+            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
+            sampling_ratio);
+        if (s.y_first >= s.y_last || s.x_first >= s.x_last) continue;
 
         // No max(., 1) here: a bin without samples has no sample to pass gradient to.
-        const C count = C(ay.grid) * C(ax.grid);
+        const C count = C(s.y.grid) * C(s.x.grid);
         const C g = roi_load(grad_output[index]);
         C* plane = grad_input + (b * channels + o.c) * height * width;
-        for (int iy = y_first; iy < y_last; ++iy) {
+        for (int iy = s.y_first; iy < s.y_last; ++iy) {
             roi_lerp<C, I> wy;
-            if (!roi_lerp_weights(roi_align_sample(ay, o.ph, iy), height, wy)) continue;
+            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
             C* row_lo = plane + wy.lo * width;
             C* row_hi = plane + wy.hi * width;
-            for (int ix = x_first; ix < x_last; ++ix) {
+            for (int ix = s.x_first; ix < s.x_last; ++ix) {
                 roi_lerp<C, I> wx;
-                if (!roi_lerp_weights(roi_align_sample(ax, o.pw, ix), width, wx)) continue;
+                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
                 atomicAdd(row_lo + wx.lo, g * (wy.wlo * wx.wlo) / count);
                 atomicAdd(row_lo + wx.hi, g * (wy.wlo * wx.whi) / count);
                 atomicAdd(row_hi + wx.lo, g * (wy.whi * wx.wlo) / count);

@@ -176,6 +176,27 @@ __device__ __forceinline__ void roi_align_window(
     last = lo;
 }
 
+// One RoI Align bin: both axes and the samples of each that can lie inside the map.
+template <typename C>
+struct roi_align_bin {
+    roi_align_axis<C> y, x;
+    int y_first, y_last, x_first, x_last;
+};
+
+// The bin (ph, pw) of a RoI row (batch_index, x1, y1, x2, y2).
+template <typename C, typename I>
+__device__ __forceinline__ roi_align_bin<C> roi_align_locate(
+    const C* roi, I ph, I pw, I height, I width, I pooled_h, I pooled_w, C scale, bool aligned,
+    int sampling_ratio)
+{
+    roi_align_bin<C> s;
+    s.y = roi_align_geometry(roi[2], roi[4], scale, aligned, pooled_h, sampling_ratio);
+    s.x = roi_align_geometry(roi[1], roi[3], scale, aligned, pooled_w, sampling_ratio);
+    roi_align_window(s.y, ph, height, s.y_first, s.y_last);
+    roi_align_window(s.x, pw, width, s.x_first, s.x_last);
+    return s;
+}
+
 // Bilinear weights along one axis: the two neighbouring pixels and their weights.
 template <typename C, typename I>
 struct roi_lerp {
