@@ -57,7 +57,9 @@ def numpy_backend(monkeypatch):
 
 # ----------------------------------------------------------------------------- workloads
 def test_catalogue_names_and_families():
-    assert {"W1", "W2", "W3", "W4", "W5", "W6", "cpu-core"} <= set(WORKLOADS)
+    assert {"W1", "W2", "W3", "W4", "W5", "W6", "cpu-core", "cpu-pool"} <= set(WORKLOADS)
+    assert WORKLOADS["cpu-pool"].op == "roi_pool" and WORKLOADS["cpu-pool"].device == "cpu"
+    assert WORKLOADS["cpu-pool"].draw_rois().tolist() == WORKLOADS["cpu-core"].draw_rois().tolist()
     assert [w.name for w in workloads.select("W7")] == [
         "W7-sr0-small", "W7-sr0-large", "W7-sr2-small", "W7-sr2-large"]
     assert [w.num_rois for w in workloads.select("sweep")] == [16, 64, 256, 1024, 4096]

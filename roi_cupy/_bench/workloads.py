@@ -45,7 +45,7 @@ class Workload:
     """One benchmark case: an op, its arguments, and how to draw its inputs.
 
     Attributes:
-        name (str): short unique name (``W1``, ``W7-sr0-large``, ``sweep-1024``, ``cpu-core``).
+        name (str): short unique name (``W1``, ``W7-sr0-large``, ``sweep-1024``, ``cpu-core``, ``cpu-pool``).
         description (str): one line for ``--help`` and the reports.
         op (str): ``"roi_align"`` or ``"roi_pool"``.
         batch, channels, height, width (int): the features' shape ``[N, C, H, W]``.
@@ -231,6 +231,10 @@ def _catalogue() -> tuple[Workload, ...]:
         "sr 2, aligned=False",
         channels=256, height=64, width=64, boxes_per_image=128, spatial_scale=1.0,
         aligned=False, box_min=4.0, box_max=64.0, device="cpu", seed=8,
+    ))
+    items.append(dataclasses.replace(
+        items[-1], name="cpu-pool", op="roi_pool",
+        description="CPU: cpu-core's features and boxes through roi_pool, 7x7",
     ))
     return tuple(items)
 
