@@ -58,12 +58,21 @@ def channels_last(array: numpy.ndarray, c0: int, c1: int, dtype: numpy.dtype) ->
 
 @functools.cache
 def _openblas() -> ctypes.CDLL | None:
-    """NumPy's bundled OpenBLAS when it offers a per-thread thread count, else None."""
-    libs = os.path.join(os.path.dirname(os.path.dirname(numpy.__file__)), "numpy.libs")
-    for path in sorted(glob.glob(os.path.join(libs, "*openblas*"))):
+    """NumPy's bundled OpenBLAS when it is loaded and offers a per-thread thread count, else None.
+
+    Only a library already in the process is used (``RTLD_NOLOAD``): loading another BLAS would
+    start its own thread pool. NumPy built against any other BLAS (MKL, Accelerate, a system
+    library) finds nothing here, and so does a platform without ``RTLD_NOLOAD``.
+    """
+    mode = getattr(os, "RTLD_NOLOAD", None)
+    if mode is None:
+        return None
+    site = os.path.dirname(os.path.dirname(numpy.__file__))
+    folders = (os.path.join(site, "numpy.libs"), os.path.join(site, "numpy", ".dylibs"))
+    for path in sorted(p for f in folders for p in glob.glob(os.path.join(f, "*openblas*"))):
         try:
-            lib = ctypes.CDLL(path)
-            setter = lib.openblas_set_num_threads_local
+            lib = ctypes.CDLL(path, mode=mode | os.RTLD_LAZY)
+            setter = lib.openblas_set_num_threads_local  # int (int): returns the previous count
         except (OSError, AttributeError):
             continue
         setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
@@ -76,8 +85,9 @@ def serial_blas() -> Iterator[None]:
     """Run the enclosed BLAS calls of this thread on one core.
 
     The products here are many small ones (a few rows each); threading them only adds
-    synchronisation, and on a busy machine spinning worker threads slow them down by 10-100x.
-    Only the calling thread is affected; a NumPy without OpenBLAS is left as it is.
+    synchronisation, and on a busy machine spinning worker threads slow them down (by 1.3-1.7x
+    with one competing process on two cores, more under heavier load). Only the calling thread
+    is affected; a NumPy without its bundled OpenBLAS is left as it is.
     """
     lib = _openblas()
     if lib is None:
@@ -87,4 +97,5 @@ def serial_blas() -> Iterator[None]:
     try:
         yield
     finally:
-        lib.openblas_set_num_threads_local(previous)
+        if previous >= 1:
+            lib.openblas_set_num_threads_local(previous)
