@@ -19,6 +19,7 @@ batched matrix products (BLAS), so there is no Python work per output element or
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy
 
@@ -26,6 +27,8 @@ from roi_cupy._numpy import _common
 
 # Most RoIs in one group.
 _GROUP = 4096
+# Most samples per bin and axis, as in the kernels (ROI_MAX_GRID): a gigantic box stays finite work.
+_MAX_GRID = float(1 << 20)
 
 
 class _Axis:
@@ -52,9 +55,8 @@ class _Axis:
             # error of the compute dtype; the exact test is redone on every evaluated sample.
             first = (-1.0 - b64) / step - 0.5
             last = (size - b64) / step - 0.5
-            slack = 2.0 + 4.0 * numpy.finfo(ct).eps * (numpy.abs(b64) + numpy.abs(step)) / numpy.abs(
-                step
-            )
+            eps = numpy.finfo(ct).eps
+            slack = 2.0 + 4.0 * eps * (numpy.abs(b64) + numpy.abs(step)) / numpy.abs(step)
             lo = numpy.clip(numpy.floor(numpy.fmin(first, last) - slack), 0, g - 1)
             hi = numpy.clip(numpy.ceil(numpy.fmax(first, last) + slack), 0, g - 1)
         # A zero-size bin puts all its samples on one point: evaluate it once, weight 1.
@@ -64,16 +66,19 @@ class _Axis:
         ok = (g >= 1) & numpy.isfinite(lo) & numpy.isfinite(hi) & (hi >= lo)
         self.lo = numpy.where(ok, lo, 0.0)
         self.n = numpy.where(ok, hi - self.lo + 1, 0).astype(numpy.int64)
-        self.factor = numpy.where(bin_size == 0, 1.0, 1.0 / numpy.maximum(grid, 1.0))
+        # What a sample's weight is divided by: its bin's sample count along this axis.
+        self.divisor = numpy.where(bin_size == 0, 1.0, numpy.maximum(grid, 1.0))
+        self.factor = 1.0 / self.divisor
         self.bound = numpy.minimum(size, 2 * self.n.sum(axis=1))
 
-    def weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
-        """Compressed weight matrices of the RoIs ``rois`` (indices into the block).
+    def taps(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, ...]:
+        """The evaluated samples inside ``[-1, size]`` of the RoIs ``rois`` (block indices).
 
         Returns:
-            (ndarray[G, P, R], ndarray[G, R] int64, ndarray[G] int64): ``A`` with
-            ``A[g, p, r]`` the weight of pixel ``pixels[g, r]`` in bin ``p``, the pixel indices
-            (0 where padded, with zero weight), and how many of the R columns each RoI uses.
+            (ndarray[S] int64, ndarray[S] int64, ndarray[S] int64, ndarray[S]): for each sample,
+            its flat ``(RoI of rois, bin)`` index (sorted), its low and high pixel, and the
+            weight of the high pixel in the compute dtype (0 at the snapped edge; the low pixel
+            weighs ``1 - frac``), computed in the kernels' order of operations.
         """
         ct, size = self.ct, self.size
         n = self.n[rois]
@@ -90,13 +95,27 @@ class _Axis:
                 (index.astype(ct) + ct.type(0.5)) * bin_size
             ) / self.grid[rois].astype(ct)[k]
         inside = (y >= -1) & (y <= size)  # NaN fails both
-        kp, k, y = kp[inside], k[inside], y[inside]
+        kp, y = kp[inside], y[inside]
         y = numpy.maximum(y, ct.type(0))
         low = numpy.floor(y).astype(numpy.int64)
         edge = low >= size - 1
         low = numpy.where(edge, size - 1, low)
         high = numpy.where(edge, low, low + 1)
         frac = numpy.where(edge, ct.type(0), y - low.astype(ct))
+        return kp, low, high, frac
+
+    def weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+        """Compressed weight matrices of the RoIs ``rois`` (indices into the block).
+
+        Returns:
+            (ndarray[G, P, R], ndarray[G, R] int64, ndarray[G] int64): ``A`` with
+            ``A[g, p, r]`` the weight of pixel ``pixels[g, r]`` in bin ``p``, the pixel indices
+            (0 where padded, with zero weight), and how many of the R columns each RoI uses.
+        """
+        ct, size = self.ct, self.size
+        kg, pooled = rois.size, self.n.shape[1]
+        kp, low, high, frac = self.taps(rois)
+        k = kp // pooled
         factor = self.factor[rois][k]
         w_low = (ct.type(1) - frac).astype(numpy.float64) * factor
         w_high = frac.astype(numpy.float64) * factor
@@ -140,8 +159,9 @@ def _axes(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligne
         else:
             gh = numpy.ceil(bh).astype(numpy.float64)
             gw = numpy.ceil(bw).astype(numpy.float64)
-    gh = numpy.where(gh >= 1, gh, 0.0)  # NaN and non-positive grids sample nothing
-    gw = numpy.where(gw >= 1, gw, 0.0)
+    # NaN and non-positive grids sample nothing.
+    gh = numpy.where(gh >= 1, numpy.minimum(gh, _MAX_GRID), 0.0)
+    gw = numpy.where(gw >= 1, numpy.minimum(gw, _MAX_GRID), 0.0)
     return _Axis(y0, bh, gh, pooled_h, h, ct), _Axis(x0, bw, gw, pooled_w, w, ct)
 
 
@@ -170,9 +190,48 @@ def _bucket(rows: numpy.ndarray) -> numpy.ndarray:
     )
 
 
+class _Group(NamedTuple):
+    """RoIs whose windows are gathered and contracted together.
+
+    Attributes:
+        kidx (ndarray[G] int64): the RoIs, as indices into ``rois``.
+        b (ndarray[G] int64): their batch indices.
+        wy (ndarray[G, PH, R]), rows (ndarray[G, R] int64), used_y (ndarray[G] int64): the
+            compressed y weights (see :meth:`_Axis.weights`).
+        wx (ndarray[G, PW, Q]), cols (ndarray[G, Q] int64), used_x (ndarray[G] int64): the same
+            along x.
+        ay (_Axis), ax (_Axis), local (ndarray[G] int64): the sampling of the RoIs' block and
+            the RoIs' indices in it, for the sample-by-sample path.
+    """
+
+    kidx: numpy.ndarray
+    b: numpy.ndarray
+    wy: numpy.ndarray
+    rows: numpy.ndarray
+    used_y: numpy.ndarray
+    wx: numpy.ndarray
+    cols: numpy.ndarray
+    used_x: numpy.ndarray
+    ay: _Axis
+    ax: _Axis
+    local: numpy.ndarray
+
+    def pixels(self, h: int, w: int) -> numpy.ndarray:
+        """``[G, R, Q]`` flat ``(b * H + row) * W + col`` indices of the windows."""
+        return (self.b[:, None, None] * h + self.rows[:, :, None]) * w + self.cols[:, None, :]
+
+    def touched(self, bad: numpy.ndarray) -> numpy.ndarray:
+        """The group positions of the RoIs whose window has a True in ``bad`` [G, R, Q]
+        outside its padding."""
+        r, q = bad.shape[1:]
+        bad = bad & (numpy.arange(r) < self.used_y[:, None])[:, :, None]
+        bad &= (numpy.arange(q) < self.used_x[:, None])[:, None, :]
+        return numpy.flatnonzero(bad.any(axis=(1, 2)))
+
+
 def _plan(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct, row_bytes):
-    """Yield ``(kidx, b, ay, rows, used_y, ax, cols, used_x)`` for every group of RoIs that
-    touches the features; RoIs left out get zeros."""
+    """Yield a :class:`_Group` for every group of RoIs that touches the features; RoIs left out
+    get zeros."""
     n, _, h, w = shape
     # RoIs whose weights are built together: their padded weight matrices stay small.
     block = max(16, min(1024, (1 << 22) // (max(pooled_h, pooled_w) * max(h, w))))
@@ -192,11 +251,85 @@ def _plan(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligne
         for i, j in _groups(used_y[order], used_x[order], pooled_h, pooled_w, row_bytes):
             sel = order[i:j]
             r, q = int(used_y[sel].max()), int(used_x[sel].max())
-            yield (
+            yield _Group(
                 s + active[sel], b[active[sel]],
                 wy[sel, :, :r], rows[sel, :r], used_y[sel],
                 wx[sel, :, :q], cols[sel, :q], used_x[sel],
+                ay, ax, active[sel],
             )
+
+
+def _sample_pairs(group: _Group, i: int, channels: int):
+    """The samples of RoI ``i`` of ``group``, paired as the kernels visit them.
+
+    Every y sample of bin row ``p`` pairs with every x sample of the RoI, the pair landing in
+    bin ``(p, px[j])``.
+
+    Returns:
+        (ndarray[Sx] int64, scalar, iterator): the x samples' bins, a bin's sample count
+        ``gh * gw`` in the compute dtype, and blocks ``(p, taps)`` of bin row ``p``'s y samples,
+        small enough for a few ``[len(block), Sx, channels]`` temporaries. ``taps`` lists the
+        four corners as ``(rows [len(block)] int64, cols [Sx] int64, weight [len(block), Sx])``,
+        the weights in the compute dtype and formed as in the kernels.
+    """
+    ay, ax, k = group.ay, group.ax, group.local[i : i + 1]
+    ct = ay.ct
+    py, y_lo, y_hi, fy = ay.taps(k)
+    px, x_lo, x_hi, fx = ax.taps(k)
+    wy = ((y_lo, ct.type(1) - fy), (y_hi, fy))
+    wx = ((x_lo, ct.type(1) - fx), (x_hi, fx))
+    step = max(1, _common.GROUP_BUDGET // (4 * max(1, px.size) * channels * ct.itemsize))
+
+    def blocks():
+        for p in numpy.unique(py) if px.size else ():
+            row = numpy.flatnonzero(py == p)
+            for s in range(0, row.size, step):
+                ii = row[s : s + step]
+                yield p, [
+                    (yr[ii], xc, wyv[ii][:, None] * wxv[None, :])
+                    for yr, wyv in wy
+                    for xc, wxv in wx
+                ]
+
+    return px, ct.type(ay.divisor[k[0]]) * ct.type(ax.divisor[k[0]]), blocks()
+
+
+def _exact_forward(x: numpy.ndarray, group: _Group, i: int, h: int, w: int) -> numpy.ndarray:
+    """RoI ``i`` of ``group`` sample by sample: ``[PH, PW, Cc]`` in the compute dtype.
+
+    The separable products weigh every pixel of a RoI's window in every bin, mostly by zero, and
+    ``0 * inf`` is NaN; so with non-finite features they would spread NaN and inf to bins that
+    never read them. Like the kernels, this path reads only the four corners of each sample that
+    lies inside the map (a corner of weight 0 included: ``0 * inf`` is NaN in the kernels too).
+    """
+    pooled_h, pooled_w = group.wy.shape[1], group.wx.shape[1]
+    out = numpy.zeros((pooled_h, pooled_w, x.shape[1]), dtype=x.dtype)
+    px, count, blocks = _sample_pairs(group, i, x.shape[1])
+    bins, first = numpy.unique(px, return_index=True)
+    base = int(group.b[i]) * h * w
+    with numpy.errstate(invalid="ignore", over="ignore"):  # inf - inf and 0 * inf are NaN
+        for p, taps in blocks:
+            part = 0
+            for rows, cols, weight in taps:
+                part = part + weight[:, :, None] * x[(base + rows * w)[:, None] + cols]
+            total = part.sum(axis=0)  # [Sx, Cc]
+            out[p, bins] += numpy.add.reduceat(total, first, axis=0)
+        return out / count
+
+
+def _exact_backward(acc, grad: numpy.ndarray, group: _Group, i: int, h: int, w: int) -> None:
+    """Add RoI ``i`` of ``group``'s gradient ``grad`` [PH, PW, Cc] into ``acc`` [N*H*W, Cc]
+    sample by sample (see :func:`_exact_forward`: non-finite gradients reach only the corners
+    of their own bin's samples)."""
+    px, count, blocks = _sample_pairs(group, i, grad.shape[2])
+    base = int(group.b[i]) * h * w
+    with numpy.errstate(invalid="ignore", over="ignore"):  # inf - inf and 0 * inf are NaN
+        for p, taps in blocks:
+            g = grad[p, px]  # [Sx, Cc]: every pair of the block with y bin p
+            for rows, cols, weight in taps:
+                pixel = (base + rows * w)[:, None] + cols
+                part = g * weight[:, :, None] / count  # the kernels' order of operations
+                numpy.add.at(acc, pixel.ravel(), part.reshape(-1, g.shape[1]))
 
 
 def roi_align_forward(
@@ -221,7 +354,8 @@ def roi_align_forward(
         aligned (bool): shift boxes by -0.5 pixel (and do not clamp their size to 1).
 
     Returns:
-        ndarray[K, C, PH, PW]: in the input's dtype.
+        ndarray[K, C, PH, PW]: in the input's dtype. NaN and infinite features reach exactly
+        the bins that sample them.
     """
     n, c, h, w = input.shape
     k = rois.shape[0]
@@ -233,18 +367,29 @@ def roi_align_forward(
     for c0 in range(0, c, cc):
         c1 = min(c, c0 + cc)
         x = _common.channels_last(input, c0, c1, ct)
+        finite = numpy.isfinite(x)
+        bad, clean = None, x
+        if not finite.all():
+            # The products read zeros instead (padding reads pixels too); the RoIs whose windows
+            # hold a non-finite pixel are then redone sample by sample from x.
+            bad = ~finite.all(axis=1)  # [N * H * W]
+            clean = numpy.where(finite, x, ct.type(0))
         plan = _plan(
             rois, input.shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct,
             (c1 - c0) * ct.itemsize,
         )
         with _common.serial_blas():
-            for kidx, b, wy, rows, _, wx, cols, _ in plan:
-                g, r, q = wy.shape[0], rows.shape[1], cols.shape[1]
-                pixel = (b[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]
-                window = x.take(pixel, axis=0).reshape(g, r, q * (c1 - c0))
-                tmp = numpy.matmul(wy, window).reshape(g, pooled_h, q, c1 - c0)
-                res = numpy.matmul(wx[:, None], tmp)  # [G, PH, PW, Cc]
-                out[kidx, c0:c1] = res.transpose(0, 3, 1, 2)
+            for group in plan:
+                g, r, q = group.wy.shape[0], group.rows.shape[1], group.cols.shape[1]
+                pixels = group.pixels(h, w)
+                exact = () if bad is None else group.touched(bad[pixels])
+                window = clean.take(pixels, axis=0).reshape(g, r, q * (c1 - c0))
+                tmp = numpy.matmul(group.wy, window).reshape(g, pooled_h, q, c1 - c0)
+                res = numpy.matmul(group.wx[:, None], tmp)  # [G, PH, PW, Cc]
+                for i in exact:
+                    res[i] = _exact_forward(x, group, i, h, w)
+                with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+                    out[group.kidx, c0:c1] = res.transpose(0, 3, 1, 2)
     return out
 
 
@@ -270,7 +415,8 @@ def roi_align_backward(
         aligned (bool): as in the forward pass.
 
     Returns:
-        ndarray[N, C, H, W]: in grad_output's dtype.
+        ndarray[N, C, H, W]: in grad_output's dtype. A NaN or infinite gradient reaches
+        exactly the pixels its bin samples.
     """
     n, c, h, w = input_shape
     k, _, pooled_h, pooled_w = grad_output.shape
@@ -286,21 +432,28 @@ def roi_align_backward(
             rois, input_shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct,
             (c1 - c0) * ct.itemsize,
         )
-        for kidx, b, wy, rows, used_y, wx, cols, used_x in plan:
-            g, r, q = wy.shape[0], rows.shape[1], cols.shape[1]
+        for group in plan:
+            g, r, q = group.wy.shape[0], group.rows.shape[1], group.cols.shape[1]
             grad = numpy.empty((g, pooled_h, pooled_w, c1 - c0), dtype=ct)
-            grad[...] = grad_output[kidx, c0:c1].transpose(0, 2, 3, 1)
+            grad[...] = grad_output[group.kidx, c0:c1].transpose(0, 2, 3, 1)
+            exact = ()
+            if not numpy.isfinite(grad).all():
+                exact = numpy.flatnonzero(~numpy.isfinite(grad).all(axis=(1, 2, 3)))
+                for i in exact:
+                    _exact_backward(acc, grad[i], group, i, h, w)
+                grad[exact] = 0
             with _common.serial_blas():
-                tmp = numpy.matmul(wx.transpose(0, 2, 1)[:, None], grad)  # [G, PH, Q, Cc]
+                tmp = numpy.matmul(group.wx.transpose(0, 2, 1)[:, None], grad)  # [G, PH, Q, Cc]
                 part = numpy.matmul(
-                    wy.transpose(0, 2, 1), tmp.reshape(g, pooled_h, q * (c1 - c0))
+                    group.wy.transpose(0, 2, 1), tmp.reshape(g, pooled_h, q * (c1 - c0))
                 )
             part = part.reshape(g, r, q, c1 - c0)
-            pixel = (b[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]
+            pixel = group.pixels(h, w)
             # A RoI's pixels are distinct, so one buffered add per RoI is exact; the RoI order is
             # fixed by the inputs, so the sum is the same on every run.
             for i in range(g):
-                ry, rx = used_y[i], used_x[i]
+                ry, rx = group.used_y[i], group.used_x[i]
                 acc[pixel[i, :ry, :rx].ravel()] += part[i, :ry, :rx].reshape(ry * rx, c1 - c0)
-        grad_input[:, c0:c1] = acc.reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
+        with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+            grad_input[:, c0:c1] = acc.reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
     return grad_input

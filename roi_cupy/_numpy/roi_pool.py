@@ -4,23 +4,32 @@ The maximum over a rectangle is the maximum over its rows of the maximum over it
 RoI costs two passes of contiguous reductions over its window of a channels-last copy of the
 features (one per bin row, then one per bin column), every reduction vectorised over channels.
 
-For float16 and float32 the reduction runs on int64 keys that order like the scan the operator
-is defined by: the high 32 bits map the float32 value to an order-preserving integer (NaN and
-values ``<= -FLT_MAX`` become ``-FLT_MAX``, ``-0.0`` becomes ``0.0``) and the low 32 bits hold
-``2**32 - 1 - (h * W + w)``, so the largest key is the largest value at its first position in
-row-major order and a plain ``max`` yields both the maximum and its argmax. float64 values do not
-fit such a key; float64 takes the maximum of each bin directly with ``argmax`` (first occurrence).
+The reductions run on int64 keys that order like the scan the operator is defined by: the high
+32 bits map the value to an order-preserving integer (NaN and values ``<= -FLT_MAX`` become
+``-FLT_MAX``, ``-0.0`` becomes ``0.0``) and the low 32 bits hold ``2**32 - 1 - (h * W + w)``, so
+the largest key is the largest value at its first position in row-major order and a plain
+``max`` yields both the maximum and its argmax. A float32 value fits its 32 bits exactly. A
+float64 value keeps only its top 32 bits there, so values that share them tie and the first
+wins; a second pass takes each bin's exact float64 maximum, and a bin whose key picked a smaller
+value (which happens only when values that close compete) is scanned again directly.
 """
 from __future__ import annotations
+
+import sys
 
 import numpy
 
 from roi_cupy._numpy import _common
 
-_EMPTY = numpy.iinfo(numpy.int64).min  # below every key: marks an empty bin
 _LOW = numpy.int64(0xFFFFFFFF)
-# RoIs whose results are staged together (bounds the staging buffers with C * PH * PW).
-_STAGE_ELEMENTS = 1 << 21
+# Keys carry the position in 32 bits: larger planes scan every bin directly.
+_KEYED_PLANE = 2**32
+# Which int32 of an int64 holds its high bits.
+_HIGH = 1 if sys.byteorder == "little" else 0
+# Output elements staged together: small enough for the staging buffers to stay in cache.
+_STAGE_ELEMENTS = 1 << 18
+# Gradient elements scattered together by the backward pass.
+_BACKWARD_CHUNK = 1 << 17
 
 
 def _round(v: numpy.ndarray) -> numpy.ndarray:
@@ -46,74 +55,163 @@ def _bins(rois, n, h, w, pooled_h, pooled_w, spatial_scale, ct):
         with numpy.errstate(all="ignore"):
             lo = numpy.floor(p * bin_size[:, None]).astype(numpy.float64) + start[:, None]
             hi = numpy.ceil((p + 1) * bin_size[:, None]).astype(numpy.float64) + start[:, None]
-        return (numpy.clip(lo, 0, size).astype(numpy.int64),
-                numpy.clip(hi, 0, size).astype(numpy.int64))
+        # fmax/fmin drop a NaN (0 * inf for a box that overflows), which lands on 0 as in the
+        # kernels' clamp.
+        return tuple(numpy.fmin(numpy.fmax(e, 0), size).astype(numpy.int64) for e in (lo, hi))
 
     hs, he = edges(pooled_h, h, ys, bh)
     ws, we = edges(pooled_w, w, xs, bw)
     return b, valid, hs, he, ws, we
 
 
-def _keys(input, c0, c1) -> numpy.ndarray:
+def _values(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.ndarray:
+    """Channels ``c0:c1`` as ``[N, H, W, Cc]`` in ``ct``, NaN and ``<= -FLT_MAX`` as -FLT_MAX."""
+    n, _, h, w = input.shape
+    v = _common.channels_last(input, c0, c1, ct)
+    floor = ct.type(-_common.FLT_MAX)
+    numpy.copyto(v, floor, where=~(v > floor))
+    return v.reshape(n, h, w, c1 - c0)
+
+
+def _keys(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.ndarray:
     """Channels ``c0:c1`` as int64 keys ``[N, H, W, Cc]`` (see the module docstring)."""
     n, _, h, w = input.shape
-    v = _common.channels_last(input, c0, c1, numpy.dtype(numpy.float32))
-    v = numpy.where(v > -_common.FLT_MAX, v, numpy.float32(-_common.FLT_MAX)) + numpy.float32(0)
-    bits = v.view(numpy.int32)
-    order = numpy.where(bits < 0, bits ^ numpy.int32(0x7FFFFFFF), bits).astype(numpy.int64)
-    position = _LOW - numpy.arange(h * w, dtype=numpy.int64)
-    keys = (order << 32).reshape(n, h * w, c1 - c0)
-    keys |= position[None, :, None]
-    return keys.reshape(n, h, w, c1 - c0)
+    floor = ct.type(-_common.FLT_MAX)
+    v = input[:, c0:c1].astype(ct)
+    numpy.copyto(v, floor, where=~(v > floor))
+    v += ct.type(0)  # -0.0 -> 0.0: the two compare equal
+    if ct == numpy.float32:
+        bits = v.view(numpy.int32)
+        bits ^= (bits >> 31) & numpy.int32(0x7FFFFFFF)
+        order = bits
+    else:
+        bits = v.view(numpy.int64)
+        bits ^= (bits >> 63) & numpy.int64(0x7FFFFFFFFFFFFFFF)
+        order = (bits >> 32).astype(numpy.int32)
+    keys = numpy.empty((n, h, w, c1 - c0), dtype=numpy.int64)
+    halves = keys.view(numpy.int32).reshape(n, h, w, c1 - c0, 2)
+    halves[..., _HIGH] = order.transpose(0, 2, 3, 1)
+    position = (_LOW - numpy.arange(h * w, dtype=numpy.int64)).astype(numpy.uint32)
+    halves[..., 1 - _HIGH] = position.view(numpy.int32).reshape(1, h, w, 1)
+    return keys
 
 
-def _decode(keys: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """Keys -> (float32 value, int64 argmax); empty bins give (0, -1), unpicked (-FLT_MAX, -1)."""
-    order = (keys >> 32).astype(numpy.int32)
+def _decode(stage: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """float32 keys -> (float32 value, int64 argmax); argmax -1 where nothing was picked."""
+    halves = stage.view(numpy.int32).reshape(stage.shape + (2,))
+    order = halves[..., _HIGH]
     value = (order ^ ((order >> 31) & numpy.int32(0x7FFFFFFF))).view(numpy.float32)
-    argmax = _LOW - (keys & _LOW)
-    empty = keys == _EMPTY
-    argmax[empty | (value == numpy.float32(-_common.FLT_MAX))] = -1
-    value[empty] = 0
+    argmax = numpy.subtract(_LOW, halves[..., 1 - _HIGH].view(numpy.uint32), dtype=numpy.int64)
+    argmax[value == numpy.float32(-_common.FLT_MAX)] = -1
     return value, argmax
 
 
-def _pool_keys(keys, b, hs, he, ws, we, stage):
-    """Fill ``stage`` [k, PH, PW, Cc] with each bin's largest key (``_EMPTY`` when empty)."""
+def _pool(data, b, hs, he, ws, we, stage) -> None:
+    """Each bin's maximum of ``data`` [N, H, W, Cc] into ``stage`` [k, Cc, PH, PW].
+
+    Bins that are empty (no row or no column) are left unwritten.
+    """
     pooled_h, pooled_w = hs.shape[1], ws.shape[1]
-    stage.fill(_EMPTY)
-    for i in range(b.size):
-        y0, y1, x0, x1 = hs[i, 0], he[i, -1], ws[i, 0], we[i, -1]
-        if y1 <= y0 or x1 <= x0:
+    y0, y1, x0, x1 = hs[:, 0], he[:, -1], ws[:, 0], we[:, -1]
+    # Python ints for the loop: NumPy scalars would make every slice slower.
+    b, y0l, y1l, x0l, x1l = (a.tolist() for a in (b, y0, y1, x0, x1))
+    hs, he = (hs - y0[:, None]).tolist(), (he - y0[:, None]).tolist()
+    ws, we = (ws - x0[:, None]).tolist(), (we - x0[:, None]).tolist()
+    rowmax = numpy.empty((pooled_h,) + data.shape[2:], dtype=data.dtype)
+    reduce = numpy.maximum.reduce  # the ufunc method itself: numpy.max adds a wrapper per call
+    for i in range(len(b)):
+        if y1l[i] <= y0l[i] or x1l[i] <= x0l[i]:
             continue
-        window = keys[b[i], y0:y1, x0:x1]
-        rowmax = numpy.full((pooled_h,) + window.shape[1:], _EMPTY, dtype=numpy.int64)
-        for p in range(pooled_h):
-            if he[i, p] > hs[i, p]:
-                numpy.max(window[hs[i, p] - y0 : he[i, p] - y0], axis=0, out=rowmax[p])
-        for q in range(pooled_w):
-            if we[i, q] > ws[i, q]:
-                numpy.max(rowmax[:, ws[i, q] - x0 : we[i, q] - x0], axis=1, out=stage[i, :, q])
-        # A bin whose rows are empty keeps _EMPTY from rowmax.
+        window = data[b[i], y0l[i] : y1l[i], x0l[i] : x1l[i]]
+        rows = rowmax[:, : x1l[i] - x0l[i]]
+        for p, (r0, r1) in enumerate(zip(hs[i], he[i])):
+            if r1 > r0:
+                reduce(window[r0:r1], axis=0, out=rows[p])
+        for q, (s0, s1) in enumerate(zip(ws[i], we[i])):
+            if s1 > s0:  # [PH, Cc] written into the [Cc, PH] slice of the output layout
+                reduce(rows[:, s0:s1], axis=1, out=stage[i, :, :, q].T)
 
 
-def _pool_direct(values, b, hs, he, ws, we, w, out_v, out_i):
-    """float64: each bin's first maximum straight from the cleaned values [N, H, W, Cc]."""
+def _pool_direct(values, b, hs, he, ws, we, w, bins, out_v, out_i) -> None:
+    """Scan the bins ``bins`` ([M, 3] rows ``(roi, ph, pw)``) straight from ``values``
+    [N, H, W, Cc] (cleaned, float64): each channel's first maximum, or -1 where none exceeds
+    -FLT_MAX. Writes ``out_v`` and ``out_i`` [k, Cc, PH, PW] at those bins."""
     cc = values.shape[-1]
     lanes = numpy.arange(cc)
-    for i in range(b.size):
-        for p in range(hs.shape[1]):
-            for q in range(ws.shape[1]):
-                h0, h1, w0, w1 = hs[i, p], he[i, p], ws[i, q], we[i, q]
-                if h1 <= h0 or w1 <= w0:
-                    continue
-                window = values[b[i], h0:h1, w0:w1].reshape(-1, cc)
-                a = window.argmax(axis=0)
-                v = window[a, lanes]
-                out_v[i, :, p, q] = v
-                out_i[i, :, p, q] = numpy.where(
-                    v > -_common.FLT_MAX, (h0 + a // (w1 - w0)) * w + w0 + a % (w1 - w0), -1
-                )
+    for i, p, q in bins.tolist():
+        h0, h1, w0, w1 = hs[i, p], he[i, p], ws[i, q], we[i, q]
+        window = values[b[i], h0:h1, w0:w1].reshape(-1, cc)
+        a = window.argmax(axis=0)  # the first maximum; values hold no NaN
+        v = window[a, lanes]
+        out_v[i, :, p, q] = v
+        out_i[i, :, p, q] = numpy.where(
+            v > -_common.FLT_MAX, (h0 + a // (w1 - w0)) * w + w0 + a % (w1 - w0), -1
+        )
+
+
+def _stage_float32(input, c0, keys, args, shape):
+    """float16/float32 bins of one group of RoIs: ``(value float32, argmax)`` [k, Cc, PH, PW].
+
+    ``args`` is ``(b, hs, he, ws, we)`` of the group; ``keys`` come from :func:`_keys`.
+    """
+    b, hs, he, ws, we = args
+    stage = numpy.empty(shape, dtype=numpy.int64)
+    _pool(keys, b, hs, he, ws, we, stage)
+    value, argmax = _decode(stage)
+    _clear_empty(hs, he, ws, we, value, argmax)
+    # Keys hold -0.0 as 0.0; the kernels store the value they read.
+    zero = numpy.flatnonzero(value == 0)
+    zero = zero[argmax.ravel()[zero] >= 0]
+    if zero.size:
+        w = input.shape[3]
+        kk, ch, _, _ = numpy.unravel_index(zero, shape)
+        picked = argmax.ravel()[zero]
+        value.ravel()[zero] = input[b[kk], c0 + ch, picked // w, picked % w]
+    return value, argmax
+
+
+def _stage_float64(values, keys, args, w, shape):
+    """float64 bins of one group of RoIs: ``(value, argmax)`` [k, Cc, PH, PW].
+
+    ``keys`` (None for planes too large for them) find each bin's first maximum up to ties in
+    the low 32 bits of the values; ``values`` (cleaned, [N, H, W, Cc]) give the exact maxima,
+    against which every pick is checked. Bins with a wrong pick are scanned directly.
+    """
+    b, hs, he, ws, we = args
+    cc = shape[1]
+    value = numpy.empty(shape, dtype=numpy.float64)
+    argmax = numpy.full(shape, -1, dtype=numpy.int64)
+    full = (he > hs)[:, :, None] & (we > ws)[:, None, :]  # [k, PH, PW]
+    if keys is None:
+        _pool_direct(values, b, hs, he, ws, we, w, numpy.argwhere(full), value, argmax)
+    else:
+        stage = numpy.empty(shape, dtype=numpy.int64)
+        _pool(keys, b, hs, he, ws, we, stage)
+        _pool(values, b, hs, he, ws, we, value)
+        halves = stage.view(numpy.int32).reshape(shape + (2,))
+        picked = numpy.subtract(_LOW, halves[..., 1 - _HIGH].view(numpy.uint32), dtype=numpy.int64)
+        # Empty bins hold garbage: read pixel 0 there, then discard.
+        good = full[:, None] & (value > -_common.FLT_MAX)
+        picked = numpy.where(good, picked, 0)
+        plane = values.shape[1] * w
+        flat = (b[:, None, None, None] * plane + picked) * cc + numpy.arange(cc)[:, None, None]
+        read = values.reshape(-1).take(flat)
+        numpy.copyto(argmax, picked, where=good)
+        wrong = good & (read != value)
+        numpy.copyto(value, read, where=good)  # the value read keeps the sign of a -0.0
+        if wrong.any():
+            bins = numpy.argwhere(wrong.any(axis=1))
+            _pool_direct(values, b, hs, he, ws, we, w, bins, value, argmax)
+    _clear_empty(hs, he, ws, we, value, argmax)
+    return value, argmax
+
+
+def _clear_empty(hs, he, ws, we, value, argmax) -> None:
+    """Value 0 and argmax -1 in the empty bins of ``value`` and ``argmax`` [k, Cc, PH, PW]."""
+    i, p, q = numpy.nonzero((he <= hs)[:, :, None] | (we <= ws)[:, None, :])
+    if i.size:
+        value[i, :, p, q] = 0
+        argmax[i, :, p, q] = -1
 
 
 def roi_pool_forward(
@@ -141,39 +239,35 @@ def roi_pool_forward(
     n, c, h, w = input.shape
     k = rois.shape[0]
     out = numpy.zeros((k, c, pooled_h, pooled_w), dtype=input.dtype)
-    argmax = numpy.full((k, c, pooled_h, pooled_w), -1, dtype=numpy.int64)
     if out.size == 0 or h == 0 or w == 0:
-        return out, argmax
+        return out, numpy.full(out.shape, -1, dtype=numpy.int64)
     ct = _common.compute_dtype(input.dtype)
     b, valid, hs, he, ws, we = _bins(rois, n, h, w, pooled_h, pooled_w, spatial_scale, ct)
+    argmax = numpy.empty(out.shape, dtype=numpy.int64)
+    argmax[~valid] = -1
     live = numpy.flatnonzero(valid)
-    # Keys carry the position in 32 bits; larger planes and float64 take the direct path.
-    keyed = ct == numpy.float32 and h * w < 2**32
-    cc = _common.channel_chunk(c, n * h * w, 8 if keyed else ct.itemsize)
+    keyed = h * w < _KEYED_PLANE
+    cc = _common.channel_chunk(c, n * h * w, 8 if ct == numpy.float32 else 16)
     for c0 in range(0, c, cc):
         c1 = min(c, c0 + cc)
-        if keyed:
-            data = _keys(input, c0, c1)
-        else:
-            v = _common.channels_last(input, c0, c1, ct).reshape(n, h, w, c1 - c0)
-            data = numpy.where(v > -_common.FLT_MAX, v, ct.type(-_common.FLT_MAX))
+        keys = _keys(input, c0, c1, ct) if keyed else None
+        values = None
+        if ct == numpy.float64 or not keyed:
+            values = _values(input, c0, c1, numpy.dtype(numpy.float64))
         step = max(1, _STAGE_ELEMENTS // ((c1 - c0) * pooled_h * pooled_w))
         for s in range(0, live.size, step):
             sel = live[s : s + step]
+            # A run of consecutive RoIs is stored through a slice, cheaper than an index array.
+            rows = slice(sel[0], sel[-1] + 1) if sel[-1] - sel[0] == sel.size - 1 else sel
             args = (b[sel], hs[sel], he[sel], ws[sel], we[sel])
-            if keyed:
-                stage = numpy.empty((sel.size, pooled_h, pooled_w, c1 - c0), dtype=numpy.int64)
-                _pool_keys(data, *args, stage)
-                value, index = _decode(stage)
-                with numpy.errstate(over="ignore"):  # -FLT_MAX is -inf in float16
-                    out[sel, c0:c1] = value.transpose(0, 3, 1, 2)
-                argmax[sel, c0:c1] = index.transpose(0, 3, 1, 2)
+            shape = (sel.size, c1 - c0, pooled_h, pooled_w)
+            if values is None:
+                value, index = _stage_float32(input, c0, keys, args, shape)
             else:
-                value = numpy.zeros((sel.size, c1 - c0, pooled_h, pooled_w), dtype=ct)
-                index = numpy.full(value.shape, -1, dtype=numpy.int64)
-                _pool_direct(data, *args, w, value, index)
-                out[sel, c0:c1] = value
-                argmax[sel, c0:c1] = index
+                value, index = _stage_float64(values, keys, args, w, shape)
+            with numpy.errstate(over="ignore"):  # -FLT_MAX is -inf in float16
+                out[rows, c0:c1] = value
+            argmax[rows, c0:c1] = index
     return out, argmax
 
 
@@ -200,24 +294,29 @@ def roi_pool_backward(
     """
     n, c, h, w = input_shape
     k = grad_output.shape[0]
-    grad_input = numpy.zeros((n, c, h, w), dtype=grad_output.dtype)
-    if grad_input.size == 0 or k == 0 or grad_output.size == 0:
-        return grad_input
     ct = _common.compute_dtype(grad_output.dtype)
     plane = h * w
-    # One slot past the end takes what must be dropped, so no masked copy is needed.
-    acc = numpy.zeros(n * c * plane + 1, dtype=ct)
+    if n * c * plane == 0 or grad_output.size == 0:
+        return numpy.zeros(input_shape, dtype=grad_output.dtype)
+    # Each plane gets a slot before and after it that takes the indices -1 and >= H * W (after
+    # clipping), and one extra plane takes the invalid RoIs: nothing needs masking.
+    row = plane + 2
+    acc = numpy.zeros((n * c + 1) * row, dtype=ct)
     b, valid = _common.batch_index(rois, n)
-    base = numpy.where(valid[:, None], (b[:, None] * c + numpy.arange(c)) * plane, -1)
-    step = max(1, _STAGE_ELEMENTS // grad_output[0].size)
+    base = numpy.where(valid[:, None], (b[:, None] * c + numpy.arange(c)) * row, n * c * row) + 1
+    per_roi = grad_output[0].size
+    # Small chunks keep the index buffer in cache; add.at sums in order (deterministic).
+    step = max(1, _BACKWARD_CHUNK // per_roi)
+    index = numpy.empty(min(k, step) * per_roi, dtype=numpy.int64)
     for s in range(0, k, step):
         a = argmax[s : s + step]
-        index = a + base[s : s + step, :, None, None]
-        drop = a.view(numpy.uint64) >= plane  # negative indices wrap to huge values
-        if not valid[s : s + step].all():
-            drop |= ~valid[s : s + step, None, None, None]
-        if drop.any():
-            index[drop] = n * c * plane
-        numpy.add.at(acc, index.ravel(), grad_output[s : s + step].astype(ct, copy=False).ravel())
-    grad_input[...] = acc[:-1].reshape(n, c, h, w)
+        ix = index[: a.size].reshape(a.shape)
+        numpy.clip(a, -1, plane, out=ix)
+        ix += base[s : s + step, :, None, None]
+        grad = grad_output[s : s + step].astype(ct, copy=False).ravel()
+        with numpy.errstate(invalid="ignore"):  # +inf and -inf gradients meeting give NaN
+            numpy.add.at(acc, index[: a.size], grad)
+    grad_input = numpy.empty(input_shape, dtype=grad_output.dtype)
+    with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+        grad_input.reshape(n * c, plane)[...] = acc.reshape(n * c + 1, row)[: n * c, 1 : plane + 1]
     return grad_input
