@@ -1,9 +1,10 @@
 // Shared math of the RoI kernels: the one place that says how a RoI, a bin, a bilinear sample and
 // a max-pool window are computed (SEMANTICS.md). roi_align.cu and roi_pool.cu only loop and store.
 //
-// Type names: T is the storage type (__half, float, double), C the compute type (float for
-// __half and float, double for double; boxes and gradient accumulators use C), I the index type
-// (int, or long long when an element count exceeds 2**31 - 1).
+// Type names: T is the storage type (__half, __nv_bfloat16, float, double), C the compute type
+// (float for the first three, double for double; boxes and gradient accumulators use C), I the
+// index type (int, or long long when an element count exceeds 2**31 - 1).
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 // At most this many samples per bin along one axis: an adaptive grid of a gigantic box is capped
@@ -14,6 +15,7 @@
 
 template <typename T> struct roi_compute { typedef T type; };
 template <> struct roi_compute<__half> { typedef float type; };
+template <> struct roi_compute<__nv_bfloat16> { typedef float type; };
 
 // ----------------------------------------------------------------------------- scalar helpers
 // Float and double spelled out, so that no float path is promoted to double by accident.
@@ -38,9 +40,14 @@ __host__ __device__ __forceinline__ C roi_clamp(C v, C lo, C hi)
 }
 
 __device__ __forceinline__ float roi_load(__half v) { return __half2float(v); }
+__device__ __forceinline__ float roi_load(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float roi_load(float v) { return v; }
 __device__ __forceinline__ double roi_load(double v) { return v; }
 __device__ __forceinline__ void roi_store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void roi_store(__nv_bfloat16* p, float v)
+{
+    *p = __float2bfloat16_rn(v);
+}
 __device__ __forceinline__ void roi_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void roi_store(double* p, double v) { *p = v; }
 
@@ -67,7 +74,8 @@ struct roi_bin {
 };
 
 template <typename I>
-__device__ __forceinline__ roi_bin<I> roi_split(I index, I channels, I pooled_h, I pooled_w)
+__host__ __device__ __forceinline__ roi_bin<I> roi_split(
+    I index, I channels, I pooled_h, I pooled_w)
 {
     roi_bin<I> o;
     o.pw = index % pooled_w;
@@ -83,7 +91,7 @@ __device__ __forceinline__ roi_bin<I> roi_split(I index, I channels, I pooled_h,
 // The image a RoI row (batch_index, x1, y1, x2, y2) refers to, or -1 when the row is invalid: a
 // batch index outside [0, batch) after truncation toward zero, or a non-finite value.
 template <typename C, typename I>
-__device__ __forceinline__ I roi_image(const C* roi, I batch)
+__host__ __device__ __forceinline__ I roi_image(const C* roi, I batch)
 {
     const bool finite = isfinite(roi[0]) && isfinite(roi[1]) && isfinite(roi[2]) &&
                         isfinite(roi[3]) && isfinite(roi[4]);
@@ -96,7 +104,7 @@ __device__ __forceinline__ I roi_image(const C* roi, I batch)
 // The image a RoI reads, or -1 when the RoI is invalid (see roi_image) or the feature plane is
 // empty. An invalid RoI yields zeros, zero gradient and argmax -1.
 template <typename C, typename I>
-__device__ __forceinline__ I roi_batch(const C* roi, I batch, I height, I width)
+__host__ __device__ __forceinline__ I roi_batch(const C* roi, I batch, I height, I width)
 {
     return height > 0 && width > 0 ? roi_image(roi, batch) : I(-1);
 }
@@ -112,7 +120,7 @@ struct roi_align_axis {
 
 // start: the scaled box corner; end: the opposite corner; pooled: bins along the axis.
 template <typename C, typename I>
-__device__ __forceinline__ roi_align_axis<C> roi_align_geometry(
+__host__ __device__ __forceinline__ roi_align_axis<C> roi_align_geometry(
     C lo, C hi, C scale, bool aligned, I pooled, int sampling_ratio)
 {
     const C offset = aligned ? C(0.5) : C(0);
@@ -132,13 +140,14 @@ __device__ __forceinline__ roi_align_axis<C> roi_align_geometry(
 
 // Position of sample i (of a.grid) in bin p.
 template <typename C, typename I>
-__device__ __forceinline__ C roi_align_sample(const roi_align_axis<C>& a, I p, int i)
+__host__ __device__ __forceinline__ C roi_align_sample(const roi_align_axis<C>& a, I p, int i)
 {
     return a.start + C(p) * a.bin + (C(i) + C(0.5)) * a.bin / C(a.grid);
 }
 
 template <typename C, typename I>
-__device__ __forceinline__ bool roi_align_inside(const roi_align_axis<C>& a, I p, int i, I extent)
+__host__ __device__ __forceinline__ bool roi_align_inside(
+    const roi_align_axis<C>& a, I p, int i, I extent)
 {
     const C v = roi_align_sample(a, p, i);
     return v >= C(-1) && v <= C(extent);
@@ -149,7 +158,7 @@ __device__ __forceinline__ bool roi_align_inside(const roi_align_axis<C>& a, I p
 // visited, and a box reaching far outside the map costs no more than one inside it. The loops
 // still test every visited sample, so this never changes a result.
 template <typename C, typename I>
-__device__ __forceinline__ void roi_align_window(
+__host__ __device__ __forceinline__ void roi_align_window(
     const roi_align_axis<C>& a, I p, I extent, int& first, int& last)
 {
     const int n = a.grid;
@@ -185,7 +194,7 @@ struct roi_align_bin {
 
 // The bin (ph, pw) of a RoI row (batch_index, x1, y1, x2, y2).
 template <typename C, typename I>
-__device__ __forceinline__ roi_align_bin<C> roi_align_locate(
+__host__ __device__ __forceinline__ roi_align_bin<C> roi_align_locate(
     const C* roi, I ph, I pw, I height, I width, I pooled_h, I pooled_w, C scale, bool aligned,
     int sampling_ratio)
 {
@@ -208,7 +217,7 @@ struct roi_lerp {
 // counts). Inside, a sample in [-1, 0) snaps to pixel 0 and one in (extent - 1, extent] to pixel
 // extent - 1. extent >= 1 (roi_batch rejects empty planes), so lo and hi are valid pixels.
 template <typename C, typename I>
-__device__ __forceinline__ bool roi_lerp_weights(C v, I extent, roi_lerp<C, I>& w)
+__host__ __device__ __forceinline__ bool roi_lerp_weights(C v, I extent, roi_lerp<C, I>& w)
 {
     if (!(v >= C(-1) && v <= C(extent))) return false;
     v = roi_max(v, C(0));
@@ -235,7 +244,8 @@ struct roi_pool_axis {
 };
 
 template <typename C, typename I>
-__device__ __forceinline__ roi_pool_axis<C> roi_pool_geometry(C lo, C hi, C scale, I pooled)
+__host__ __device__ __forceinline__ roi_pool_axis<C> roi_pool_geometry(
+    C lo, C hi, C scale, I pooled)
 {
     roi_pool_axis<C> a;
     a.start = roi_round(lo * scale);
@@ -246,7 +256,7 @@ __device__ __forceinline__ roi_pool_axis<C> roi_pool_geometry(C lo, C hi, C scal
 
 // Pixels [first, last) of bin p, clipped to [0, extent]; adjacent bins may overlap.
 template <typename C, typename I>
-__device__ __forceinline__ void roi_pool_window(
+__host__ __device__ __forceinline__ void roi_pool_window(
     const roi_pool_axis<C>& a, I p, I extent, I& first, I& last)
 {
     const C hi = C(extent);

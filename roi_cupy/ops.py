@@ -26,7 +26,8 @@ def _check_features(array: Any, what: str) -> None:
         raise ValueError(f"{what} must have shape [N, C, H, W], got {tuple(array.shape)}")
     if numpy.dtype(array.dtype).name not in _FEATURE_DTYPES:
         raise TypeError(
-            f"{what} must have a floating dtype (float16, float32 or float64), got {array.dtype}"
+            f"{what} must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {array.dtype}"
         )
 
 
@@ -227,7 +228,7 @@ def roi_align(
     """RoI Align (Mask R-CNN): bilinearly sampled, averaged crops of each box.
 
     Args:
-        input (Tensor[N, C, H, W]): features, float16, float32 or float64.
+        input (Tensor[N, C, H, W]): features, float16, bfloat16, float32 or float64.
         boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): ``(batch_index, x1, y1, x2, y2)`` rows,
             or each image's ``(x1, y1, x2, y2)`` boxes, in input-image coordinates.
         output_size (int or (int, int)): ``PH, PW`` of each crop.
@@ -321,7 +322,7 @@ def roi_pool(
     Box corners are scaled and rounded half away from zero; the end pixel is inclusive.
 
     Args:
-        input (Tensor[N, C, H, W]): features, float16, float32 or float64.
+        input (Tensor[N, C, H, W]): features, float16, bfloat16, float32 or float64.
         boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): as for :func:`roi_align`.
         output_size (int or (int, int)): ``PH, PW`` of each crop.
         spatial_scale (float): multiplies box coordinates to reach feature coordinates.

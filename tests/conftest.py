@@ -18,17 +18,29 @@ import pytest
 import roi_cupy
 
 BACKENDS = ("numpy", "emulator", "cuda")
-DTYPES = (numpy.float16, numpy.float32, numpy.float64)
+BFLOAT16_MISSING = ""
+try:  # NumPy's bfloat16 comes from ml_dtypes (the `test` extra); without it, bfloat16 is not run
+    import ml_dtypes
+
+    BFLOAT16: Any = numpy.dtype(ml_dtypes.bfloat16)
+except ImportError as exc:
+    BFLOAT16 = None
+    BFLOAT16_MISSING = f"ml_dtypes is not importable ({exc})"
+DTYPES = (numpy.float16, numpy.float32, numpy.float64) + ((BFLOAT16,) if BFLOAT16 else ())
+# Two bytes, rounded once from the float32 compute type.
+NARROW = tuple(d for d in (numpy.dtype(numpy.float16), BFLOAT16) if d is not None)
 SAMPLING_RATIOS = (-1, 0, 1, 2, 3)
 SPATIAL_SCALES = (1.0, 0.5, 0.25)
 
 # Max abs error against the float64 reference, relative to the data scale (SEMANTICS.md). The
-# float16 reference is rounded to float16 once before the comparison.
+# float16 (bfloat16) reference is rounded to float16 (bfloat16) once before the comparison.
 TOLERANCE = {
     numpy.dtype(numpy.float64): 1e-12,
     numpy.dtype(numpy.float32): 1e-5,
     numpy.dtype(numpy.float16): 2e-3,
 }
+if BFLOAT16 is not None:
+    TOLERANCE[BFLOAT16] = 1.6e-2  # two units of bfloat16's 8-bit significand, as for float16
 
 _MODULES = {"emulator": "roi_cupy._emulator", "cuda": "roi_cupy._cuda"}
 
@@ -132,9 +144,9 @@ def assert_matches(
     assert actual.shape == shape, f"shape {actual.shape}, expected {shape}"
     assert expected.shape == shape, f"reference shape {expected.shape}, expected {shape}"
     ref = numpy.asarray(expected, dtype=numpy.float64)
-    if dtype == numpy.float16:
+    if dtype in NARROW:
         with numpy.errstate(over="ignore"):
-            ref = ref.astype(numpy.float16).astype(numpy.float64)
+            ref = ref.astype(numpy.float32).astype(dtype).astype(numpy.float64)
     got = actual.astype(numpy.float64)
     finite = numpy.isfinite(ref)
     mismatch = numpy.isfinite(got) != finite

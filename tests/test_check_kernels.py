@@ -2,6 +2,7 @@
 target architecture without a warning, and a broken source is caught. No GPU needed."""
 from __future__ import annotations
 
+import numpy
 import pytest
 
 from roi_cupy._cuda import check, kernels
@@ -43,16 +44,25 @@ def test_no_kernel_spills_or_uses_shared_memory(results):
 
 
 def test_name_expressions_cover_every_kernel_dtype_and_index_width():
-    assert len(set(kernels.NAME_EXPRESSIONS)) == 5 * 3 * 2  # kernels x dtypes x index widths
+    # Four op kernels x four storage dtypes x two index widths, and roi_check for the two
+    # compute dtypes the RoIs come in.
+    assert len(set(kernels.NAME_EXPRESSIONS)) == 4 * 4 * 2 + 2 * 2
     assert "roi_pool_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
+    assert "roi_align_backward<__nv_bfloat16, int>" in kernels.NAME_EXPRESSIONS
     assert "roi_align_forward<float, int>" in kernels.NAME_EXPRESSIONS
     assert "roi_check<double, int>" in kernels.NAME_EXPRESSIONS
+    assert "roi_check<__half, int>" not in kernels.NAME_EXPRESSIONS
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        kernels.name_expression("roi_align_forward", numpy.dtype(numpy.int32), False)
+    with pytest.raises(TypeError):
+        kernels.name_expression("roi_check", numpy.dtype(numpy.float16), False)
 
 
 def test_source_joins_the_files_without_the_local_include():
     text = kernels.source()
     assert '#include "roi_common.cuh"' not in text
     assert text.count("#include <cuda_fp16.h>") == 1
+    assert text.count("#include <cuda_bf16.h>") == 1
     for path in kernels.source_files():
         assert path.read_text(encoding="utf-8").splitlines()[-1] in text
 

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import numpy
 import pytest
-from conftest import Backend, assert_matches, availability, make_rng, random_boxes, random_features
+from conftest import (
+    DTYPES,
+    Backend,
+    assert_matches,
+    availability,
+    make_rng,
+    random_boxes,
+    random_features,
+)
 from reference import roi_align_backward_ref, roi_align_ref, roi_pool_backward_ref, roi_pool_ref
 
 import roi_cupy
 from roi_cupy._cuda import launch
 
-DTYPES = (numpy.float16, numpy.float32, numpy.float64)
 SHAPE = (2, 3, 9, 11)  # N, C, H, W
 
 
@@ -100,7 +107,7 @@ def test_grid_is_capped_and_covers_small_outputs():
     assert launch.grid(2**40)[0] == (launch.MAX_GRID, 1, 1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
 @pytest.mark.parametrize("index64", (False, True), ids=("int32", "int64"))
 def test_both_index_paths_match_the_reference(kernels_on, names, monkeypatch, dtype, index64):
     if index64:
@@ -117,7 +124,7 @@ def test_both_index_paths_match_the_reference(kernels_on, names, monkeypatch, dt
 
 
 # ----------------------------------------------------------------------------- invalid RoIs
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
 def test_invalid_rois_give_zeros_without_validation(kernels_on, dtype):
     rng = make_rng("invalid", dtype)
     x = random_features(rng, SHAPE, dtype)
@@ -236,7 +243,7 @@ def test_non_default_stream(cupy):
     assert_matches(cupy.asnumpy(grad), expected, numpy.float32)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
 def test_non_contiguous_input(cupy, dtype):
     x, rois = _inputs(dtype)
     wide = cupy.full(SHAPE[:3] + (2 * SHAPE[3],), cupy.nan, dtype=dtype)

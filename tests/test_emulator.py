@@ -497,3 +497,4 @@ def test_address_sanitizer_catches_a_read_past_the_end():
     assert "past the end went unnoticed" not in result.stdout
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in result.stderr
     assert "read_all" in result.stderr
+

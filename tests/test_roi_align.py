@@ -7,9 +7,13 @@ import math
 import numpy
 import pytest
 from conftest import (
+    BFLOAT16,
+    BFLOAT16_MISSING,
     DTYPES,
+    NARROW,
     SAMPLING_RATIOS,
     SPATIAL_SCALES,
+    TOLERANCE,
     assert_matches,
     compute_dtype,
     image_major,
@@ -298,27 +302,40 @@ def test_invalid_rois_give_zeros(backend, dtype):
         assert_matches(out, expected, dtype)
 
 
-def test_float16_accumulates_in_float32(backend):
-    """400 samples near 1 averaged into one bin: a float16 running sum (spacing 0.25 above 256)
-    misses by far more than the float16 tolerance; float32 accumulation does not."""
+@pytest.mark.parametrize("dtype", NARROW, ids=lambda d: numpy.dtype(d).name)
+def test_narrow_dtypes_accumulate_in_float32(backend, dtype):
+    """400 samples near 1 averaged into one bin: a running sum in the storage type (float16:
+    spacing 0.25 above 256; bfloat16: spacing 2 above 256) misses by far more than the dtype's
+    tolerance; float32 accumulation does not."""
     rng = make_rng("align half accumulation")
-    x = rng.uniform(0.95, 1.0, size=(1, 2, 20, 20)).astype(numpy.float16)
+    x = rng.uniform(0.95, 1.0, size=(1, 2, 20, 20)).astype(dtype)
     rois = numpy.array([[0, 0, 0, 19, 19]], dtype=numpy.float32)
     expected = roi_align_ref(x, rois, 1, sampling_ratio=20)
 
     y0, x0, bh, bw, gh, gw = roi_align_geometry(rois[0], 1, 1, 1.0, 20, False)
-    half_sum = numpy.zeros(2, dtype=numpy.float16)
+    narrow_sum = numpy.zeros(2, dtype=dtype)
     for y in sample_points(y0, bh, gh, 0):
         for xs in sample_points(x0, bw, gw, 0):
             value = sum(wt * x[0, :, h, w].astype(numpy.float64)
                         for h, w, wt in bilinear_corners(y, xs, 20, 20))
-            half_sum = half_sum + value.astype(numpy.float16)  # float16 + float16 rounds
-    half_mean = (half_sum / numpy.float16(gh * gw)).astype(numpy.float16)
-    half_error = numpy.abs(half_mean.astype(numpy.float64) - expected.ravel()).max()
-    assert half_error > 5 * 2e-3, f"the case does not discriminate (error {half_error})"
+            narrow_sum = (narrow_sum + value.astype(dtype)).astype(dtype)  # rounds every step
+    narrow_mean = (narrow_sum.astype(numpy.float64) / (gh * gw)).astype(dtype)
+    narrow_error = numpy.abs(narrow_mean.astype(numpy.float64) - expected.ravel()).max()
+    bound = TOLERANCE[numpy.dtype(dtype)]
+    assert narrow_error > 5 * bound, f"the case does not discriminate (error {narrow_error})"
 
     out = run(backend, x, rois, 1, sampling_ratio=20)
-    assert_matches(out, expected, numpy.float16)
+    assert_matches(out, expected, dtype)
+
+
+def test_bfloat16_is_covered():
+    """bfloat16 joins every dtype-parametrised test where ml_dtypes provides it to NumPy."""
+    if BFLOAT16 is None:
+        pytest.skip(f"bfloat16 cases are not collected: {BFLOAT16_MISSING}")
+    assert BFLOAT16 in [numpy.dtype(d) for d in DTYPES]
+    x = make_rng("bf16").uniform(-1, 1, (1, 2, 6, 6)).astype(BFLOAT16)
+    out = roi_cupy.roi_align(x, numpy.array([[0, 0, 0, 5, 5]], numpy.float32), 2)
+    assert out.dtype == BFLOAT16
 
 
 # ----------------------------------------------------------------------------- many RoIs

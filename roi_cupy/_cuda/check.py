@@ -196,15 +196,18 @@ def check(
 
 
 def _table(results: Sequence[ArchResult]) -> str:
-    lines = [f"{'kernel':<38} {'arch':<7} {'regs':>4} {'spill st/ld':>12} {'stack':>5} {'smem':>5}"]
     names = sorted({n for r in results for n in r.kernels})
+    width = max([len("kernel")] + [len(n) for n in names])
+    lines = [
+        f"{'kernel':<{width}} {'arch':<7} {'regs':>4} {'spill st/ld':>12} {'stack':>5} {'smem':>5}"
+    ]
     for name in names:
         for r in results:
             if name in r.kernels:
                 s = r.kernels[name]
                 spill = f"{s.spill_stores}/{s.spill_loads}"
                 lines.append(
-                    f"{name:<38} {r.arch:<7} {s.registers:>4} {spill:>12} {s.stack:>5} "
+                    f"{name:<{width}} {r.arch:<7} {s.registers:>4} {spill:>12} {s.stack:>5} "
                     f"{s.shared:>5}"
                 )
     return "\n".join(lines)

@@ -21,14 +21,21 @@ KERNELS = (
     "roi_pool_backward",
     "roi_check",
 )
-# Storage dtype -> the kernel's scalar type T; the compute type is float for float16/float32.
-SCALAR_TYPES = {"float16": "__half", "float32": "float", "float64": "double"}
+# Storage dtype -> the kernel's scalar type T; the compute type is float for all but float64.
+SCALAR_TYPES = {
+    "float16": "__half",
+    "bfloat16": "__nv_bfloat16",
+    "float32": "float",
+    "float64": "double",
+}
 INDEX_TYPES = ("int", "long long")
+# roi_check reads only the RoIs, which are always of a compute dtype (float32 or float64).
+_CHECK_DTYPES = ("float32", "float64")
 
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
-    f"{kernel}<{scalar}, {index}>"
+    f"{kernel}<{SCALAR_TYPES[dtype]}, {index}>"
     for kernel in KERNELS
-    for scalar in SCALAR_TYPES.values()
+    for dtype in (_CHECK_DTYPES if kernel == "roi_check" else SCALAR_TYPES)
     for index in INDEX_TYPES
 )
 
@@ -43,9 +50,9 @@ def name_expression(kernel: str, dtype: Any, index64: bool) -> str:
         TypeError: for a dtype the kernels do not handle.
     """
     name = getattr(dtype, "name", str(dtype))
-    if name not in SCALAR_TYPES:
+    if name not in SCALAR_TYPES or (kernel == "roi_check" and name not in _CHECK_DTYPES):
         raise TypeError(
-            f"the CUDA kernels take float16, float32 or float64 arrays, got {name}"
+            f"the CUDA kernels take float16, bfloat16, float32 or float64 arrays, got {name}"
         )
     return f"{kernel}<{SCALAR_TYPES[name]}, {INDEX_TYPES[index64]}>"
 

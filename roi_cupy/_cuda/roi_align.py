@@ -33,7 +33,7 @@ def forward(
 
     Args:
         rt: the runtime (``xp`` and ``function``).
-        input (ndarray[N, C, H, W]): features, float16, float32 or float64.
+        input (ndarray[N, C, H, W]): features, float16, bfloat16, float32 or float64.
         rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` in the compute dtype.
         pooled_h, pooled_w (int): bins per RoI, >= 1.
         spatial_scale (float): box-to-feature coordinate factor.
@@ -51,7 +51,7 @@ def forward(
     if input.size == 0:  # no pixel to sample: every RoI is invalid
         output[...] = 0
         return output
-    index64 = launch.use_index64(input.size, output.size)
+    index64 = launch.use_index64(input.size, output.size, rois.size)
     i = launch.index_scalar(index64)
     real = launch.compute_dtype(input.dtype).type
     grid, block = launch.grid(output.size)
@@ -80,7 +80,7 @@ def backward(
 
     Args:
         rt: the runtime.
-        grad_output (ndarray[K, C, PH, PW]): float16, float32 or float64.
+        grad_output (ndarray[K, C, PH, PW]): float16, bfloat16, float32 or float64.
         rois (ndarray[K, 5]): as for :func:`forward`.
         input_shape ((int, int, int, int)): ``(N, C, H, W)``.
         spatial_scale, sampling_ratio, aligned: as for :func:`forward`.
@@ -94,7 +94,7 @@ def backward(
     # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
     grad_input = rt.xp.zeros(input_shape, dtype=real)
     if grad_output.size and grad_input.size:
-        index64 = launch.use_index64(grad_input.size, grad_output.size)
+        index64 = launch.use_index64(grad_input.size, grad_output.size, rois.size)
         i = launch.index_scalar(index64)
         grid, block = launch.grid(grad_output.size)
         rt.function(launch.kernel_name("roi_align_backward", grad_output.dtype, index64))(

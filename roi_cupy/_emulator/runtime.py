@@ -2,9 +2,10 @@
 
 The kernel source is compiled unmodified as C++20 by the host compiler (``$CXX``, else ``g++``)
 together with the shim in ``shim/``: ``roi_emulator.h`` (force-included: CUDA's qualifiers,
-built-in variables, atomics and math on the CPU), ``cuda_fp16.h`` (``__half``) and
-``roi_emulator_launch.h`` (the launcher that runs each CUDA thread as a fiber). For every name
-expression the generated translation unit exports one ``extern "C"`` launch function.
+built-in variables, atomics and math on the CPU), ``cuda_fp16.h`` (``__half``), ``cuda_bf16.h``
+(``__nv_bfloat16``) and ``roi_emulator_launch.h`` (the launcher that runs each CUDA thread as a
+fiber). For every name expression the generated translation unit exports one ``extern "C"``
+launch function.
 
 Libraries are cached on disk under ``$ROI_CUPY_EMULATOR_CACHE``, else
 ``$XDG_CACHE_HOME/roi_cupy/emulator``, else ``~/.cache/roi_cupy/emulator``, keyed by a hash of
@@ -345,13 +346,13 @@ class Kernel:
                 argv[i] = ctypes.addressof(pointers) + i * slot
                 kinds[i] = ord("p" if arg.flags.writeable else "r")
                 sizes[i] = slot
-                element_kinds[i] = ord(arg.dtype.kind)
+                element_kinds[i] = ord(_kind(arg.dtype))
                 element_sizes[i] = arg.dtype.itemsize
             elif isinstance(arg, numpy.generic):
                 value = numpy.array(arg)
                 scalars.append(value)
                 argv[i] = value.ctypes.data
-                kinds[i] = ord(value.dtype.kind)
+                kinds[i] = ord(_kind(value.dtype))
                 sizes[i] = value.dtype.itemsize
             else:
                 raise TypeError(
@@ -373,6 +374,11 @@ class Kernel:
         )
         if status != 0:
             raise RuntimeError(f"{self.name}: {error.value.decode(errors='replace')}")
+
+
+def _kind(dtype: numpy.dtype) -> str:
+    """The kind the launcher checks a dtype by: NumPy's, and "z" for bfloat16 (ml_dtypes)."""
+    return "z" if dtype.name == "bfloat16" else dtype.kind
 
 
 class Runtime:

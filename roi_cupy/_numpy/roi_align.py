@@ -344,7 +344,8 @@ def roi_align_forward(
     """RoI Align forward.
 
     Args:
-        input (ndarray[N, C, H, W]): features (float16, float32 or float64), C-contiguous.
+        input (ndarray[N, C, H, W]): features (float16, bfloat16, float32 or float64),
+            C-contiguous.
         rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` rows in the compute dtype
             (float64 for float64 features, float32 otherwise); invalid rows give zeros.
         pooled_h (int): PH.

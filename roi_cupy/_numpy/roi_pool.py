@@ -224,7 +224,8 @@ def roi_pool_forward(
     """RoI Pool forward.
 
     Args:
-        input (ndarray[N, C, H, W]): features (float16, float32 or float64), C-contiguous.
+        input (ndarray[N, C, H, W]): features (float16, bfloat16, float32 or float64),
+            C-contiguous.
         rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` rows in the compute dtype;
             invalid rows give zeros and argmax -1.
         pooled_h (int): PH.

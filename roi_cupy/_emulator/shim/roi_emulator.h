@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <math.h>  // libstdc++'s <math.h> puts the float overloads (floor(float), ...) in ::
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 // ----------------------------------------------------------------------------- qualifiers

@@ -248,9 +248,11 @@ inline int run_grid(void (*invoke)(const void*), const void* kernel, dim3 grid, 
 }
 
 // ----------------------------------------------------------------------------- argument checks
+// NumPy has no kind of its own for bfloat16 (ml_dtypes' dtype has kind 'V'): Python sends 'z'.
 template <class T>
 constexpr char kind_of() {
   if constexpr (std::is_same_v<T, bool>) return 'b';
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return 'z';
   else if constexpr (std::is_floating_point_v<T> || std::is_same_v<T, __half>) return 'f';
   else if constexpr (std::is_integral_v<T> && std::is_signed_v<T>) return 'i';
   else if constexpr (std::is_integral_v<T>) return 'u';
@@ -263,6 +265,7 @@ struct TypeName {
   TypeName(char kind, size_t size) {
     const char* base = kind == 'f' ? "float" : kind == 'i' ? "int" : kind == 'u' ? "uint" : nullptr;
     if (kind == 'b' && size == 1) std::snprintf(text, sizeof text, "bool");
+    else if (kind == 'z' && size == 2) std::snprintf(text, sizeof text, "bfloat16");
     else if (base != nullptr) std::snprintf(text, sizeof text, "%s%zu", base, 8 * size);
     else std::snprintf(text, sizeof text, "an unknown %zu-byte type", size);
   }
