@@ -418,7 +418,7 @@ def test_real_kernels_build_and_check_arguments():
     from roi_cupy._cuda import kernels
 
     runtime = emulator.runtime()
-    assert runtime.xp is numpy
+    assert runtime.xp.zeros is numpy.zeros and runtime.xp.float32 is numpy.float32
     for name in kernels.NAME_EXPRESSIONS:
         runtime.function(name)
     with pytest.raises(RuntimeError, match=r"^roi_align_forward<float, int>: the kernel takes"):
@@ -498,3 +498,13 @@ def test_address_sanitizer_catches_a_read_past_the_end():
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in result.stderr
     assert "read_all" in result.stderr
 
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int64", "int32"])
+def test_runtime_allocates_poisoned_memory(dtype):
+    """What a kernel leaves unwritten shows: NaN in floating arrays, 0x5A bytes elsewhere."""
+    array = rt.Runtime.xp.empty((3, 4), dtype=dtype)
+    assert isinstance(array, numpy.ndarray) and array.shape == (3, 4) and array.dtype == dtype
+    if numpy.dtype(dtype).kind == "f":
+        assert numpy.isnan(array).all()
+    else:
+        assert (array.view(numpy.uint8) == 0x5A).all()

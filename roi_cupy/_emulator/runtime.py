@@ -381,14 +381,37 @@ def _kind(dtype: numpy.dtype) -> str:
     return "z" if dtype.name == "bfloat16" else dtype.kind
 
 
+class PoisonedNumpy:
+    """NumPy, except that ``empty`` returns poisoned memory: NaN in floating arrays, and a byte
+    pattern (0x5A5A... in every integer) elsewhere.
+
+    GPU memory from an allocator holds whatever was there before, and freshly mapped host memory
+    happens to be zeros, which is just what an output left unwritten by a kernel would often be
+    expected to hold. Poison makes every element a kernel fails to write show in the results.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(numpy, name)
+
+    @staticmethod
+    def empty(shape: Any, dtype: Any = float, order: str = "C") -> numpy.ndarray:
+        array = numpy.empty(shape, dtype=dtype, order=order)
+        if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+            array.fill(numpy.nan)
+        else:
+            array.view(numpy.uint8).fill(0x5A)
+        return array
+
+
 class Runtime:
     """The kernel runtime of the emulator: NumPy arrays, kernels run on the CPU.
 
     Attributes:
-        xp (module): ``numpy``, which allocates the arrays kernels write.
+        xp (PoisonedNumpy): ``numpy`` with a poisoning ``empty``: it allocates the arrays the
+            kernels write.
     """
 
-    xp = numpy
+    xp = PoisonedNumpy()
 
     def __init__(self, library: Library):
         self.library = library
