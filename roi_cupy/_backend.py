@@ -4,7 +4,8 @@ A backend is a module that provides five functions. ``roi_cupy.ops`` validates a
 everything before calling them, so a backend may rely on the following:
 
 - ``input`` / ``grad_output`` are C-contiguous arrays of the backend's array library, dtype
-  float16, float32 or float64 (bfloat16 where the library has it).
+  float16, float32 or float64 (bfloat16 where the library has it); a backend whose module sets
+  ``STRIDED = True`` gets them with any strides instead (and ``argmax`` of any integer dtype).
 - ``rois`` is a C-contiguous ``[K, 5]`` array ``(batch_index, x1, y1, x2, y2)`` of the *compute*
   dtype: float64 for float64 features, float32 otherwise.  ``validate=False`` lets invalid rows
   through (a batch index outside ``[0, N)`` or a non-finite value anywhere in the row): a backend
@@ -22,8 +23,8 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
         -> output [K, C, PH, PW]
     roi_align_backward(grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned)
         -> grad_input [N, C, H, W]
-    roi_pool_forward(input, rois, pooled_h, pooled_w, spatial_scale)
-        -> (output [K, C, PH, PW], argmax int64 [K, C, PH, PW])
+    roi_pool_forward(input, rois, pooled_h, pooled_w, spatial_scale, indices=True)
+        -> (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]; may be None when not indices)
     roi_pool_backward(grad_output, rois, argmax, input_shape)
         -> grad_input [N, C, H, W]
     first_invalid_roi(rois, batch)

@@ -203,7 +203,11 @@ class _Call:
         self.xp = _interop.array_module(self.array)
         self.backend = _backend.backend_for(self.xp)
 
-    def contiguous(self) -> Any:
+    def native(self) -> Any:
+        """The array as the backend takes it: C-contiguous, unless the backend reads any
+        strides (``STRIDED``), so that no copy of a large strided input is made."""
+        if getattr(self.backend, "STRIDED", False):
+            return self.array
         with _device_scope(self.array):
             return self.xp.ascontiguousarray(self.array)
 
@@ -255,7 +259,7 @@ def roi_align(
         if validate:
             _validate_rois(call.backend, rois, call.array.shape[0])
         out = call.backend.roi_align_forward(
-            call.contiguous(), rois, pooled_h, pooled_w, scale, ratio, bool(aligned)
+            call.native(), rois, pooled_h, pooled_w, scale, ratio, bool(aligned)
         )
     return call.give_back(out)
 
@@ -302,7 +306,7 @@ def roi_align_backward(
         if validate:
             _validate_rois(call.backend, rois, shape[0])
         grad_input = call.backend.roi_align_backward(
-            call.contiguous(), rois, shape, scale, ratio, bool(aligned)
+            call.native(), rois, shape, scale, ratio, bool(aligned)
         )
     return call.give_back(grad_input)
 
@@ -344,7 +348,7 @@ def roi_pool(
         if validate:
             _validate_rois(call.backend, rois, call.array.shape[0])
         out, argmax = call.backend.roi_pool_forward(
-            call.contiguous(), rois, pooled_h, pooled_w, scale
+            call.native(), rois, pooled_h, pooled_w, scale, indices=bool(return_indices)
         )
     if return_indices:
         return call.give_back(out), call.give_back(argmax)
@@ -385,15 +389,18 @@ def roi_pool_backward(
             f"got {tuple(argmax.shape)}"
         )
     with call.scope():
-        argmax = call.xp.ascontiguousarray(argmax, dtype=numpy.int64)
+        if not getattr(call.backend, "STRIDED", False):
+            argmax = call.xp.ascontiguousarray(argmax, dtype=numpy.int64)
         if validate:
             _validate_rois(call.backend, rois, shape[0])
             plane = shape[2] * shape[3]
-            if argmax.size and bool(((argmax < -1) | (argmax >= plane)).any()):
-                low, high = int(argmax.min()), int(argmax.max())
+            low, high = 0, 0
+            if argmax.size:  # two reductions, no temporary of the indices' size, one read-back
+                low, high = call.xp.stack((argmax.min(), argmax.max())).tolist()
+            if low < -1 or high >= plane:
                 raise ValueError(
                     f"indices must lie in [-1, {plane}) for an H x W = {shape[2]} x {shape[3]} "
                     f"plane, got values in [{low}, {high}]"
                 )
-        grad_input = call.backend.roi_pool_backward(call.contiguous(), rois, argmax, shape)
+        grad_input = call.backend.roi_pool_backward(call.native(), rois, argmax, shape)
     return call.give_back(grad_input)

@@ -51,9 +51,12 @@ def roi_align_backward(
 
 
 def roi_pool_forward(
-    input: Any, rois: Any, pooled_h: int, pooled_w: int, spatial_scale: float
+    input: Any, rois: Any, pooled_h: int, pooled_w: int, spatial_scale: float, indices: bool = True
 ) -> tuple[Any, Any]:
-    """RoI Pool: ``input`` [N, C, H, W], ``rois`` [K, 5] -> (output, argmax) [K, C, PH, PW]."""
+    """RoI Pool: ``input`` [N, C, H, W], ``rois`` [K, 5] -> (output, argmax) [K, C, PH, PW].
+
+    The kernel writes the argmax whether or not ``indices`` asks for it.
+    """
     return roi_pool.forward(_runtime(input), input, rois, pooled_h, pooled_w, spatial_scale)
 
 

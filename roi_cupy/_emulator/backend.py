@@ -43,11 +43,13 @@ def roi_pool_forward(
     pooled_h: int,
     pooled_w: int,
     spatial_scale: float,
+    indices: bool = True,
 ) -> tuple[numpy.ndarray, numpy.ndarray]:
     """RoI Pool of ``input [N, C, H, W]`` over ``rois [K, 5]``.
 
     Returns:
-        (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]).
+        (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]): the kernel writes the argmax
+        whether or not ``indices`` asks for it.
     """
     return roi_pool.forward(emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale)
 

@@ -3,7 +3,12 @@ from roi_cupy._numpy.roi_align import roi_align_backward, roi_align_forward
 from roi_cupy._numpy.roi_check import first_invalid_roi
 from roi_cupy._numpy.roi_pool import roi_pool_backward, roi_pool_forward
 
+# The functions read features, gradients and indices of any strides (and indices of any integer
+# dtype) chunk by chunk, so the caller passes them as they are: no full-size copy is made.
+STRIDED = True
+
 __all__ = [
+    "STRIDED",
     "first_invalid_roi",
     "roi_align_backward",
     "roi_align_forward",

@@ -27,6 +27,8 @@ from roi_cupy._numpy import _common
 
 # Most RoIs in one group.
 _GROUP = 4096
+# Most samples expanded at once along one axis (each holds a few dozen bytes of temporaries).
+_TAPS = 1 << 18
 # Most samples per bin and axis, as in the kernels (ROI_MAX_GRID): a gigantic box stays finite work.
 _MAX_GRID = float(1 << 20)
 
@@ -107,11 +109,35 @@ class _Axis:
     def weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """Compressed weight matrices of the RoIs ``rois`` (indices into the block).
 
+        The samples are expanded for a run of RoIs at a time (at most ``_TAPS`` of them, or one
+        RoI), so that a large ``sampling_ratio`` costs memory per RoI, not per block.
+
         Returns:
             (ndarray[G, P, R], ndarray[G, R] int64, ndarray[G] int64): ``A`` with
             ``A[g, p, r]`` the weight of pixel ``pixels[g, r]`` in bin ``p``, the pixel indices
             (0 where padded, with zero weight), and how many of the R columns each RoI uses.
         """
+        total = numpy.cumsum(self.n[rois].sum(axis=1))
+        if rois.size == 0 or total[-1] <= _TAPS:
+            return self._weights(rois)
+        parts, i = [], 0
+        while i < rois.size:
+            done = int(total[i - 1]) if i else 0
+            j = max(i + 1, int(numpy.searchsorted(total, done + _TAPS, side="right")))
+            parts.append(self._weights(rois[i:j]))
+            i = j
+        width = max(a.shape[2] for a, _, _ in parts)
+        # Padding columns weigh 0 and point at pixel 0, as within one run.
+        a = numpy.concatenate(
+            [numpy.pad(a, ((0, 0), (0, 0), (0, width - a.shape[2]))) for a, _, _ in parts]
+        )
+        pixels = numpy.concatenate(
+            [numpy.pad(p, ((0, 0), (0, width - p.shape[1]))) for _, p, _ in parts]
+        )
+        return a, pixels, numpy.concatenate([u for _, _, u in parts])
+
+    def _weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+        """:meth:`weights` for a run of RoIs expanded at once."""
         ct, size = self.ct, self.size
         kg, pooled = rois.size, self.n.shape[1]
         kp, low, high, frac = self.taps(rois)

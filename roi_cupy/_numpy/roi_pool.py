@@ -220,7 +220,8 @@ def roi_pool_forward(
     pooled_h: int,
     pooled_w: int,
     spatial_scale: float,
-) -> tuple[numpy.ndarray, numpy.ndarray]:
+    indices: bool = True,
+) -> tuple[numpy.ndarray, numpy.ndarray | None]:
     """RoI Pool forward.
 
     Args:
@@ -231,21 +232,25 @@ def roi_pool_forward(
         pooled_h (int): PH.
         pooled_w (int): PW.
         spatial_scale (float): box-to-feature coordinate scale.
+        indices (bool): whether the argmax is wanted; without it none is kept beyond a chunk.
+            Default: True.
 
     Returns:
-        (ndarray[K, C, PH, PW], ndarray[K, C, PH, PW] int64): the maxima in the input's dtype and
-        their flat indices ``h * W + w`` in the H x W plane (-1 for an empty bin, or where no
-        value exceeded ``-FLT_MAX``).
+        (ndarray[K, C, PH, PW], ndarray[K, C, PH, PW] int64 or None): the maxima in the input's
+        dtype and their flat indices ``h * W + w`` in the H x W plane (-1 for an empty bin, or
+        where no value exceeded ``-FLT_MAX``); None for the indices when not wanted.
     """
     n, c, h, w = input.shape
     k = rois.shape[0]
     out = numpy.zeros((k, c, pooled_h, pooled_w), dtype=input.dtype)
     if out.size == 0 or h == 0 or w == 0:
-        return out, numpy.full(out.shape, -1, dtype=numpy.int64)
+        return out, numpy.full(out.shape, -1, dtype=numpy.int64) if indices else None
     ct = _common.compute_dtype(input.dtype)
     b, valid, hs, he, ws, we = _bins(rois, n, h, w, pooled_h, pooled_w, spatial_scale, ct)
-    argmax = numpy.empty(out.shape, dtype=numpy.int64)
-    argmax[~valid] = -1
+    argmax = None
+    if indices:
+        argmax = numpy.empty(out.shape, dtype=numpy.int64)
+        argmax[~valid] = -1
     live = numpy.flatnonzero(valid)
     keyed = h * w < _KEYED_PLANE
     cc = _common.channel_chunk(c, n * h * w, 8 if ct == numpy.float32 else 16)
@@ -268,7 +273,8 @@ def roi_pool_forward(
                 value, index = _stage_float64(values, keys, args, w, shape)
             with numpy.errstate(over="ignore"):  # -FLT_MAX is -inf in float16
                 out[rows, c0:c1] = value
-            argmax[rows, c0:c1] = index
+            if argmax is not None:
+                argmax[rows, c0:c1] = index
     return out, argmax
 
 

@@ -1,0 +1,77 @@
+"""The NumPy backend's working memory does not grow with the number of RoIs (issue: at most
+256 MiB beyond inputs and outputs, whatever K is): measured with tracemalloc, which NumPy reports
+its allocations to."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy
+import pytest
+from conftest import make_rng
+
+import roi_cupy
+
+MIB = 1 << 20
+
+
+def boxes(rng: numpy.random.Generator, k: int, size: int) -> numpy.ndarray:
+    lo = rng.uniform(0, 0.7 * size, (k, 2))
+    hi = lo + rng.uniform(2, 0.3 * size, (k, 2))
+    return numpy.concatenate([rng.integers(0, 2, (k, 1)), lo, hi], axis=1).astype(numpy.float32)
+
+
+def extra_memory(call, *outputs_of) -> float:
+    """Peak bytes a call allocates beyond what it returns, in MiB."""
+    tracemalloc.start()
+    try:
+        result = call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    results = result if isinstance(result, tuple) else (result,)
+    return (peak - sum(r.nbytes for r in results)) / MIB
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0, 96], ids=str)
+def test_align_memory_does_not_grow_with_k(sampling_ratio):
+    rng = make_rng("memory align", sampling_ratio)
+    x = rng.uniform(-1, 1, (2, 16, 48, 48)).astype(numpy.float32)
+    few, many = boxes(rng, 300, 48), boxes(rng, 4800, 48)
+    kw = dict(output_size=7, sampling_ratio=sampling_ratio)
+    small = extra_memory(lambda: roi_cupy.roi_align(x, few, **kw))
+    large = extra_memory(lambda: roi_cupy.roi_align(x, many, **kw))
+    assert large <= 1.5 * small + 4, (small, large)
+    g = rng.uniform(-1, 1, (many.shape[0], 16, 7, 7)).astype(numpy.float32)
+    grad = extra_memory(lambda: roi_cupy.roi_align_backward(g, many, x.shape, **kw))
+    assert grad <= 1.5 * small + 4, (small, grad)
+
+
+def test_pool_keeps_no_indices_unless_asked_and_reads_them_in_place():
+    rng = make_rng("memory pool")
+    x = rng.uniform(-1, 1, (2, 16, 48, 48)).astype(numpy.float32)
+    few, rois = boxes(rng, 300, 48), boxes(rng, 4800, 48)
+    index_mib = rois.shape[0] * 16 * 49 * 8 / MIB  # 29 MiB of int64 indices
+    small = extra_memory(lambda: roi_cupy.roi_pool(x, few, 7))
+    large = extra_memory(lambda: roi_cupy.roi_pool(x, rois, 7))
+    assert large <= 1.5 * small + 4 and large < index_mib / 2, (small, large)
+    _, indices = roi_cupy.roi_pool(x, rois, 7, return_indices=True)
+    g = rng.uniform(-1, 1, indices.shape).astype(numpy.float32)
+    # Validation and int32 indices need no full-size copy or mask of the indices.
+    narrow = indices.astype(numpy.int32)
+    used = extra_memory(lambda: roi_cupy.roi_pool_backward(g, rois, narrow, x.shape))
+    assert used < index_mib / 4, used
+
+
+def test_strided_gradients_are_not_copied_whole():
+    rng = make_rng("memory strided")
+    rois = boxes(rng, 4800, 48)
+    wide = rng.uniform(-1, 1, (4800, 16, 7, 14)).astype(numpy.float32)
+    g = wide[..., ::2]  # 14 MiB as a view: a contiguous copy would be counted here
+    assert not g.flags.c_contiguous
+    shape = (2, 16, 48, 48)
+    used = extra_memory(lambda: roi_cupy.roi_align_backward(g, rois, shape, 7, sampling_ratio=2))
+    assert used < g.nbytes / MIB / 2, used
+    numpy.testing.assert_array_equal(
+        roi_cupy.roi_align_backward(g, rois, shape, 7, sampling_ratio=2),
+        roi_cupy.roi_align_backward(numpy.ascontiguousarray(g), rois, shape, 7, sampling_ratio=2),
+    )
