@@ -9,10 +9,10 @@ from roi_cupy import _interop
 class ModuleNative:
     """A callable layer that works on whatever array kind it is given.
 
-    Calling it unwraps every array argument (``Tensor``, NumPy, CuPy or DLPack) to the native
-    array of its device, runs :meth:`build` once with those arrays, dispatches to
+    Calling it unwraps every array argument, positional or keyword (``Tensor``, NumPy, CuPy or
+    DLPack), to the native array of its device, runs :meth:`build` once with those arrays, dispatches to
     :meth:`_call_numpy` (host arrays) or :meth:`_call_cupy` (CUDA arrays), and gives results back
-    in the kind of the first array argument: Tensor in, Tensor out; NumPy in, NumPy out; a torch
+    in the kind of the first array argument (positional ones first): Tensor in, Tensor out; NumPy in, NumPy out; a torch
     tensor in, a torch tensor out (through DLPack). Non-array arguments pass through unchanged.
     Results may be a single array or a tuple of arrays.
 
@@ -26,20 +26,24 @@ class ModuleNative:
         """Called once, before the first call, with the native arguments."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        natives, kind, device, first = [], None, None, None
-        for i, arg in enumerate(args):
-            if _is_array_like(arg):
-                array, arg_kind = _interop.unwrap(arg, f"argument {i}")
-                if device is None:
-                    kind, device, first = arg_kind, _interop.device_of(array), i
-                elif _interop.device_of(array) != device:
-                    raise ValueError(
-                        f"argument {i} is on {_interop.device_of(array)} but argument {first} "
-                        f"is on {device}; move both to the same device"
-                    )
-                natives.append(array)
-            else:
-                natives.append(arg)
+        kind, device, first = None, None, None
+
+        def native(arg: Any, what: str) -> Any:
+            nonlocal kind, device, first
+            if not _is_array_like(arg):
+                return arg
+            array, arg_kind = _interop.unwrap(arg, what)
+            if device is None:
+                kind, device, first = arg_kind, _interop.device_of(array), what
+            elif _interop.device_of(array) != device:
+                raise ValueError(
+                    f"{what} is on {_interop.device_of(array)} but {first} is on {device}; "
+                    "move both to the same device"
+                )
+            return array
+
+        natives = [native(arg, f"argument {i}") for i, arg in enumerate(args)]
+        kwargs = {name: native(arg, f"argument {name!r}") for name, arg in kwargs.items()}
         if device is None:
             raise TypeError(f"{type(self).__name__} needs at least one array argument")
         if not getattr(self, "_built", False):

@@ -111,6 +111,11 @@ def convert_boxes_to_roi_format(boxes: BoxesLike) -> Any:
     array, kind = _interop.unwrap(boxes, "boxes")
     if array.ndim != 3 or array.shape[2] != 4:
         raise ValueError(f"boxes must have shape [B, K, 4], got {tuple(array.shape)}")
+    _check_box_dtype(array, "boxes")
+    if array.shape[0] == 0:  # no image: no RoI
+        xp = _interop.array_module(array)
+        with _device_scope(array):
+            return _interop.wrap(xp.empty((0, 5), dtype=array.dtype), kind)
     return _interop.wrap(_concat_per_image(list(array)), kind)
 
 

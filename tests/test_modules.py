@@ -75,3 +75,23 @@ def test_layer_call_shapes_are_checked():
         RoiPool(2)(x, numpy.ones((3, 1, 4), dtype=numpy.float32))
     with pytest.raises(ValueError, match=r"features must have shape \[N, C, H, W\]"):
         RoiAlign(2)(x[0], numpy.ones((2, 1, 4), dtype=numpy.float32))
+
+
+@pytest.mark.parametrize("layer", [RoiPool, RoiAlign], ids=lambda c: c.__name__)
+def test_keyword_arguments_are_unwrapped_too(layer):
+    rng = numpy.random.default_rng(5)
+    features = Tensor(data=rng.uniform(-1, 1, (2, 3, 10, 10)).astype(numpy.float32))
+    rois = Tensor(data=numpy.array([[[0, 0, 6, 6]], [[2, 1, 9, 8]]], dtype=numpy.float32))
+    expected = layer(3)(features, rois).numpy()
+    for result in (layer(3)(features=features, rois=rois), layer(3)(features, rois=rois)):
+        assert isinstance(result, Tensor)
+        numpy.testing.assert_array_equal(result.numpy(), expected)
+
+
+@pytest.mark.parametrize("layer", [RoiPool, RoiAlign], ids=lambda c: c.__name__)
+def test_empty_batch(layer):
+    features = numpy.ones((0, 3, 8, 8), dtype=numpy.float32)
+    result = layer((2, 3))(features, numpy.ones((0, 4, 4), dtype=numpy.float32))
+    assert result.shape == (0, 4, 3, 2, 3) and result.dtype == numpy.float32
+    rois = roi_cupy.convert_boxes_to_roi_format(numpy.ones((0, 4, 4), dtype=numpy.float64))
+    assert rois.shape == (0, 5) and rois.dtype == numpy.float64
