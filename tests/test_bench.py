@@ -10,6 +10,7 @@ import types
 import numpy
 import pytest
 
+import roi_cupy
 from roi_cupy import _bench as bench
 from roi_cupy._bench import backends, check, main, record, report, runner, timing, workloads
 from roi_cupy._bench.workloads import WORKLOADS, Workload, floor_bytes
@@ -276,6 +277,24 @@ def _record(rows, variant="quick"):
         skipped=[{"backend": "torchvision-cuda", "reason": "torch has no CUDA device",
                   "workloads": "all"}],
     )
+
+
+def test_pool_reference_keeps_the_bins_of_the_compute_dtype():
+    """A box 29 pixels wide in 7 bins: the last bin ends at ceil(7 * (29 / 7)), 36 in float32
+    but 37 in float64; the float32 backends and torchvision draw the float32 bin, and so must
+    the reference."""
+    w = dataclasses.replace(WORKLOADS["cpu-pool"], batch=1, channels=1, height=8, width=40)
+    features = numpy.zeros((1, 1, 8, 40), dtype=numpy.float32)
+    features[0, 0, 0, 36] = 5.0  # only the float64 bin (0, 6) reaches column 36
+    features[0, 0, 0, 35] = 1.0
+    rois = numpy.array([[0, 7, 0, 35, 7]], dtype=numpy.float32)
+    grad = numpy.ones((1, 1, 7, 7), dtype=numpy.float32)
+    assert numpy.ceil(7 * numpy.float32(29 / 7)) != numpy.ceil(7 * (29 / 7))
+    want = check.reference(w, workloads.Inputs(features, rois, grad), "fwd+bwd")
+    got = roi_cupy.roi_pool(features, rois, 7, return_indices=True)
+    assert want["output"][0, 0, 0, 6] == 1.0
+    assert check.compare({"output": got[0], "grad_input": roi_cupy.roi_pool_backward(
+        grad, rois, got[1], features.shape)}, want, "float32").ok
 
 
 def test_json_round_trip(tmp_path):

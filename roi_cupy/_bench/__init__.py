@@ -14,7 +14,7 @@ from pathlib import Path
 from roi_cupy._bench import backends as _backends
 from roi_cupy._bench import report, runner, workloads
 
-_REPEAT_FULL, _REPEAT_QUICK = 25, 5
+_REPEAT_FULL, _REPEAT_QUICK = 25, 20  # medians and quartiles of at least 20 calls
 _WARMUP_FULL, _WARMUP_QUICK = 3, 1
 
 
