@@ -93,6 +93,22 @@ def _check_all_four(got, grads, x, rois):
     assert_matches(pool_grad, roi_pool_backward_ref(g_pool, rois, argmax, x.shape), x.dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_kernels_agree_with_the_numpy_backend(kernels_on, dtype):
+    """Each kernel backend against the NumPy backend directly (both also meet the float64
+    reference elsewhere): random boxes of every shape, both ops, forward and backward."""
+    rng = make_rng("kernels vs numpy", numpy.dtype(dtype).name)
+    x = random_features(rng, SHAPE, dtype)
+    rois = random_boxes(rng, SHAPE[0], 14, SHAPE[2], SHAPE[3], 0.5)
+    got, _ = _all_four(kernels_on, x, rois)
+    expected, _ = _all_four(Backend("numpy"), x, rois)
+    for name, a, b in zip(("align", "align_grad", "pool", "argmax", "pool_grad"), got, expected):
+        if name == "argmax":
+            numpy.testing.assert_array_equal(a, b)
+        else:
+            assert_matches(a, b.astype(numpy.float64), dtype)
+
+
 # ----------------------------------------------------------------------------- index width
 def test_index_width_switches_above_the_int32_limit():
     assert not launch.use_index64(0, 2**31 - 1)
