@@ -2,21 +2,25 @@
 // costs a single small kernel and one synchronisation. See roi_common.cuh for T, C and I.
 #include "roi_common.cuh"
 
-// *first_invalid = min(*first_invalid, k) for every RoI k whose row holds a non-finite value or
-// whose batch index is not an integer in [0, batch). The caller initialises *first_invalid to
-// count, so count afterwards means every RoI is valid.
+// *first_invalid = min(*first_invalid, k) for every RoI k whose row holds a value of magnitude
+// above limit (NaN and infinities included) or whose batch index is not an integer in
+// [0, batch). limit is the largest finite value of the compute dtype the RoIs will be converted
+// to, so that float64 boxes for float32 features are checked before they are narrowed. The
+// caller initialises *first_invalid to count, so count afterwards means every RoI is valid.
 //
-// Parameters: const C* rois [K, 5], I count (= K), I batch (= N), I* first_invalid.
+// Parameters: const C* rois [K, 5], I count (= K), I batch (= N), C limit, I* first_invalid.
 template <typename T, typename I>
 __global__ void roi_check(
     const typename roi_compute<T>::type* __restrict__ rois, I count, I batch,
-    I* __restrict__ first_invalid)
+    typename roi_compute<T>::type limit, I* __restrict__ first_invalid)
 {
     typedef typename roi_compute<T>::type C;
     for (I k = roi_first<I>(); k < count; k = roi_next(k, count)) {
         const C* roi = rois + k * 5;
         const C b = roi[0];
         // roi_image accepts what truncates into range; validation wants an exact integer.
-        if (b != roi_trunc(b) || roi_image(roi, batch) < 0) atomicMin(first_invalid, k);
+        bool bad = b != roi_trunc(b) || roi_image(roi, batch) < 0;
+        for (int i = 0; i < 5; ++i) bad = bad || !(roi_abs(roi[i]) <= limit);
+        if (bad) atomicMin(first_invalid, k);
     }
 }

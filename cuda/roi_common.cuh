@@ -27,6 +27,8 @@ __host__ __device__ __forceinline__ float roi_round(float v) { return roundf(v);
 __host__ __device__ __forceinline__ double roi_round(double v) { return round(v); }
 __host__ __device__ __forceinline__ float roi_trunc(float v) { return truncf(v); }
 __host__ __device__ __forceinline__ double roi_trunc(double v) { return trunc(v); }
+__host__ __device__ __forceinline__ float roi_abs(float v) { return fabsf(v); }
+__host__ __device__ __forceinline__ double roi_abs(double v) { return fabs(v); }
 __host__ __device__ __forceinline__ float roi_min(float a, float b) { return fminf(a, b); }
 __host__ __device__ __forceinline__ double roi_min(double a, double b) { return fmin(a, b); }
 __host__ __device__ __forceinline__ float roi_max(float a, float b) { return fmaxf(a, b); }

@@ -27,9 +27,11 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
         -> (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]; may be None when not indices)
     roi_pool_backward(grad_output, rois, argmax, input_shape)
         -> grad_input [N, C, H, W]
-    first_invalid_roi(rois, batch)
-        -> int: the first row with a non-finite value or a batch index that is not an integer
-           in [0, batch), or -1 (what ``validate=True`` checks; one synchronisation on a GPU)
+    first_invalid_roi(rois, batch, limit=inf)
+        -> int: the first row with a value of magnitude above ``limit`` (NaN and infinities
+           included) or a batch index that is not an integer in [0, batch), or -1 (what
+           ``validate=True`` checks; one synchronisation on a GPU). ``rois`` is float32 or
+           float64, possibly wider than the compute dtype, whose range ``limit`` then is.
 
 The exact numbers are those of SEMANTICS.md. NumPy inputs go to the backend chosen with
 :func:`use_backend` ("numpy" by default); CuPy inputs always go to the CUDA backend.

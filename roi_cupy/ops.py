@@ -137,9 +137,13 @@ def _concat_per_image(per_image: list[Any]) -> Any:
             raise TypeError(f"boxes[{i}] has dtype {b.dtype} but boxes[0] has {dtype}")
     with _device_scope(first):
         counts = [b.shape[0] for b in per_image]
-        index = numpy.repeat(numpy.arange(len(per_image)), counts).astype(dtype)
         rois = xp.empty((sum(counts), 5), dtype=dtype)
-        rois[:, 0] = xp.asarray(index)
+        # One fill per image, on the device: no host-to-device copy (CUDA graph capture allows
+        # none from pageable memory).
+        start = 0
+        for i, count in enumerate(counts):
+            rois[start : start + count, 0] = i
+            start += count
         if counts and sum(counts):
             rois[:, 1:] = xp.concatenate(per_image, axis=0)
         return rois
@@ -154,7 +158,7 @@ def _device_scope(array: Any) -> Any:
     return contextlib.nullcontext()
 
 
-def _rois(boxes: BoxesLike, n: int, device: str, compute: numpy.dtype) -> Any:
+def _rois(boxes: BoxesLike, n: int, device: str, compute: numpy.dtype) -> _Rois:
     """Normalise ``boxes`` (an array [K, 5] or a list of N arrays [L_i, 4]) to a contiguous
     ``[K, 5]`` array of the compute dtype on ``device``."""
     if isinstance(boxes, (list, tuple)):
@@ -164,7 +168,8 @@ def _rois(boxes: BoxesLike, n: int, device: str, compute: numpy.dtype) -> Any:
             )
         if n == 0:
             xp = numpy if device == "cpu" else _interop.cupy_or_none()
-            return xp.empty((0, 5), dtype=compute)
+            empty = xp.empty((0, 5), dtype=compute)
+            return _Rois(empty, empty)
         per_image = [
             _interop.unwrap_like(b, f"boxes[{i}]", device, "input") for i, b in enumerate(boxes)
         ]
@@ -179,24 +184,48 @@ def _rois(boxes: BoxesLike, n: int, device: str, compute: numpy.dtype) -> Any:
             )
     xp = _interop.array_module(rois)
     with _device_scope(rois):
-        return xp.ascontiguousarray(rois, dtype=compute)
+        with numpy.errstate(over="ignore"):  # beyond float32's range: inf, an invalid RoI
+            return _Rois(xp.ascontiguousarray(rois, dtype=compute), rois)
 
 
-def _validate_rois(backend: Any, rois: Any, n: int) -> None:
-    """Reject non-finite coordinates and batch indices that are not integers in ``[0, n)``.
+class _Rois:
+    """The ``[K, 5]`` RoIs of a call in the compute dtype (``array``), and the boxes as given.
 
-    The backend finds the first bad row (on a GPU: one small kernel and one synchronisation);
-    the row is read back only to word the error.
+    ``check()`` validates the boxes at their own precision where it is wider than the compute
+    dtype (float64 boxes for float32 features), so that a fractional batch index or a value
+    beyond float32's range is caught before narrowing hides it.
     """
-    row = backend.first_invalid_roi(rois, n)
-    if row < 0:
-        return
-    values = [float(v) for v in rois[row].tolist()]
-    if not all(numpy.isfinite(values)):
-        raise ValueError(f"boxes must be finite, got row {row}: {values}")
-    raise ValueError(
-        f"boxes' batch index must be an integer in [0, {n}), got {values[0]!r} in row {row}"
-    )
+
+    def __init__(self, array: Any, given: Any):
+        self.array = array
+        self.given = given
+
+    def check(self, backend: Any, n: int) -> None:
+        """Reject values that are not finite in the compute dtype and batch indices that are not
+        integers in ``[0, n)``.
+
+        The backend finds the first bad row (on a GPU: one small kernel and one
+        synchronisation); the row is read back only to word the error.
+        """
+        rois, compute = self.array, numpy.dtype(self.array.dtype)
+        if numpy.dtype(self.given.dtype) == numpy.float64 and compute != numpy.float64:
+            with _device_scope(rois):
+                rois = _interop.array_module(rois).ascontiguousarray(self.given)
+        limit = float(numpy.finfo(compute).max)
+        row = backend.first_invalid_roi(rois, n, limit)
+        if row < 0:
+            return
+        values = [float(v) for v in rois[row].tolist()]
+        if not all(numpy.isfinite(values)):
+            raise ValueError(f"boxes must be finite, got row {row}: {values}")
+        if not all(abs(v) <= limit for v in values):
+            raise ValueError(
+                f"boxes must lie within {compute.name}'s range (+-{limit:.7g}), the precision "
+                f"they are computed in for these features, got row {row}: {values}"
+            )
+        raise ValueError(
+            f"boxes' batch index must be an integer in [0, {n}), got {values[0]!r} in row {row}"
+        )
 
 
 class _Call:
@@ -259,10 +288,11 @@ def roi_align(
     _check_features(call.array, "input")
     pooled_h, pooled_w = _pair(output_size)
     scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
-    rois = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
+    prepared = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
+    rois = prepared.array
     with call.scope():
         if validate:
-            _validate_rois(call.backend, rois, call.array.shape[0])
+            prepared.check(call.backend, call.array.shape[0])
         out = call.backend.roi_align_forward(
             call.native(), rois, pooled_h, pooled_w, scale, ratio, bool(aligned)
         )
@@ -305,11 +335,12 @@ def roi_align_backward(
     shape = _input_shape(input_shape)
     size = _pair(output_size)
     scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
-    rois = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
+    prepared = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
+    rois = prepared.array
     _check_grad_output(call.array, rois.shape[0], shape[1], size)
     with call.scope():
         if validate:
-            _validate_rois(call.backend, rois, shape[0])
+            prepared.check(call.backend, shape[0])
         grad_input = call.backend.roi_align_backward(
             call.native(), rois, shape, scale, ratio, bool(aligned)
         )
@@ -348,10 +379,11 @@ def roi_pool(
     _check_features(call.array, "input")
     pooled_h, pooled_w = _pair(output_size)
     scale = _scale(spatial_scale)
-    rois = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
+    prepared = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
+    rois = prepared.array
     with call.scope():
         if validate:
-            _validate_rois(call.backend, rois, call.array.shape[0])
+            prepared.check(call.backend, call.array.shape[0])
         out, argmax = call.backend.roi_pool_forward(
             call.native(), rois, pooled_h, pooled_w, scale, indices=bool(return_indices)
         )
@@ -383,7 +415,8 @@ def roi_pool_backward(
     """
     call = _Call(grad_output, "grad_output")
     shape = _input_shape(input_shape)
-    rois = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
+    prepared = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
+    rois = prepared.array
     _check_grad_output(call.array, rois.shape[0], shape[1], None)
     argmax = _interop.unwrap_like(indices, "indices", call.device, "grad_output")
     if numpy.dtype(argmax.dtype).kind not in "iu":
@@ -397,7 +430,7 @@ def roi_pool_backward(
         if not getattr(call.backend, "STRIDED", False):
             argmax = call.xp.ascontiguousarray(argmax, dtype=numpy.int64)
         if validate:
-            _validate_rois(call.backend, rois, shape[0])
+            prepared.check(call.backend, shape[0])
             plane = shape[2] * shape[3]
             low, high = 0, 0
             if argmax.size:  # two reductions, no temporary of the indices' size, one read-back

@@ -6,6 +6,7 @@ cover it.
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy
 import pytest
@@ -175,6 +176,29 @@ def test_the_backend_finds_the_first_invalid_roi(backend, dtype, bad, first):
     with backend.active():
         out = roi_cupy.roi_align(x, backend.asarray(fine), 2)
     assert out.shape == (600 - len(bad), C, 2, 2)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_float64_boxes_are_checked_before_they_are_narrowed(backend, op):
+    """float32 features compute in float32: float64 boxes are validated as given, so a value
+    beyond float32's range is named as it was passed (no overflow warning escapes) and a batch
+    index that float32 would round to an integer is still rejected."""
+    x = backend.asarray(features())
+    far = rois(dtype=numpy.float64)
+    far[1, 3] = 1e300
+    near = rois(dtype=numpy.float64)
+    near[2, 0] = 1.00000001
+    with backend.active(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"float32's range .* row 1: \[1.0, 1.0, 0.0, 1e\+300"):
+            getattr(roi_cupy, op)(x, backend.asarray(far), 2)
+        with pytest.raises(ValueError, match=r"batch index must be an integer .*1.00000001 in row"):
+            getattr(roi_cupy, op)(x, backend.asarray(near), 2)
+        out = backend.to_numpy(getattr(roi_cupy, op)(x, backend.asarray(far), 2, validate=False))
+    assert (out[1] == 0).all() and (out[0] != 0).any()  # an invalid RoI gives zeros
+    wide = backend.asarray(features(dtype=numpy.float64))
+    with backend.active():  # float64 features: 1e300 is an ordinary finite coordinate
+        assert getattr(roi_cupy, op)(wide, backend.asarray(far), 2).shape == (3, C, 2, 2)
 
 
 # ----------------------------------------------------------------------------- scalars

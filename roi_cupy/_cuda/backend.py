@@ -67,7 +67,7 @@ def roi_pool_backward(
     return roi_pool.backward(_runtime(grad_output), grad_output, rois, argmax, input_shape)
 
 
-def first_invalid_roi(rois: Any, batch: int) -> int:
-    """Index of the first invalid RoI of ``rois [K, 5]`` for a batch of ``batch``, or -1: one
-    kernel and one synchronisation."""
-    return roi_check.first_invalid(_runtime(rois), rois, batch)
+def first_invalid_roi(rois: Any, batch: int, limit: float = float("inf")) -> int:
+    """Index of the first invalid RoI of ``rois [K, 5]`` for a batch of ``batch`` (a value of
+    magnitude above ``limit`` is invalid too), or -1: one kernel and one synchronisation."""
+    return roi_check.first_invalid(_runtime(rois), rois, batch, limit)

@@ -64,6 +64,7 @@ def roi_pool_backward(
     return roi_pool.backward(emulator.runtime(), grad_output, rois, argmax, input_shape)
 
 
-def first_invalid_roi(rois: numpy.ndarray, batch: int) -> int:
-    """Index of the first invalid RoI of ``rois [K, 5]`` for a batch of ``batch``, or -1."""
-    return roi_check.first_invalid(emulator.runtime(), rois, batch)
+def first_invalid_roi(rois: numpy.ndarray, batch: int, limit: float = numpy.inf) -> int:
+    """Index of the first invalid RoI of ``rois [K, 5]`` for a batch of ``batch`` (a value of
+    magnitude above ``limit`` is invalid too), or -1."""
+    return roi_check.first_invalid(emulator.runtime(), rois, batch, limit)
