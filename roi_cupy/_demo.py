@@ -44,12 +44,30 @@ def scene(height: int = 256, width: int = 384) -> numpy.ndarray:
     return numpy.ascontiguousarray(img, dtype=numpy.float32)
 
 
+def _availability(name: str) -> tuple[bool, str]:
+    """Whether a backend can run here, and why not."""
+    if name == "cuda":
+        from roi_cupy import _cuda
+
+        return _cuda.available()
+    if name == "emulator":
+        from roi_cupy import _emulator
+
+        return _emulator.available()
+    return True, ""
+
+
 def _pick_backend(name: str) -> str:
     if name != "auto":
         return name
-    from roi_cupy import _cuda
+    return "cuda" if _availability("cuda")[0] else "numpy"
 
-    return "cuda" if _cuda.available()[0] else "numpy"
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {value}")
+    return value
 
 
 def _timed(fn: Any, sync: Any) -> tuple[Any, float, float]:
@@ -67,7 +85,9 @@ def _timed(fn: Any, sync: Any) -> tuple[Any, float, float]:
     return result, first, min(warm)
 
 
-def _save_png(path: str, image: numpy.ndarray, aligned: numpy.ndarray, pooled: numpy.ndarray) -> str:
+def _save_png(
+    path: str, image: numpy.ndarray, aligned: numpy.ndarray, pooled: numpy.ndarray
+) -> str:
     try:
         import matplotlib
 
@@ -84,7 +104,9 @@ def _save_png(path: str, image: numpy.ndarray, aligned: numpy.ndarray, pooled: n
     colors = plt.cm.tab10.colors
     for i, (label, x1, y1, x2, y2) in enumerate(BOXES):
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, ec=colors[i]))
-        ax.text(x1 + 2, y1 + 10, label, color=colors[i], fontsize=8, weight="bold")
+        # A box past the right edge gets its label inside the image.
+        ax.text(min(x1 + 2, image.shape[2] - 6 * len(label)), y1 + 10, label, color=colors[i],
+                fontsize=8, weight="bold")
     ax.set_title("input [1, 3, 256, 384] with its boxes")
     ax.axis("off")
     for i, (label, *_) in enumerate(BOXES):
@@ -125,39 +147,45 @@ def main(argv: list[str] | None = None) -> int:
         "CPU (needs g++) (default: %(default)s)",
     )
     parser.add_argument(
-        "--size", type=int, default=48, help="RoiAlign crop size in pixels (default: %(default)s)"
+        "--size", type=_positive, default=48,
+        help="RoiAlign crop size in pixels; RoiPool's is a quarter of it (default: %(default)s)",
     )
     args = parser.parse_args(argv)
 
     backend = _pick_backend(args.backend)
+    ok, why = _availability(backend)
+    if not ok:
+        parser.error(f"the {backend} backend cannot run here: {why}")
     image = scene()
-    boxes = numpy.array([[0.0, *b[1:]] for b in BOXES], dtype=numpy.float32)
-    features, rois = image[None], boxes
+    # The babilim layers take per-image boxes [N, K, 4] and give [N, K, C, PH, PW].
+    features = image[None]
+    rois = numpy.array([[b[1:] for b in BOXES]], dtype=numpy.float32)
     sync = lambda: None  # noqa: E731 - host arrays need no synchronisation
     if backend == "cuda":
         import cupy
 
-        features, rois = cupy.asarray(features), cupy.asarray(boxes)
+        features, rois = cupy.asarray(features), cupy.asarray(rois)
         sync = cupy.cuda.get_current_stream().synchronize
     pool_size = max(args.size // 4, 1)
+    align = roi_cupy.RoiAlign((args.size, args.size), spatial_scale=1.0, sampling_ratio=2)
+    pool = roi_cupy.RoiPool((pool_size, pool_size), spatial_scale=1.0)
     with roi_cupy.use_backend("numpy" if backend == "cuda" else backend):
-        align_fn = lambda: roi_cupy.roi_align(features, rois, args.size, 1.0, 2, True)  # noqa: E731
-        pool_fn = lambda: roi_cupy.roi_pool(features, rois, pool_size)  # noqa: E731
-        aligned, align_first, align_warm = _timed(align_fn, sync)
-        pooled, pool_first, pool_warm = _timed(pool_fn, sync)
+        aligned, align_first, align_warm = _timed(lambda: align(features, rois), sync)
+        pooled, pool_first, pool_warm = _timed(lambda: pool(features, rois), sync)
     if backend == "cuda":
         aligned, pooled = aligned.get(), pooled.get()
 
     print(f"roi_cupy {roi_cupy.__version__} demo on the {backend} backend")
     print(f"input [1, 3, 256, 384] float32, {len(BOXES)} boxes: {', '.join(b[0] for b in BOXES)}")
+    align_what = f"{args.size}x{args.size}, sampling_ratio 2, aligned"
     rows = (
-        ("roi_align", f"{args.size}x{args.size}, sampling_ratio 2, aligned", aligned, align_first, align_warm),
-        ("roi_pool", f"{pool_size}x{pool_size}", pooled, pool_first, pool_warm),
+        ("RoiAlign", align_what, aligned, align_first, align_warm),
+        ("RoiPool", f"{pool_size}x{pool_size}", pooled, pool_first, pool_warm),
     )
     for name, what, out, first, warm in rows:
         print(
             f"  {name:<9} {what:<34} -> {list(out.shape)}  "
             f"first call {first * 1e3:8.2f} ms, warm {warm * 1e3:8.3f} ms"
         )
-    print(_save_png(args.out, image, aligned, pooled))
+    print(_save_png(args.out, image, aligned[0], pooled[0]))
     return 0
