@@ -247,6 +247,20 @@ def test_second_device(cupy):
     assert_matches(cupy.asnumpy(pool), roi_pool_ref(x, rois, 3)[0], numpy.float32)
 
 
+def test_arrays_on_different_devices_are_refused(cupy):
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs a second CUDA device")
+    x, rois = _inputs()
+    with cupy.cuda.Device(1):
+        xa = cupy.asarray(x)
+    with cupy.cuda.Device(0):
+        ra = cupy.asarray(rois)
+    with pytest.raises(ValueError, match=r"boxes.*cuda:0.*cuda:1|boxes.*cuda:1.*cuda:0"):
+        roi_cupy.roi_align(xa, ra, 3)
+    with pytest.raises(ValueError, match=r"cuda:0.*cuda:1|cuda:1.*cuda:0"):
+        roi_cupy.roi_pool(xa, [ra[:2, 1:], ra[2:, 1:]], 3)
+
+
 def test_non_default_stream(cupy):
     x, rois = _inputs()
     stream = cupy.cuda.Stream(non_blocking=True)
@@ -300,24 +314,36 @@ def test_no_host_synchronisation_without_validation(cupy):
 
 
 def test_cuda_graph_capture(cupy):
+    """validate=False makes no host synchronisation and no host-to-device copy, so every op can
+    be captured in a CUDA graph and replayed; per-image box lists too."""
     x, rois = _inputs()
     rois[1, 0] = 7  # invalid: zeros, and no check that would synchronise during capture
     xa, ra = cupy.asarray(x), cupy.asarray(rois)
+    listed = [ra[ra[:, 0] == i, 1:] for i in range(SHAPE[0])]
     stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        eager = roi_cupy.roi_align(xa, ra, 3, validate=False)
-        eager_pool = roi_cupy.roi_pool(xa, ra, 3, validate=False)
-        stream.begin_capture()
+
+    def calls():
         out = roi_cupy.roi_align(xa, ra, 3, validate=False)
-        pool = roi_cupy.roi_pool(xa, ra, 3, validate=False)
+        grad = roi_cupy.roi_align_backward(out, ra, SHAPE, 3, validate=False)
+        pool, argmax = roi_cupy.roi_pool(xa, ra, 3, return_indices=True, validate=False)
+        pool_grad = roi_cupy.roi_pool_backward(pool, ra, argmax, SHAPE, validate=False)
+        per_image = roi_cupy.roi_align(xa, listed, 3, validate=False)
+        return out, grad, pool, argmax, pool_grad, per_image
+
+    with stream:
+        # The eager results go to the host, so that the capture finds their blocks free in
+        # CuPy's pool and allocates nothing (no cudaMalloc while capturing).
+        eager = [cupy.asnumpy(a) for a in calls()]
+        stream.begin_capture()
+        captured = calls()
         graph = stream.end_capture()
-        out[...] = cupy.nan
-        pool[...] = cupy.nan
+        for array in captured:
+            array[...] = -7 if array.dtype == cupy.int64 else cupy.nan
         graph.launch()
     stream.synchronize()
-    cupy.testing.assert_array_equal(out, eager)
-    cupy.testing.assert_array_equal(pool, eager_pool)
-    assert not out[1].any()
+    for got, want in zip(captured, eager):
+        numpy.testing.assert_array_equal(cupy.asnumpy(got), want)
+    assert not captured[0][1].any()
 
 
 def test_torch_tensors_through_dlpack(cupy):
@@ -333,3 +359,5 @@ def test_torch_tensors_through_dlpack(cupy):
     assert argmax.dtype == torch.int64
     assert_matches(out.cpu().numpy(), roi_align_ref(x, rois, 3, aligned=True), numpy.float32)
     assert_matches(pool.cpu().numpy(), roi_pool_ref(x, rois, 3)[0], numpy.float32)
+    half = roi_cupy.roi_align(xt.to(torch.bfloat16), rt, 3, aligned=True)
+    assert isinstance(half, torch.Tensor) and half.dtype == torch.bfloat16
