@@ -1,5 +1,6 @@
-// Input validation of the RoIs on the device: one launch, one atomicMin, so that validate=True
-// costs a single small kernel and one synchronisation. See roi_common.cuh for T, C and I.
+// Input validation on the device: the RoIs (and, for RoI Pool's backward, the indices) are checked
+// by small kernels that atomicMin the first bad position into one result buffer, so that
+// validate=True costs one read-back, one synchronisation. See roi_common.cuh for T, C and I.
 #include "roi_common.cuh"
 
 // *first_invalid = min(*first_invalid, k) for every RoI k whose row holds a value of magnitude
@@ -22,5 +23,19 @@ __global__ void roi_check(
         bool bad = b != roi_trunc(b) || roi_image(roi, batch) < 0;
         for (int i = 0; i < 5; ++i) bad = bad || !(roi_abs(roi[i]) <= limit);
         if (bad) atomicMin(first_invalid, k);
+    }
+}
+
+// *first_bad = min(*first_bad, i) for every i whose index argmax[i] lies outside [-1, plane)
+// (-1 marks an empty bin). The caller initialises *first_bad to total.
+//
+// Parameters: const long long* argmax [total], I total, long long plane (= H * W), I* first_bad.
+template <typename I>
+__global__ void roi_check_indices(
+    const long long* __restrict__ argmax, I total, long long plane, I* __restrict__ first_bad)
+{
+    for (I i = roi_first<I>(); i < total; i = roi_next(i, total)) {
+        const long long at = argmax[i];
+        if (at < -1 || at >= plane) atomicMin(first_bad, i);
     }
 }

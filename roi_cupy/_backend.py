@@ -6,6 +6,9 @@ everything before calling them, so a backend may rely on the following:
 - ``input`` / ``grad_output`` are C-contiguous arrays of the backend's array library, dtype
   float16, float32 or float64 (bfloat16 where the library has it); a backend whose module sets
   ``STRIDED = True`` gets them with any strides instead (and ``argmax`` of any integer dtype).
+- A backend whose module sets ``FUSED_INDEX_CHECK = True`` checks RoI Pool's indices in its
+  ``roi_pool_backward(..., check_indices=True)`` pass (raising :class:`IndexOutOfRange`) rather
+  than in ``first_invalid``.
 - ``rois`` is a C-contiguous ``[K, 5]`` array ``(batch_index, x1, y1, x2, y2)`` of the *compute*
   dtype: float64 for float64 features, float32 otherwise.  ``validate=False`` lets invalid rows
   through (a batch index outside ``[0, N)`` or a non-finite value anywhere in the row): a backend
@@ -27,9 +30,10 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
         -> (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]; may be None when not indices)
     roi_pool_backward(grad_output, rois, argmax, input_shape)
         -> grad_input [N, C, H, W]
-    first_invalid_roi(rois, batch, limit=inf)
-        -> int: the first row with a value of magnitude above ``limit`` (NaN and infinities
-           included) or a batch index that is not an integer in [0, batch), or -1 (what
+    first_invalid(rois, batch, limit=inf, indices=None, plane=0)
+        -> (int, int): the first row with a value of magnitude above ``limit`` (NaN and
+           infinities included) or a batch index that is not an integer in [0, batch), and the
+           first flat position of ``indices`` outside [-1, plane); -1 for none (what
            ``validate=True`` checks; one synchronisation on a GPU). ``rois`` is float32 or
            float64, possibly wider than the compute dtype, whose range ``limit`` then is.
 
@@ -43,6 +47,19 @@ import importlib
 import threading
 from collections.abc import Iterator
 from types import ModuleType
+
+class IndexOutOfRange(Exception):
+    """Raised by a backend's ``roi_pool_backward(..., check_indices=True)`` (see
+    ``FUSED_INDEX_CHECK`` above) for the first index outside ``[-1, H * W)``.
+
+    Attributes:
+        position (int): its flat (C-order) position in ``argmax``.
+    """
+
+    def __init__(self, position: int):
+        super().__init__(position)
+        self.position = position
+
 
 # Backends for NumPy inputs, by name, and the module that implements each.
 _NUMPY_BACKENDS = {
@@ -76,7 +93,7 @@ def use_backend(name: str) -> Iterator[None]:
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
     """
-    if name not in _NUMPY_BACKENDS:
+    if not isinstance(name, str) or name not in _NUMPY_BACKENDS:
         raise ValueError(
             f"backend must be one of {', '.join(map(repr, _NUMPY_BACKENDS))}, got {name!r}"
         )

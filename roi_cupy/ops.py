@@ -200,32 +200,57 @@ class _Rois:
         self.array = array
         self.given = given
 
-    def check(self, backend: Any, n: int) -> None:
+    def check(
+        self,
+        backend: Any,
+        n: int,
+        indices: Any = None,
+        input_shape: tuple[int, int, int, int] | None = None,
+    ) -> None:
         """Reject values that are not finite in the compute dtype and batch indices that are not
-        integers in ``[0, n)``.
+        integers in ``[0, n)``; with ``indices``, also RoI Pool indices outside ``[-1, H * W)``.
 
-        The backend finds the first bad row (on a GPU: one small kernel and one
-        synchronisation); the row is read back only to word the error.
+        The backend finds the first bad row and index (on a GPU: small kernels and one
+        synchronisation); they are read back only to word the error.
         """
         rois, compute = self.array, numpy.dtype(self.array.dtype)
         if numpy.dtype(self.given.dtype) == numpy.float64 and compute != numpy.float64:
             with _device_scope(rois):
                 rois = _interop.array_module(rois).ascontiguousarray(self.given)
         limit = float(numpy.finfo(compute).max)
-        row = backend.first_invalid_roi(rois, n, limit)
-        if row < 0:
-            return
-        values = [float(v) for v in rois[row].tolist()]
-        if not all(numpy.isfinite(values)):
-            raise ValueError(f"boxes must be finite, got row {row}: {values}")
-        if not all(abs(v) <= limit for v in values):
-            raise ValueError(
-                f"boxes must lie within {compute.name}'s range (+-{limit:.7g}), the precision "
-                f"they are computed in for these features, got row {row}: {values}"
-            )
+        h, w = input_shape[2:] if input_shape is not None else (0, 0)
+        row, position = backend.first_invalid(rois, n, limit, indices, h * w)
+        if row >= 0:
+            _reject_row(rois, row, n, compute)
+        if position >= 0:
+            _reject_index(indices, position, input_shape)
+
+
+
+def _reject_index(indices: Any, position: int, input_shape: tuple[int, int, int, int]) -> None:
+    """Raise the ValueError that names the index at flat ``position`` and its range."""
+    h, w = input_shape[2:]
+    where = tuple(int(v) for v in numpy.unravel_index(position, indices.shape))
+    raise ValueError(
+        f"indices must lie in [-1, {h * w}) for an H x W = {h} x {w} plane, "
+        f"got {int(indices[where])} at {where}"
+    )
+
+
+def _reject_row(rois: Any, row: int, n: int, compute: numpy.dtype) -> None:
+    """Raise the ValueError that says what is wrong with RoI ``row``."""
+    limit = float(numpy.finfo(compute).max)
+    values = [float(v) for v in rois[row].tolist()]
+    if not all(numpy.isfinite(values)):
+        raise ValueError(f"boxes must be finite, got row {row}: {values}")
+    if not all(abs(v) <= limit for v in values):
         raise ValueError(
-            f"boxes' batch index must be an integer in [0, {n}), got {values[0]!r} in row {row}"
+            f"boxes must lie within {compute.name}'s range (+-{limit:.7g}), the precision "
+            f"they are computed in for these features, got row {row}: {values}"
         )
+    raise ValueError(
+        f"boxes' batch index must be an integer in [0, {n}), got {values[0]!r} in row {row}"
+    )
 
 
 class _Call:
@@ -429,16 +454,16 @@ def roi_pool_backward(
     with call.scope():
         if not getattr(call.backend, "STRIDED", False):
             argmax = call.xp.ascontiguousarray(argmax, dtype=numpy.int64)
+        fused = validate and getattr(call.backend, "FUSED_INDEX_CHECK", False)
         if validate:
-            prepared.check(call.backend, shape[0])
-            plane = shape[2] * shape[3]
-            low, high = 0, 0
-            if argmax.size:  # two reductions, no temporary of the indices' size, one read-back
-                low, high = call.xp.stack((argmax.min(), argmax.max())).tolist()
-            if low < -1 or high >= plane:
-                raise ValueError(
-                    f"indices must lie in [-1, {plane}) for an H x W = {shape[2]} x {shape[3]} "
-                    f"plane, got values in [{low}, {high}]"
+            prepared.check(call.backend, shape[0], None if fused else argmax, shape)
+        try:
+            if fused:
+                grad_input = call.backend.roi_pool_backward(
+                    call.native(), rois, argmax, shape, check_indices=True
                 )
-        grad_input = call.backend.roi_pool_backward(call.native(), rois, argmax, shape)
+            else:
+                grad_input = call.backend.roi_pool_backward(call.native(), rois, argmax, shape)
+        except _backend.IndexOutOfRange as bad:
+            _reject_index(argmax, bad.position, shape)
     return call.give_back(grad_input)

@@ -67,7 +67,10 @@ def roi_pool_backward(
     return roi_pool.backward(_runtime(grad_output), grad_output, rois, argmax, input_shape)
 
 
-def first_invalid_roi(rois: Any, batch: int, limit: float = float("inf")) -> int:
-    """Index of the first invalid RoI of ``rois [K, 5]`` for a batch of ``batch`` (a value of
-    magnitude above ``limit`` is invalid too), or -1: one kernel and one synchronisation."""
-    return roi_check.first_invalid(_runtime(rois), rois, batch, limit)
+def first_invalid(
+    rois: Any, batch: int, limit: float = float("inf"), indices: Any = None, plane: int = 0
+) -> tuple[int, int]:
+    """The first invalid RoI of ``rois [K, 5]`` (a value of magnitude above ``limit`` is invalid
+    too) and the first of ``indices`` outside ``[-1, plane)``, -1 for none: one or two small
+    kernels and one synchronisation."""
+    return roi_check.first_invalid(_runtime(rois), rois, batch, limit, indices, plane)

@@ -32,23 +32,29 @@ INDEX_TYPES = ("int", "long long")
 # roi_check reads only the RoIs, which are always of a compute dtype (float32 or float64).
 _CHECK_DTYPES = ("float32", "float64")
 
+# Kernels templated on the index type alone.
+INDEX_KERNELS = ("roi_check_indices",)
+
 NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     f"{kernel}<{SCALAR_TYPES[dtype]}, {index}>"
     for kernel in KERNELS
     for dtype in (_CHECK_DTYPES if kernel == "roi_check" else SCALAR_TYPES)
     for index in INDEX_TYPES
-)
+) + tuple(f"{kernel}<{index}>" for kernel in INDEX_KERNELS for index in INDEX_TYPES)
 
 # What cupy.RawModule gets (CuPy itself adds -ftz=true and the target architecture).
 COMPILE_OPTIONS = ("-std=c++17",)
 
 
 def name_expression(kernel: str, dtype: Any, index64: bool) -> str:
-    """The instantiation of ``kernel`` for storage ``dtype`` and the 32- or 64-bit index path.
+    """The instantiation of ``kernel`` for storage ``dtype`` (None for a kernel of
+    :data:`INDEX_KERNELS`) and the 32- or 64-bit index path.
 
     Raises:
         TypeError: for a dtype the kernels do not handle.
     """
+    if kernel in INDEX_KERNELS:
+        return f"{kernel}<{INDEX_TYPES[index64]}>"
     name = getattr(dtype, "name", str(dtype))
     if name not in SCALAR_TYPES or (kernel == "roi_check" and name not in _CHECK_DTYPES):
         raise TypeError(

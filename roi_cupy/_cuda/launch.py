@@ -45,7 +45,7 @@ def compute_dtype(dtype: Any) -> numpy.dtype:
 
 
 def kernel_name(kernel: str, dtype: Any, index64: bool) -> str:
-    return kernels.name_expression(kernel, numpy.dtype(dtype), index64)
+    return kernels.name_expression(kernel, None if dtype is None else numpy.dtype(dtype), index64)
 
 
 class CupyRuntime:

@@ -64,7 +64,13 @@ def roi_pool_backward(
     return roi_pool.backward(emulator.runtime(), grad_output, rois, argmax, input_shape)
 
 
-def first_invalid_roi(rois: numpy.ndarray, batch: int, limit: float = numpy.inf) -> int:
-    """Index of the first invalid RoI of ``rois [K, 5]`` for a batch of ``batch`` (a value of
-    magnitude above ``limit`` is invalid too), or -1."""
-    return roi_check.first_invalid(emulator.runtime(), rois, batch, limit)
+def first_invalid(
+    rois: numpy.ndarray,
+    batch: int,
+    limit: float = numpy.inf,
+    indices: numpy.ndarray | None = None,
+    plane: int = 0,
+) -> tuple[int, int]:
+    """The first invalid RoI of ``rois [K, 5]`` (a value of magnitude above ``limit`` is invalid
+    too) and the first of ``indices`` outside ``[-1, plane)``; -1 for none."""
+    return roi_check.first_invalid(emulator.runtime(), rois, batch, limit, indices, plane)

@@ -4,18 +4,48 @@ from __future__ import annotations
 import numpy
 
 
-def first_invalid_roi(rois: numpy.ndarray, batch: int, limit: float = numpy.inf) -> int:
-    """Index of the first RoI with a value of magnitude above ``limit`` (NaN and infinities
-    included) or a batch index that is not an integer in ``[0, batch)``, or -1 when all are
-    valid.
+# Indices checked together: a block stays in cache between its two reductions.
+_INDEX_BLOCK = 1 << 16
+
+
+def first_invalid(
+    rois: numpy.ndarray,
+    batch: int,
+    limit: float = numpy.inf,
+    indices: numpy.ndarray | None = None,
+    plane: int = 0,
+) -> tuple[int, int]:
+    """The first invalid RoI and the first RoI Pool index out of range.
 
     Args:
         rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` rows.
         batch (int): the batch size N.
         limit (float): the largest magnitude a value may have. Default: any finite value.
+        indices (ndarray of an integer dtype, any strides): indices to check too, or None.
+        plane (int): ``H * W``: indices must lie in ``[-1, plane)``.
+
+    Returns:
+        (int, int): the first RoI with a value of magnitude above ``limit`` (NaN and infinities
+        included) or a batch index that is not an integer in ``[0, batch)``, and the first flat
+        (C-order) position of an index outside ``[-1, plane)``; -1 for none.
     """
     b = rois[:, 0]
     with numpy.errstate(invalid="ignore"):
         bad = ~numpy.isfinite(rois).all(axis=1) | ~(numpy.abs(rois) <= limit).all(axis=1)
         bad |= (b < 0) | (b >= batch) | (b != numpy.trunc(b))
-    return int(numpy.argmax(bad)) if bad.any() else -1
+    row = int(numpy.argmax(bad)) if bad.any() else -1
+    return row, -1 if indices is None else _first_out_of_range(indices, plane)
+
+
+def _first_out_of_range(indices: numpy.ndarray, plane: int) -> int:
+    """Block by block along the first axis, so that no mask of the indices' size is made."""
+    if indices.size == 0:
+        return -1
+    flat = indices.reshape(indices.shape[0], -1) if indices.ndim else indices.reshape(1, 1)
+    step = max(1, _INDEX_BLOCK // max(1, flat.shape[1]))
+    for s in range(0, flat.shape[0], step):
+        block = flat[s : s + step]
+        if block.min() < -1 or block.max() >= plane:
+            wrong = numpy.flatnonzero((block < -1) | (block >= plane))
+            return s * flat.shape[1] + int(wrong[0])
+    return -1

@@ -19,6 +19,7 @@ import sys
 
 import numpy
 
+from roi_cupy import _backend
 from roi_cupy._numpy import _common
 
 _LOW = numpy.int64(0xFFFFFFFF)
@@ -283,6 +284,7 @@ def roi_pool_backward(
     rois: numpy.ndarray,
     argmax: numpy.ndarray,
     input_shape: tuple[int, int, int, int],
+    check_indices: bool = False,
 ) -> numpy.ndarray:
     """Gradient of RoI Pool with respect to its input; deterministic.
 
@@ -291,13 +293,20 @@ def roi_pool_backward(
     nothing.
 
     Args:
-        grad_output (ndarray[K, C, PH, PW]): gradient of the output, C-contiguous.
+        grad_output (ndarray[K, C, PH, PW]): gradient of the output, any strides.
         rois (ndarray[K, 5]): as for :func:`roi_pool_forward`.
-        argmax (ndarray[K, C, PH, PW] int64): the forward pass's argmax.
+        argmax (ndarray[K, C, PH, PW]): the forward pass's argmax, any integer dtype and strides.
         input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
+        check_indices (bool): check each chunk of ``argmax`` against ``[-1, H * W)`` while it is
+            in cache (a separate pass over all indices costs a third of the backward).
+            Default: False.
 
     Returns:
         ndarray[N, C, H, W]: in grad_output's dtype.
+
+    Raises:
+        roi_cupy._backend.IndexOutOfRange: with ``check_indices``, for the first index out of
+            range (its flat position).
     """
     n, c, h, w = input_shape
     k = grad_output.shape[0]
@@ -317,6 +326,9 @@ def roi_pool_backward(
     index = numpy.empty(min(k, step) * per_roi, dtype=numpy.int64)
     for s in range(0, k, step):
         a = argmax[s : s + step]
+        if check_indices and (a.min() < -1 or a.max() >= plane):
+            wrong = numpy.flatnonzero((a < -1) | (a >= plane))
+            raise _backend.IndexOutOfRange(s * per_roi + int(wrong[0]))
         ix = index[: a.size].reshape(a.shape)
         numpy.clip(a, -1, plane, out=ix)
         ix += base[s : s + step, :, None, None]
