@@ -10,11 +10,12 @@ class ModuleNative:
     """A callable layer that works on whatever array kind it is given.
 
     Calling it unwraps every array argument, positional or keyword (``Tensor``, NumPy, CuPy or
-    DLPack), to the native array of its device, runs :meth:`build` once with those arrays, dispatches to
-    :meth:`_call_numpy` (host arrays) or :meth:`_call_cupy` (CUDA arrays), and gives results back
-    in the kind of the first array argument (positional ones first): Tensor in, Tensor out; NumPy in, NumPy out; a torch
-    tensor in, a torch tensor out (through DLPack). Non-array arguments pass through unchanged.
-    Results may be a single array or a tuple of arrays.
+    DLPack), to the native array of its device, runs :meth:`build` once with those arrays,
+    dispatches to :meth:`_call_numpy` (host arrays) or :meth:`_call_cupy` (CUDA arrays), and
+    gives results back in the kind of the first array argument (positional ones first): Tensor
+    in, Tensor out; NumPy in, NumPy out; a torch tensor in, a torch tensor out (through DLPack).
+    Non-array arguments pass through unchanged. Results may be a single array or a tuple of
+    arrays.
 
     Subclasses implement ``_call_numpy`` and ``_call_cupy`` and may override ``build``.
     """

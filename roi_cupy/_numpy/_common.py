@@ -15,7 +15,10 @@ FLT_MAX = float(numpy.finfo(numpy.float32).max)
 
 # Working-set budgets in bytes; together they keep the extra memory well under 256 MiB.
 PLANE_BUDGET = 64 << 20  # a channels-last copy of (a channel slice of) the features
-GROUP_BUDGET = 16 << 20  # the gathered windows of one group of RoIs
+# The gathered windows of one group of RoIs: small enough to stay in cache between the gather
+# and the products that read them (measured on [2, 256, 64, 64], 256 boxes: 16 MiB 33 ms,
+# 4 MiB 22 ms, 2 MiB 22 ms, 512 KiB 23 ms; on [2, 256, 200, 304], 1024 boxes 167 -> 132 ms).
+GROUP_BUDGET = 2 << 20
 
 
 def compute_dtype(dtype: numpy.dtype) -> numpy.dtype:
