@@ -226,7 +226,6 @@ class _Rois:
             _reject_index(indices, position, input_shape)
 
 
-
 def _reject_index(indices: Any, position: int, input_shape: tuple[int, int, int, int]) -> None:
     """Raise the ValueError that names the index at flat ``position`` and its range."""
     h, w = input_shape[2:]

@@ -75,3 +75,20 @@ def test_strided_gradients_are_not_copied_whole():
         roi_cupy.roi_align_backward(g, rois, shape, 7, sampling_ratio=2),
         roi_cupy.roi_align_backward(numpy.ascontiguousarray(g), rois, shape, 7, sampling_ratio=2),
     )
+
+
+def test_samples_expanded_in_runs_give_the_same_numbers(monkeypatch):
+    """The run-by-run expansion of samples (a large sampling_ratio, many RoIs) changes only how
+    the work is split: forced down to a few RoIs per run, the results stay those of one run."""
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    rng = make_rng("memory runs")
+    x = rng.uniform(-1, 1, (2, 3, 20, 24)).astype(numpy.float64)
+    rois = boxes(rng, 40, 20).astype(numpy.float64)
+    g = rng.uniform(-1, 1, (40, 3, 5, 4))
+    kw = dict(output_size=(5, 4), sampling_ratio=7, aligned=True)
+    whole = roi_cupy.roi_align(x, rois, **kw), roi_cupy.roi_align_backward(g, rois, x.shape, **kw)
+    monkeypatch.setattr(numpy_align, "_TAPS", 100)  # a few RoIs' 5 x 7 samples per run
+    split = roi_cupy.roi_align(x, rois, **kw), roi_cupy.roi_align_backward(g, rois, x.shape, **kw)
+    for a, b in zip(split, whole):
+        numpy.testing.assert_allclose(a, b, rtol=0, atol=1e-13)
