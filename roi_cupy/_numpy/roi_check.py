@@ -34,18 +34,22 @@ def first_invalid(
         bad = ~numpy.isfinite(rois).all(axis=1) | ~(numpy.abs(rois) <= limit).all(axis=1)
         bad |= (b < 0) | (b >= batch) | (b != numpy.trunc(b))
     row = int(numpy.argmax(bad)) if bad.any() else -1
-    return row, -1 if indices is None else _first_out_of_range(indices, plane)
+    return row, -1 if indices is None else first_out_of_range(indices, plane)
 
 
-def _first_out_of_range(indices: numpy.ndarray, plane: int) -> int:
-    """Block by block along the first axis, so that no mask of the indices' size is made."""
+def first_out_of_range(indices: numpy.ndarray, plane: int) -> int:
+    """The first flat (C-order) position of ``indices`` (any integer dtype and strides) outside
+    ``[-1, plane)``, or -1; block by block along the first axis (two reductions each, while the
+    block is in cache), so that no mask or copy of the indices' size is made."""
     if indices.size == 0:
         return -1
-    flat = indices.reshape(indices.shape[0], -1) if indices.ndim else indices.reshape(1, 1)
-    step = max(1, _INDEX_BLOCK // max(1, flat.shape[1]))
-    for s in range(0, flat.shape[0], step):
-        block = flat[s : s + step]
+    if indices.ndim == 0:
+        indices = indices.reshape(1)
+    row = indices[0].size
+    step = max(1, _INDEX_BLOCK // max(1, row))
+    for s in range(0, indices.shape[0], step):
+        block = indices[s : s + step]
         if block.min() < -1 or block.max() >= plane:
             wrong = numpy.flatnonzero((block < -1) | (block >= plane))
-            return s * flat.shape[1] + int(wrong[0])
+            return s * row + int(wrong[0])
     return -1

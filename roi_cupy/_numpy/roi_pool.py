@@ -20,7 +20,7 @@ import sys
 import numpy
 
 from roi_cupy import _backend
-from roi_cupy._numpy import _common
+from roi_cupy._numpy import _common, roi_check
 
 _LOW = numpy.int64(0xFFFFFFFF)
 # Keys carry the position in 32 bits: larger planes scan every bin directly.
@@ -326,9 +326,9 @@ def roi_pool_backward(
     index = numpy.empty(min(k, step) * per_roi, dtype=numpy.int64)
     for s in range(0, k, step):
         a = argmax[s : s + step]
-        if check_indices and (a.min() < -1 or a.max() >= plane):
-            wrong = numpy.flatnonzero((a < -1) | (a >= plane))
-            raise _backend.IndexOutOfRange(s * per_roi + int(wrong[0]))
+        wrong = roi_check.first_out_of_range(a, plane) if check_indices else -1
+        if wrong >= 0:
+            raise _backend.IndexOutOfRange(s * per_roi + wrong)
         ix = index[: a.size].reshape(a.shape)
         numpy.clip(a, -1, plane, out=ix)
         ix += base[s : s + step, :, None, None]
