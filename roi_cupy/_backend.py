@@ -95,7 +95,9 @@ def use_backend(name: str) -> Iterator[None]:
     """
     if not isinstance(name, str) or name not in _NUMPY_BACKENDS:
         raise ValueError(
-            f"backend must be one of {', '.join(map(repr, _NUMPY_BACKENDS))}, got {name!r}"
+            f"backend must be one of {', '.join(map(repr, _NUMPY_BACKENDS))}, got {name!r}: "
+            "use_backend only picks where NumPy inputs run; CuPy arrays and CUDA tensors "
+            "select the cuda backend automatically"
         )
     previous = current_backend()
     _local.name = name

@@ -18,6 +18,18 @@ def test_unknown_backend_lists_the_known_ones():
             pass
 
 
+def test_cuda_is_refused_with_how_it_is_chosen():
+    # The README lists a cuda backend, but it is chosen by the array kind, not by use_backend.
+    with pytest.raises(ValueError) as refused:
+        with roi_cupy.use_backend("cuda"):
+            pass
+    message = str(refused.value)
+    assert message.startswith("backend must be one of 'numpy', 'emulator', got 'cuda': ")
+    assert "use_backend only picks where NumPy inputs run" in message
+    assert "CuPy arrays and CUDA tensors select the cuda backend automatically" in message
+    assert _backend.current_backend() == "numpy"
+
+
 def test_use_backend_nests_and_restores():
     assert _backend.current_backend() == "numpy"
     with roi_cupy.use_backend("emulator"):
