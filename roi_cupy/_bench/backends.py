@@ -18,6 +18,7 @@ import numpy
 
 from roi_cupy._bench import timing
 from roi_cupy._bench.workloads import Inputs, Workload
+from roi_cupy._cuda import NO_GPU
 
 NAMES = (
     "roi_cupy-cuda",
@@ -108,7 +109,7 @@ def probe_torchvision(device: str) -> str | None:
     except ImportError as exc:
         return str(exc)
     if device == "cuda" and not torch.cuda.is_available():
-        return "torch has no CUDA device"
+        return f"{NO_GPU}; torch.cuda.is_available() is False"
     return None
 
 
