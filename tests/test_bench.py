@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy
 import pytest
@@ -421,6 +422,65 @@ def test_cli_end_to_end(numpy_backend, tmp_path, capsys):
     assert saved.workloads["cpu-core"]["channels"] == 16
     assert (tmp_path / f"{stem}.md").read_text().startswith("# roi_cupy benchmark")
     assert ("path" in saved.plot) == (tmp_path / f"{stem}.png").exists()
+
+
+def test_results_go_to_bench_results_unless_out_is_given(numpy_backend, monkeypatch, tmp_path,
+                                                         capsys):
+    # Run from a tree that has the committed results folder: a run without --out leaves it alone.
+    monkeypatch.chdir(tmp_path)
+    committed = tmp_path / "benchmarks" / "results"
+    committed.mkdir(parents=True)
+    assert bench.parser().parse_args([]).out == bench.DEFAULT_OUT == Path("bench-results")
+    argv = ["--quick", "--workloads", "cpu-core", "--backends", "roi_cupy-numpy", "--passes",
+            "forward", "--repeat", "1"]
+    assert main(argv) == 0
+    assert list(committed.iterdir()) == []
+    written = sorted(p.suffix for p in (tmp_path / "bench-results").iterdir())
+    assert written in ([".json", ".md"], [".json", ".md", ".png"])
+    assert "wrote bench-results/" in capsys.readouterr().out
+    assert main(argv + ["--out", "benchmarks/results"]) == 0
+    assert sorted(p.suffix for p in committed.iterdir()) == written
+
+
+def test_help_states_the_default_out():
+    text = bench.parser().format_help()
+    assert "default: ./bench-results" in " ".join(text.split())
+
+
+def _fake_cupy(get_device_count) -> types.ModuleType:
+    """A stand-in for CuPy whose runtime reports devices through ``get_device_count``."""
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(
+        getDeviceCount=get_device_count))
+    return cupy
+
+
+INSUFFICIENT_DRIVER = ("cudaErrorInsufficientDriver: CUDA driver version is insufficient for "
+                       "CUDA runtime version")  # CuPy's words on a machine without a GPU
+
+
+def test_unusable_gpu_is_said_plainly(monkeypatch, capsys):
+    def no_driver():
+        raise RuntimeError(INSUFFICIENT_DRIVER)
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(no_driver))
+    assert backends.probe_roi_cupy_cuda() == (
+        f"no usable NVIDIA GPU was found; CuPy says: {INSUFFICIENT_DRIVER}")
+    assert main(["--workloads", "cpu-core", "--backends", "roi_cupy-cuda"]) == 1
+    err = capsys.readouterr().err
+    assert f"skipping roi_cupy-cuda: no usable NVIDIA GPU was found; CuPy says: " \
+           f"{INSUFFICIENT_DRIVER}" in err
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lambda: 0))
+    assert backends.probe_roi_cupy_cuda() == (
+        "no usable NVIDIA GPU was found; CuPy sees no CUDA device")
+
+
+def test_quick_by_default_says_why(numpy_backend, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(backends, "gpu_present", lambda: False)
+    assert main(["--workloads", "W4", "--backends", "roi_cupy-numpy", "--passes", "forward",
+                 "--repeat", "1", "--out", str(tmp_path)]) == 0
+    assert "QUICK variant (the default here: no usable NVIDIA GPU was found; --full runs the " \
+           "real sizes)" in capsys.readouterr().err
 
 
 def test_quick_is_the_default_only_for_gpu_workloads_without_a_gpu():

@@ -13,9 +13,13 @@ from pathlib import Path
 
 from roi_cupy._bench import backends as _backends
 from roi_cupy._bench import report, runner, workloads
+from roi_cupy._cuda import NO_GPU
 
 _REPEAT_FULL, _REPEAT_QUICK = 25, 20  # medians and quartiles of at least 20 calls
 _WARMUP_FULL, _WARMUP_QUICK = 3, 1
+# Where results go without --out, wherever the command runs: the committed results in
+# benchmarks/results change only when asked for by name (.gitignore ignores this folder).
+DEFAULT_OUT = Path("bench-results")
 
 
 def _epilog() -> str:
@@ -57,9 +61,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-threads", type=int, metavar="N",
                    help="threads torch may use on the CPU (default: torch's own choice); the "
                         "NumPy backend computes on one core apart from its BLAS calls")
-    p.add_argument("--out", metavar="DIR", type=Path,
-                   help="where the result files go (default: benchmarks/results if it exists "
-                        "in the current directory, else ./bench-results)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=DEFAULT_OUT,
+                   help="where the result files go (default: ./%(default)s, which git ignores "
+                        "in the repository root; the committed results change only with --out "
+                        "benchmarks/results)")
     p.add_argument("--allow-invalid", action="store_true",
                    help="exit 0 even when a roi_cupy measurement is INVALID or raised")
     return p
@@ -80,13 +85,6 @@ def default_quick(chosen: list[workloads.Workload], gpu_present: Callable[[], bo
     return any(w.device == "cuda" for w in chosen) and not gpu_present()
 
 
-def _out_dir(given: Path | None) -> Path:
-    if given is not None:
-        return given
-    committed = Path("benchmarks") / "results"
-    return committed if committed.is_dir() else Path("bench-results")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (see ``--help``)."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -105,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_threads is not None:
         _backends.set_torch_threads(args.cpu_threads)
 
-    quick = args.quick or (not args.full and default_quick(chosen_workloads,
-                                                           _backends.gpu_present))
+    defaulted = not args.quick and not args.full and default_quick(chosen_workloads,
+                                                                   _backends.gpu_present)
+    quick = args.quick or defaulted
     unavailable = {}
     ready = []
     for b in chosen_backends:
@@ -131,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m roi_cupy bench: nothing to measure (no selected backend can run the "
               "selected workloads here)", file=sys.stderr)
         return 1
-    print(f"{'QUICK' if quick else 'full'} variant: {len(plan.measurements()) * len(passes)} "
-          f"measurements", file=sys.stderr)
+    why = f" (the default here: {NO_GPU}; --full runs the real sizes)" if defaulted else ""
+    print(f"{'QUICK' if quick else 'full'} variant{why}: "
+          f"{len(plan.measurements()) * len(passes)} measurements", file=sys.stderr)
 
     record = runner.run(plan, argv if argv is not None else sys.argv[1:])
-    out = _out_dir(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{record.date}-{runner.device_label(record)}" + ("-quick" if quick else "")
     record.plot = report.write_plot(record, out / f"{stem}.png")
