@@ -2,6 +2,8 @@
 target architecture without a warning, and a broken source is caught. No GPU needed."""
 from __future__ import annotations
 
+import io
+
 import numpy
 import pytest
 
@@ -70,9 +72,26 @@ def test_source_joins_the_files_without_the_local_include():
 
 def test_command_prints_the_table_and_succeeds(capsys):
     assert check.main(["--arch", "sm_80"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "roi_align_forward<__half, long long>" in out and "sm_80" in out
     assert "compiled without warnings" in out
+    # Progress goes to stderr, a line as each architecture starts and ends; stdout keeps the report.
+    total = len(kernels.NAME_EXPRESSIONS)
+    progress = captured.err.splitlines()
+    assert progress[0] == f"[1/1] sm_80: compiling {total} instantiations ..."
+    assert progress[1].startswith("[1/1] sm_80: ") and progress[1].endswith(" s, ok")
+    assert "compiling" not in out
+
+
+def test_progress_names_each_architecture_and_a_failure(capsys):
+    lines = io.StringIO()
+    results = check.check(["sm_75", "sm_80"], source=kernels.source() + "\n}\n", progress=lines)
+    assert [r.ok for r in results] == [False, False]
+    progress = lines.getvalue().splitlines()
+    assert [line.split(":")[0] for line in progress] == ["[1/2] sm_75"] * 2 + ["[2/2] sm_80"] * 2
+    assert progress[1].endswith("FAILED: compilation failed")
+    assert capsys.readouterr() == ("", "")  # progress goes only to the stream given
 
 
 def test_syntax_error_fails():

@@ -12,9 +12,10 @@ import os
 import pathlib
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from roi_cupy._cuda import kernels
 
@@ -184,15 +185,41 @@ def check(
     archs: Sequence[str] = ARCHS,
     source: str | None = None,
     name_expressions: Sequence[str] = kernels.NAME_EXPRESSIONS,
+    progress: TextIO | None = None,
 ) -> list[ArchResult]:
     """Compile the kernels (or ``source``) for every architecture in ``archs``.
+
+    Args:
+        archs: target architectures, e.g. ``("sm_80",)``. Default: :data:`ARCHS`.
+        source: CUDA source to compile. Default: the kernels (:func:`kernels.source`).
+        name_expressions: the instantiations to compile. Default: every kernel's.
+        progress: where to write a line as each architecture starts and ends (one NVRTC run
+            each, seconds to minutes); None writes nothing. Default: None.
+
+    Returns:
+        list[ArchResult]: one per architecture, in the order of ``archs``.
 
     Raises:
         ToolsMissing: when NVRTC or the CUDA headers are not installed.
     """
     include = include_dir()
     text = kernels.source() if source is None else source
-    return [compile_source(text, arch, name_expressions, include) for arch in archs]
+    results = []
+    for i, arch in enumerate(archs, 1):
+        step = f"[{i}/{len(archs)}] {arch}:"
+        if progress is not None:
+            print(f"{step} compiling {len(name_expressions)} instantiations ...", file=progress,
+                  flush=True)
+        start = time.perf_counter()
+        result = compile_source(text, arch, name_expressions, include)
+        if progress is not None:
+            more = len(result.problems) - 1
+            outcome = "ok" if result.ok else f"FAILED: {result.problems[0]}" + (
+                f" (and {more} more)" if more else "")
+            print(f"{step} {time.perf_counter() - start:.1f} s, {outcome}", file=progress,
+                  flush=True)
+        results.append(result)
+    return results
 
 
 def _table(results: Sequence[ArchResult]) -> str:
@@ -227,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     archs = tuple(args.arch) if args.arch else ARCHS
     try:
-        results = check(archs)
+        results = check(archs, progress=sys.stderr)
     except ToolsMissing as exc:
         print(f"check-kernels: {exc}", file=sys.stderr)
         return 1
@@ -241,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"\ncheck-kernels: FAILED on {', '.join(r.arch for r in failed)}", file=sys.stderr)
         return 1
-    print(f"\ncheck-kernels: {total} instantiations x {len(archs)} architectures "
+    architectures = "architecture" if len(archs) == 1 else "architectures"
+    print(f"\ncheck-kernels: {total} instantiations x {len(archs)} {architectures} "
           f"({', '.join(archs)}) compiled without warnings")
     return 0
