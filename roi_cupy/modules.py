@@ -78,7 +78,7 @@ class RoiAlign(_RoiLayer):
     ):
         super().__init__(output_size, spatial_scale)
         self.sampling_ratio = ops._sampling(sampling_ratio)
-        self.aligned = bool(aligned)
+        self.aligned = ops._flag(aligned, "aligned")
 
     def _op(self, features: Any, boxes: Any) -> Any:
         return ops.roi_align(

@@ -6,6 +6,7 @@ the kind of array the caller passed.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -54,7 +55,7 @@ def _scale(spatial_scale: Any) -> float:
     if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool):
         raise TypeError(f"spatial_scale must be a real number, got {spatial_scale!r}")
     value = float(spatial_scale)
-    if not (numpy.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"spatial_scale must be positive and finite, got {spatial_scale!r}")
     return value
 
@@ -63,6 +64,14 @@ def _sampling(sampling_ratio: Any) -> int:
     if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
         raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
     return int(sampling_ratio)
+
+
+def _flag(value: Any, what: str) -> bool:
+    """A bool argument: ``True``/``False`` or a NumPy bool scalar; anything else is refused, since
+    ``bool("False")`` and ``bool(numpy.array([True, False]))`` would mislead."""
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise TypeError(f"{what} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def _input_shape(input_shape: Any) -> tuple[int, int, int, int]:
@@ -312,13 +321,14 @@ def roi_align(
     _check_features(call.array, "input")
     pooled_h, pooled_w = _pair(output_size)
     scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
+    aligned, validate = _flag(aligned, "aligned"), _flag(validate, "validate")
     prepared = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
     rois = prepared.array
     with call.scope():
         if validate:
             prepared.check(call.backend, call.array.shape[0])
         out = call.backend.roi_align_forward(
-            call.native(), rois, pooled_h, pooled_w, scale, ratio, bool(aligned)
+            call.native(), rois, pooled_h, pooled_w, scale, ratio, aligned
         )
     return call.give_back(out)
 
@@ -359,6 +369,7 @@ def roi_align_backward(
     shape = _input_shape(input_shape)
     size = _pair(output_size)
     scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
+    aligned, validate = _flag(aligned, "aligned"), _flag(validate, "validate")
     prepared = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
     rois = prepared.array
     _check_grad_output(call.array, rois.shape[0], shape[1], size)
@@ -366,7 +377,7 @@ def roi_align_backward(
         if validate:
             prepared.check(call.backend, shape[0])
         grad_input = call.backend.roi_align_backward(
-            call.native(), rois, shape, scale, ratio, bool(aligned)
+            call.native(), rois, shape, scale, ratio, aligned
         )
     return call.give_back(grad_input)
 
@@ -403,13 +414,15 @@ def roi_pool(
     _check_features(call.array, "input")
     pooled_h, pooled_w = _pair(output_size)
     scale = _scale(spatial_scale)
+    return_indices = _flag(return_indices, "return_indices")
+    validate = _flag(validate, "validate")
     prepared = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
     rois = prepared.array
     with call.scope():
         if validate:
             prepared.check(call.backend, call.array.shape[0])
         out, argmax = call.backend.roi_pool_forward(
-            call.native(), rois, pooled_h, pooled_w, scale, indices=bool(return_indices)
+            call.native(), rois, pooled_h, pooled_w, scale, indices=return_indices
         )
     if return_indices:
         return call.give_back(out), call.give_back(argmax)
@@ -439,6 +452,7 @@ def roi_pool_backward(
     """
     call = _Call(grad_output, "grad_output")
     shape = _input_shape(input_shape)
+    validate = _flag(validate, "validate")
     prepared = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
     rois = prepared.array
     _check_grad_output(call.array, rois.shape[0], shape[1], None)

@@ -252,6 +252,32 @@ def test_numpy_scalars_are_accepted(op):
     assert out.shape == (3, C, 2, 3) and out.dtype == numpy.float32
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [("aligned", "False"), ("aligned", 1), ("aligned", numpy.array([True, False])),
+     ("aligned", None), ("validate", "yes"), ("return_indices", 0)],
+    ids=str,
+)
+def test_flags_must_be_bools(name, value):
+    """``bool("False")`` is True: a flag that is not a bool is refused, not converted."""
+    op = "roi_pool" if name == "return_indices" else "roi_align"
+    with pytest.raises(TypeError, match=f"{name} must be a bool, got "):
+        forward(op, **{name: value})
+
+
+def test_numpy_bools_are_flags():
+    shifted = forward("roi_align", aligned=numpy.bool_(True), validate=numpy.bool_(False))
+    numpy.testing.assert_array_equal(shifted, forward("roi_align", aligned=True))
+    assert not numpy.array_equal(shifted, forward("roi_align", aligned=False))
+
+
+def test_backward_flags_must_be_bools():
+    with pytest.raises(TypeError, match="aligned must be a bool, got 'False'"):
+        align_backward(aligned="False")
+    with pytest.raises(TypeError, match="validate must be a bool, got 1"):
+        pool_backward(validate=1)
+
+
 # ----------------------------------------------------------------------------- backward
 def align_backward(g=None, boxes=None, input_shape=(N, C, H, W), output_size=2, **kwargs):
     g = grad() if g is None else g
