@@ -17,7 +17,7 @@ def available() -> tuple[bool, str]:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA installation found at import
         return False, (
-            f"CuPy is not importable (pip install 'roi_cupy[cuda13]' or '[cuda12]'): {exc}"
+            f"CuPy is not importable ({exc}): pip install 'roi_cupy[cuda13]' (or [cuda12])"
         )
     try:
         count = cupy.cuda.runtime.getDeviceCount()
