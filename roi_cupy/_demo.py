@@ -57,10 +57,12 @@ def _availability(name: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _pick_backend(name: str) -> str:
+def _pick_backend(name: str) -> tuple[str, str]:
+    """The backend to run on, and why ``auto`` passed over cuda ("" when it did not)."""
     if name != "auto":
-        return name
-    return "cuda" if _availability("cuda")[0] else "numpy"
+        return name, ""
+    ok, why = _availability("cuda")
+    return ("cuda", "") if ok else ("numpy", why)
 
 
 def _positive(text: str) -> int:
@@ -85,6 +87,18 @@ def _timed(fn: Any, sync: Any) -> tuple[Any, float, float]:
     return result, first, min(warm)
 
 
+# The text under the crops: what each operator does, and what the crops show because of it.
+CAPTION = (
+    "RoiAlign samples bilinearly: smooth, and exact to a fraction of a pixel.\n"
+    "RoiPool takes the maximum of each bin on the integer pixel grid: blocky.\n"
+    "It takes the maximum of each channel on its own, so a bin's R, G and B maxima may come\n"
+    "from different pixels, and where two colours meet the bin shows a colour neither has:\n"
+    "the sun's pink rim is the sun's red and green with the sky's blue.\n"
+    "The last box reaches past the image: RoiAlign counts its samples outside as 0,\n"
+    "and RoiPool gives 0 in the bins that hold no pixel."
+)
+
+
 def _save_png(
     path: str, image: numpy.ndarray, aligned: numpy.ndarray, pooled: numpy.ndarray
 ) -> str:
@@ -93,9 +107,28 @@ def _save_png(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
     except ImportError:
         return "PNG skipped: matplotlib is missing (pip install 'roi_cupy[demo]')"
+    fig = figure(image, aligned, pooled)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def figure(image: numpy.ndarray, aligned: numpy.ndarray, pooled: numpy.ndarray) -> Any:
+    """The demo's matplotlib figure: the image with its boxes, each box's crops, the caption.
+
+    Args:
+        image (ndarray[3, H, W]): the scene.
+        aligned (ndarray[K, 3, PH, PW]): RoiAlign's crops, one per box of :data:`BOXES`.
+        pooled (ndarray[K, 3, PH', PW']): RoiPool's crops.
+
+    Returns:
+        matplotlib.figure.Figure: needs matplotlib (the ``demo`` extra).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
     k = len(BOXES)
     fig = plt.figure(figsize=(12, 6.2), layout="constrained")
     grid = fig.add_gridspec(3, k + 2, width_ratios=[3.2, 0.05] + [1] * k)
@@ -106,7 +139,8 @@ def _save_png(
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, ec=colors[i]))
         # A box past the right edge gets its label inside the image.
         ax.text(min(x1 + 2, image.shape[2] - 6 * len(label)), y1 + 10, label, color=colors[i],
-                fontsize=8, weight="bold")
+                fontsize=8, weight="bold",
+                bbox={"facecolor": "white", "alpha": 0.75, "pad": 1, "linewidth": 0})
     ax.set_title("input [1, 3, 256, 384] with its boxes")
     ax.axis("off")
     for i, (label, *_) in enumerate(BOXES):
@@ -117,18 +151,8 @@ def _save_png(
             cell.axis("off")
     note = fig.add_subplot(grid[2, 2:])
     note.axis("off")
-    note.text(
-        0.0,
-        0.6,
-        "RoiAlign samples bilinearly (smooth, sub-pixel exact);\n"
-        "RoiPool takes the maximum of each bin on the integer pixel grid (blocky).\n"
-        "The last box reaches past the image: RoiAlign counts its outside samples as 0.",
-        fontsize=9,
-        va="center",
-    )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"wrote {path}"
+    note.text(0.0, 0.5, CAPTION, fontsize=9, va="center")
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    backend = _pick_backend(args.backend)
+    backend, passed_over = _pick_backend(args.backend)
     ok, why = _availability(backend)
     if not ok:
         parser.error(f"the {backend} backend cannot run here: {why}")
@@ -176,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         aligned, pooled = aligned.get(), pooled.get()
 
     print(f"roi_cupy {roi_cupy.__version__} demo on the {backend} backend")
+    if passed_over:
+        print(f"  (not on cuda: {passed_over})")
     print(f"input [1, 3, 256, 384] float32, {len(BOXES)} boxes: {', '.join(b[0] for b in BOXES)}")
     align_what = f"{args.size}x{args.size}, sampling_ratio 2, aligned"
     rows = (
