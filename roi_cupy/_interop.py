@@ -9,6 +9,7 @@ zero-copy through DLPack.
 from __future__ import annotations
 
 import importlib
+import numbers
 import sys
 from dataclasses import dataclass
 from types import ModuleType
@@ -70,7 +71,7 @@ def _from_dlpack(obj: Any, what: str) -> Any:
         raise TypeError(f"{what} could not report its DLPack device: {exc}") from exc
     try:
         if device_type in (_DL_CPU, _DL_CUDA_HOST):
-            return numpy.from_dlpack(obj)
+            return _host_array(obj, what)
         if device_type in (_DL_CUDA, _DL_CUDA_MANAGED):
             try:
                 import cupy
@@ -81,13 +82,88 @@ def _from_dlpack(obj: Any, what: str) -> Any:
                 ) from exc
             return cupy.from_dlpack(obj)
     except (BufferError, RuntimeError, TypeError) as exc:
-        hint = ""
-        if getattr(obj, "requires_grad", False):
-            hint = " (a tensor that requires grad cannot be exported: pass tensor.detach())"
-        raise TypeError(f"{what} could not be exported through DLPack: {exc}{hint}") from exc
+        raise TypeError(f"{what} could not be exported through DLPack: {exc}") from exc
     raise ValueError(
         f"{what} lives on DLPack device type {device_type}; only CPU and CUDA are supported"
     )
+
+
+def _host_array(obj: Any, what: str) -> numpy.ndarray:
+    """A CPU DLPack tensor as a NumPy array sharing its memory.
+
+    DLPack has bfloat16 but NumPy has none: a bfloat16 tensor's memory is reinterpreted as
+    ml_dtypes' bfloat16 (no copy, no rounding) where the producer allows.
+    """
+    if _framework(obj) == "torch" and str(obj.dtype) == "torch.bfloat16":
+        import torch
+
+        return numpy.from_dlpack(obj.view(torch.int16)).view(_bfloat16(what))
+    if _framework(obj) == "jax" and str(obj.dtype) == "bfloat16":
+        return numpy.asarray(obj)  # jax's host arrays are ml_dtypes arrays already
+    return numpy.from_dlpack(obj)
+
+
+def _bfloat16(what: str) -> numpy.dtype:
+    try:
+        import ml_dtypes
+    except ImportError as exc:
+        raise TypeError(
+            f"{what} is bfloat16, which NumPy knows only through ml_dtypes: pip install ml_dtypes"
+        ) from exc
+    return numpy.dtype(ml_dtypes.bfloat16)
+
+
+def _framework(obj: Any) -> str | None:
+    """``"torch"`` for a torch tensor, ``"jax"`` for a jax array or tracer, else None.
+
+    Only libraries already imported are asked: an object of a library cannot exist before it is
+    loaded, and roi_cupy never imports a framework itself.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return "torch"
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(obj, (jax.Array, jax.core.Tracer)):
+        return "jax"
+    return None
+
+
+def framework_of(obj: Any) -> str | None:
+    """The framework that owns ``obj`` (unwrapping a :class:`~roi_cupy.Tensor`): ``"torch"``,
+    ``"jax"`` or None for NumPy, CuPy and other DLPack producers."""
+    from roi_cupy._tensor import Tensor
+
+    return _framework(obj.native if isinstance(obj, Tensor) else obj)
+
+
+def is_tracer(obj: Any) -> bool:
+    """Whether ``obj`` is a JAX tracer (an array being traced by jit, grad or vmap)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(obj, jax.core.Tracer)
+
+
+def detached(obj: Any) -> Any:
+    """``obj``, or for a torch tensor that requires grad, its detached view (same memory), for
+    reading its data without taking part in autograd."""
+    if _framework(obj) == "torch" and obj.requires_grad:
+        return obj.detach()
+    return obj
+
+
+def _refuse_traced(obj: Any, what: str) -> None:
+    """Objects that have no data to export yet, or whose gradient would be lost silently."""
+    if is_tracer(obj):
+        raise TypeError(
+            f"{what} is a JAX tracer (inside jax.jit, jax.grad or jax.vmap), which has no data "
+            "for roi_cupy to read: use roi_cupy.jax.roi_align / roi_pool, which trace, "
+            "differentiate and vectorise"
+        )
+    if _framework(obj) == "torch" and obj.requires_grad:
+        raise TypeError(
+            f"{what} requires grad, and the functional roi_cupy ops keep no autograd graph: "
+            "use roi_cupy.torch.roi_align / roi_pool (autograd, torch.compile), or pass "
+            "tensor.detach() if no gradient should flow"
+        )
 
 
 def unwrap(obj: Any, what: str) -> tuple[Any, Kind]:
@@ -110,20 +186,35 @@ def unwrap(obj: Any, what: str) -> tuple[Any, Kind]:
         return obj, Kind("numpy")
     if is_cupy_array(obj):
         return obj, Kind("cupy")
+    _refuse_traced(obj, what)
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        library = type(obj).__module__.split(".")[0]
+        library = _framework(obj) or type(obj).__module__.split(".")[0]
         return _from_dlpack(obj, what), Kind("dlpack", library=library)
+    hint = ""
+    if isinstance(obj, (list, tuple, numbers.Number)):
+        hint = " (Python numbers and lists are not taken: pass numpy.asarray(..., dtype=numpy.float32))"
     raise TypeError(
         f"{what} must be a NumPy or CuPy array, a roi_cupy.Tensor or a DLPack tensor, "
-        f"got {_describe(obj)}"
+        f"got {_describe(obj)}{hint}"
     )
 
 
-def _library_from_dlpack(library: str) -> Any:
-    module = importlib.import_module(library)
+def _give_to(library: str, array: Any) -> Any:
+    """``array`` (NumPy or CuPy) as an array of the DLPack producer ``library``."""
+    if numpy.dtype(array.dtype).name == "bfloat16" and not is_cupy_array(array):
+        if library == "torch":  # torch cannot import ml_dtypes' bfloat16: reinterpret the bits
+            import torch
+
+            return torch.from_numpy(array.view(numpy.int16)).view(torch.bfloat16)
+        if library == "jax":
+            import jax.numpy
+
+            return jax.numpy.asarray(array)
     if library == "jax":
-        return importlib.import_module("jax.numpy").from_dlpack
-    return module.from_dlpack
+        import jax.numpy
+
+        return jax.numpy.from_dlpack(array)
+    return importlib.import_module(library).from_dlpack(array)
 
 
 def wrap(array: Any, kind: Kind) -> Any:
@@ -133,7 +224,7 @@ def wrap(array: Any, kind: Kind) -> Any:
 
         return Tensor(data=wrap(array, kind.inner), trainable=False)
     if kind.name == "dlpack":
-        return _library_from_dlpack(kind.library)(array)
+        return _give_to(kind.library, array)
     return array
 
 

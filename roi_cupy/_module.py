@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy
+
 from roi_cupy import _interop
 
 
@@ -17,8 +19,16 @@ class ModuleNative:
     Non-array arguments pass through unchanged. Results may be a single array or a tuple of
     arrays.
 
+    A layer that can take part in a framework's autograd lists the framework in ``FRAMEWORKS``
+    (``"torch"``, ``"jax"``) and implements ``_call_torch`` / ``_call_jax``: when the first array
+    argument belongs to such a framework, those get the framework's own tensors (a ``Tensor``'s
+    ``native``), untouched, and their results are given back as they are (as ``Tensor`` when the
+    first argument was one).
+
     Subclasses implement ``_call_numpy`` and ``_call_cupy`` and may override ``build``.
     """
+
+    FRAMEWORKS: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         self._built = False
@@ -27,6 +37,10 @@ class ModuleNative:
         """Called once, before the first call, with the native arguments."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leading = next((a for a in (*args, *kwargs.values()) if _is_array_like(a)), None)
+        framework = _interop.framework_of(leading)
+        if framework in self.FRAMEWORKS:
+            return self._call_in_framework(framework, leading, args, kwargs)
         kind, device, first = None, None, None
 
         def native(arg: Any, what: str) -> Any:
@@ -55,6 +69,42 @@ class ModuleNative:
         if isinstance(result, tuple):
             return tuple(_interop.wrap(r, kind) for r in result)
         return _interop.wrap(result, kind)
+
+    def _call_in_framework(
+        self, framework: str, leading: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        from roi_cupy._tensor import Tensor
+
+        def native(arg: Any, what: str) -> Any:
+            if not _is_array_like(arg):
+                return arg
+            # JAX functions take NumPy arrays as they are, so a JAX call may mix them in.
+            plain_ok = framework == "jax" and isinstance(arg, numpy.ndarray)
+            if _interop.framework_of(arg) != framework and not plain_ok:
+                raise TypeError(
+                    f"{what} must be a {framework} array like the first array argument, "
+                    f"got {type(arg).__module__}.{type(arg).__qualname__}"
+                )
+            return arg.native if isinstance(arg, Tensor) else arg
+
+        natives = [native(arg, f"argument {i}") for i, arg in enumerate(args)]
+        kwargs = {name: native(arg, f"argument {name!r}") for name, arg in kwargs.items()}
+        if not getattr(self, "_built", False):
+            self.build(*natives, **kwargs)
+            self._built = True
+        call = {"torch": self._call_torch, "jax": self._call_jax}[framework]
+        result = call(*natives, **kwargs)
+        if not isinstance(leading, Tensor):
+            return result
+        if isinstance(result, tuple):
+            return tuple(Tensor(data=r) for r in result)
+        return Tensor(data=result)
+
+    def _call_torch(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no PyTorch implementation")
+
+    def _call_jax(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no JAX implementation")
 
     def _call_numpy(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no NumPy implementation")

@@ -8,34 +8,62 @@ from roi_cupy._module import ModuleNative
 
 
 class _RoiLayer(ModuleNative):
-    """Shared call path: ``(features [N, C, H, W], rois [N, K, 4]) -> [N, K, C, PH, PW]``."""
+    """Shared call path: ``(features [N, C, H, W], rois [N, K, 4]) -> [N, K, C, PH, PW]``.
+
+    NumPy, CuPy and DLPack arrays run the functional ops; torch tensors run
+    :mod:`roi_cupy.torch` and JAX arrays :mod:`roi_cupy.jax`, so gradients flow to the features.
+    """
+
+    FRAMEWORKS = frozenset({"torch", "jax"})
 
     def __init__(self, output_size: ops.SizeLike, spatial_scale: float = 1.0):
         super().__init__()
         self.output_size = ops._pair(output_size)
         self.spatial_scale = ops._scale(spatial_scale)
 
-    def _op(self, features: Any, boxes: Any) -> Any:
+    def _op(self, ops_module: Any, features: Any, boxes: Any) -> Any:
+        """The layer's op from ``ops_module`` (roi_cupy.ops or an adapter) on ``[K, 5]`` boxes
+        or a list of per-image ``[K, 4]`` boxes."""
         raise NotImplementedError
 
-    def _forward(self, features: Any, rois: Any) -> Any:
-        ops._check_features(features, "features")
-        if rois.ndim != 3 or rois.shape[2] != 4:
+    @staticmethod
+    def _check_rois(features: Any, rois: Any) -> None:
+        if len(rois.shape) != 3 or rois.shape[2] != 4:
             raise ValueError(f"rois must have shape [N, K, 4], got {tuple(rois.shape)}")
         if rois.shape[0] != features.shape[0]:
             raise ValueError(
                 f"rois must hold boxes for each of the N = {features.shape[0]} images, "
                 f"got {rois.shape[0]}"
             )
+
+    @staticmethod
+    def _per_image(out: Any, rois: Any) -> Any:
         n, k = rois.shape[:2]
-        out = self._op(features, ops.convert_boxes_to_roi_format(rois))
         return out.reshape((n, k) + tuple(out.shape[1:]))
+
+    def _forward(self, features: Any, rois: Any) -> Any:
+        ops._check_features(features, "features")
+        self._check_rois(features, rois)
+        return self._per_image(self._op(ops, features, ops.convert_boxes_to_roi_format(rois)), rois)
 
     def _call_numpy(self, features: Any, rois: Any) -> Any:
         return self._forward(features, rois)
 
     def _call_cupy(self, features: Any, rois: Any) -> Any:
         return self._forward(features, rois)
+
+    def _call_torch(self, features: Any, rois: Any) -> Any:
+        import roi_cupy.torch
+
+        self._check_rois(features, rois)
+        return self._per_image(self._op(roi_cupy.torch, features, list(rois.unbind(0))), rois)
+
+    def _call_jax(self, features: Any, rois: Any) -> Any:
+        import roi_cupy.jax
+
+        self._check_rois(features, rois)
+        per_image = [rois[i] for i in range(rois.shape[0])]
+        return self._per_image(self._op(roi_cupy.jax, features, per_image), rois)
 
 
 class RoiPool(_RoiLayer):
@@ -49,8 +77,8 @@ class RoiPool(_RoiLayer):
         spatial_scale (float): maps box coordinates to feature coordinates. Default: 1.0.
     """
 
-    def _op(self, features: Any, boxes: Any) -> Any:
-        return ops.roi_pool(features, boxes, self.output_size, self.spatial_scale)
+    def _op(self, ops_module: Any, features: Any, boxes: Any) -> Any:
+        return ops_module.roi_pool(features, boxes, self.output_size, self.spatial_scale)
 
 
 class RoiAlign(_RoiLayer):
@@ -80,7 +108,7 @@ class RoiAlign(_RoiLayer):
         self.sampling_ratio = ops._sampling(sampling_ratio)
         self.aligned = ops._flag(aligned, "aligned")
 
-    def _op(self, features: Any, boxes: Any) -> Any:
-        return ops.roi_align(
+    def _op(self, ops_module: Any, features: Any, boxes: Any) -> Any:
+        return ops_module.roi_align(
             features, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
         )

@@ -160,8 +160,9 @@ def test_torch_module_call_and_requires_grad_message():
     x = torch.from_numpy(_features())
     out = layer(x, torch.from_numpy(_rois()))
     assert isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 3, 3, 7, 4)
-    with pytest.raises(TypeError, match="detach"):
-        layer(x.clone().requires_grad_(True), torch.from_numpy(_rois()))
+    boxes = roi_cupy.convert_boxes_to_roi_format(torch.from_numpy(_rois()))
+    with pytest.raises(TypeError, match=r"input requires grad.*use roi_cupy\.torch\.roi_align"):
+        roi_cupy.roi_align(x.clone().requires_grad_(True), boxes, 2)
 
 
 def test_arrays_on_different_devices_are_named(monkeypatch):
@@ -174,3 +175,54 @@ def test_arrays_on_different_devices_are_named(monkeypatch):
         roi_cupy.roi_align(x, boxes, 2)
     with pytest.raises(ValueError, match="argument 1 is on cuda:1 but argument 0 is on cpu"):
         _Echo()(x, boxes)
+
+
+# ----------------------------------------------------------------------------- first contact
+def test_boxes_as_python_lists_get_a_hint():
+    with pytest.raises(TypeError, match=r"boxes\[0\] must be .*got builtins.list .*numpy.asarray"):
+        roi_cupy.roi_align(_features(), [[[0.0, 0.0, 4.0, 4.0]], [[1.0, 1.0, 5.0, 5.0]]], 2)
+
+
+def test_torch_bfloat16_cpu_is_read_in_place():
+    torch = _torch()
+    pytest.importorskip("ml_dtypes", reason="ml_dtypes gives NumPy its bfloat16")
+    from roi_cupy import _interop
+
+    x = torch.from_numpy(_features()).to(torch.bfloat16)
+    array, _ = _interop.unwrap(x, "input")
+    assert array.dtype.name == "bfloat16" and array.ctypes.data == x.data_ptr()
+    boxes = roi_cupy.convert_boxes_to_roi_format(_rois())
+    got = roi_cupy.roi_align(x, torch.from_numpy(boxes), 3, 1.0, 2, True)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.bfloat16
+    expected = roi_cupy.roi_align(array, boxes, 3, 1.0, 2, True)
+    assert torch.equal(got, torch.from_numpy(expected.view(numpy.int16)).view(torch.bfloat16))
+
+
+def test_tensor_keeps_a_tensor_that_requires_grad():
+    torch = _torch()
+    parameter = torch.nn.Parameter(torch.from_numpy(_features()))
+    t = Tensor(data=parameter, trainable=True)
+    assert t.native is parameter and t.trainable
+    assert t.shape == tuple(parameter.shape) and t.dtype == numpy.float32 and t.device == "cpu"
+    assert numpy.shares_memory(t.numpy(), parameter.detach().numpy())
+
+
+def _jax():
+    return pytest.importorskip("jax", reason="jax is not installed: JAX round trips are not checked")
+
+
+def test_jax_arrays_through_the_plain_ops():
+    jax = _jax()
+    x, boxes = _features(), roi_cupy.convert_boxes_to_roi_format(_rois())
+    got = roi_cupy.roi_align(jax.numpy.asarray(x), jax.numpy.asarray(boxes), 3, 0.5, 2, True)
+    assert isinstance(got, jax.Array) and got.dtype == numpy.float32
+    numpy.testing.assert_array_equal(numpy.asarray(got), roi_cupy.roi_align(x, boxes, 3, 0.5, 2, True))
+    wrapped = roi_cupy.RoiPool(2)(Tensor(data=jax.numpy.asarray(x)), _rois())
+    assert isinstance(wrapped, Tensor) and isinstance(wrapped.native, jax.Array)
+
+
+def test_jax_tracers_point_to_the_adapter():
+    jax = _jax()
+    boxes = roi_cupy.convert_boxes_to_roi_format(_rois())
+    with pytest.raises(TypeError, match=r"input is a JAX tracer .*roi_cupy\.jax\.roi_align"):
+        jax.jit(lambda x: roi_cupy.roi_align(x, boxes, 2))(_features())
