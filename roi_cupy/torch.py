@@ -1,0 +1,467 @@
+"""PyTorch adapter: roi_cupy's operators as torch operators that train and compile.
+
+``import roi_cupy.torch`` registers four operators in the ``roi_cupy`` namespace
+(``torch.ops.roi_cupy.roi_align``, ``roi_align_backward``, ``roi_pool``, ``roi_pool_backward``)
+with ``torch.library.custom_op``: each has a fake (meta) implementation, so ``torch.compile``
+traces through it with ``fullgraph=True``, and the forward operators have autograd formulas whose
+backward is itself one of these operators. The functions and modules below have the signatures,
+defaults and numbers of ``torchvision.ops``.
+
+What runs where: CPU tensors run roi_cupy's NumPy backend on the tensor's own memory (no copy,
+any strides, bfloat16 reinterpreted bit for bit); CUDA tensors run the CUDA kernels through CuPy
+on the tensor's device, launched on ``torch.cuda.current_stream()``, with every array the
+launch needs (the output included) allocated by torch's caching allocator on that stream.
+
+Gradients flow to the features; boxes get none, as in torchvision. Argument checks are roi_cupy's
+own (:mod:`roi_cupy.ops`), so errors read the same as for the functional ops.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from roi_cupy import ops
+
+__all__ = [
+    "MultiScaleRoIAlign",
+    "RoIAlign",
+    "RoIPool",
+    "roi_align",
+    "roi_pool",
+]
+
+
+# ----------------------------------------------------------------------------- running the ops
+def _torch_allocator(device: torch.device) -> Any:
+    """A CuPy allocator that takes its memory from torch's caching allocator on ``device``."""
+    import cupy
+
+    def allocate(size: int) -> Any:
+        block = torch.empty(size, dtype=torch.uint8, device=device)
+        memory = cupy.cuda.UnownedMemory(block.data_ptr(), size, block, device.index)
+        return cupy.cuda.MemoryPointer(memory, 0)
+
+    return allocate
+
+
+@contextlib.contextmanager
+def _on_device_of(tensor: Tensor) -> Iterator[None]:
+    """For a CUDA tensor: its device current, CuPy on torch's current stream and allocator.
+
+    Everything roi_cupy does inside, the DLPack exchange of the results included, is ordered on
+    the stream torch's own next operation uses, so CUDA graph capture and side streams see one
+    stream. For a CPU tensor: nothing to do.
+    """
+    if tensor.device.type != "cuda":
+        yield
+        return
+    import cupy
+
+    device = tensor.device
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(
+        stream.cuda_stream, device.index
+    ), cupy.cuda.using_allocator(_torch_allocator(device)):
+        yield
+
+
+def _given_boxes(boxes: list[Tensor], per_image: bool) -> Any:
+    """The boxes argument as the functional ops take it (detached: no graph crosses DLPack)."""
+    detached = [b.detach() for b in boxes]
+    return detached if per_image else detached[0]
+
+
+def _roi_count(boxes: list[Tensor], per_image: bool) -> Any:
+    return sum(b.shape[0] for b in boxes) if per_image else boxes[0].shape[0]
+
+
+# ----------------------------------------------------------------------------- RoI Align operators
+@torch.library.custom_op("roi_cupy::roi_align", mutates_args=())
+def _roi_align(
+    input: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    validate: bool,
+) -> Tensor:
+    with _on_device_of(input):
+        return ops.roi_align(
+            input.detach(), _given_boxes(boxes, per_image), (pooled_h, pooled_w), spatial_scale,
+            sampling_ratio, aligned, validate=validate,
+        )
+
+
+@_roi_align.register_fake
+def _(input, boxes, per_image, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+      validate):
+    return input.new_empty((_roi_count(boxes, per_image), input.shape[1], pooled_h, pooled_w))
+
+
+@torch.library.custom_op("roi_cupy::roi_align_backward", mutates_args=())
+def _roi_align_backward(
+    grad_output: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    input_shape: Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    pooled = tuple(grad_output.shape[2:])
+    with _on_device_of(grad_output):
+        return ops.roi_align_backward(
+            grad_output.detach(), _given_boxes(boxes, per_image), tuple(input_shape), pooled,
+            spatial_scale, sampling_ratio, aligned, validate=False,
+        )
+
+
+@_roi_align_backward.register_fake
+def _(grad_output, boxes, per_image, input_shape, spatial_scale, sampling_ratio, aligned):
+    return grad_output.new_empty(tuple(input_shape))
+
+
+def _roi_align_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    input, boxes, per_image, _, _, spatial_scale, sampling_ratio, aligned, _ = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (per_image, tuple(input.shape), spatial_scale, sampling_ratio, aligned)
+
+
+def _roi_align_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+    per_image, shape, spatial_scale, sampling_ratio, aligned = ctx.args
+    grad_input = _roi_align_backward(
+        grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale, sampling_ratio,
+        aligned,
+    )
+    return (grad_input, [None] * len(ctx.saved_tensors)) + (None,) * 7
+
+
+_roi_align.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
+
+
+def _roi_align_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (per_image, tuple(grad_output.shape[2:]), spatial_scale, sampling_ratio, aligned)
+
+
+def _roi_align_backward_grad(ctx: Any, grad_grad_input: Tensor) -> tuple[Any, ...]:
+    # The backward is linear in grad_output; its adjoint is the forward.
+    per_image, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned = ctx.args
+    grad_grad_output = _roi_align(
+        grad_grad_input, list(ctx.saved_tensors), per_image, pooled_h, pooled_w, spatial_scale,
+        sampling_ratio, aligned, False,
+    )
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 5
+
+
+_roi_align_backward.register_autograd(
+    _roi_align_backward_grad, setup_context=_roi_align_backward_setup
+)
+
+
+# ----------------------------------------------------------------------------- RoI Pool operators
+@torch.library.custom_op("roi_cupy::roi_pool", mutates_args=())
+def _roi_pool(
+    input: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    validate: bool,
+) -> tuple[Tensor, Tensor]:
+    with _on_device_of(input):
+        return ops.roi_pool(
+            input.detach(), _given_boxes(boxes, per_image), (pooled_h, pooled_w), spatial_scale,
+            return_indices=True, validate=validate,
+        )
+
+
+@_roi_pool.register_fake
+def _(input, boxes, per_image, pooled_h, pooled_w, spatial_scale, validate):
+    shape = (_roi_count(boxes, per_image), input.shape[1], pooled_h, pooled_w)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("roi_cupy::roi_pool_backward", mutates_args=())
+def _roi_pool_backward(
+    grad_output: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    indices: Tensor,
+    input_shape: Sequence[int],
+) -> Tensor:
+    with _on_device_of(grad_output):
+        return ops.roi_pool_backward(
+            grad_output.detach(), _given_boxes(boxes, per_image), indices.detach(),
+            tuple(input_shape), validate=False,
+        )
+
+
+@_roi_pool_backward.register_fake
+def _(grad_output, boxes, per_image, indices, input_shape):
+    return grad_output.new_empty(tuple(input_shape))
+
+
+def _roi_pool_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    input, boxes, per_image = inputs[:3]
+    ctx.save_for_backward(output[1], *boxes)
+    ctx.args = (per_image, tuple(input.shape))
+
+
+def _roi_pool_grad(ctx: Any, grad_output: Tensor, _grad_indices: Any) -> tuple[Any, ...]:
+    per_image, shape = ctx.args
+    indices, *boxes = ctx.saved_tensors
+    grad_input = _roi_pool_backward(grad_output, boxes, per_image, indices, shape)
+    return (grad_input, [None] * len(boxes)) + (None,) * 5
+
+
+_roi_pool.register_autograd(_roi_pool_grad, setup_context=_roi_pool_setup)
+
+
+# ----------------------------------------------------------------------------- functional
+def _boxes(boxes: Any) -> tuple[list[Tensor], bool]:
+    """``(tensors, per_image)``: ``[boxes]`` for a ``Tensor[K, 5]``, the list for per-image boxes."""
+    if isinstance(boxes, Tensor):
+        return [boxes], False
+    if isinstance(boxes, (list, tuple)) and all(isinstance(b, Tensor) for b in boxes):
+        return list(boxes), True
+    raise TypeError(
+        "boxes must be a torch.Tensor[K, 5] or a list of torch.Tensor[L, 4] (one per image), "
+        f"got {type(boxes).__module__}.{type(boxes).__qualname__}"
+    )
+
+
+def _check_input(input: Any) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(
+            f"input must be a torch.Tensor, got {type(input).__module__}.{type(input).__qualname__}"
+            " (roi_cupy.roi_align takes NumPy, CuPy and DLPack arrays)"
+        )
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """RoI Align with autograd, as ``torchvision.ops.roi_align``.
+
+    Args:
+        input (Tensor[N, C, H, W]): features, float16, bfloat16, float32 or float64, on the CPU
+            or a CUDA device.
+        boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): ``(batch_index, x1, y1, x2, y2)`` rows,
+            or each image's ``(x1, y1, x2, y2)`` boxes, on the input's device.
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor. Default: 1.0.
+        sampling_ratio (int): samples per bin and axis, ``<= 0`` adaptive. Default: -1.
+        aligned (bool): half-pixel shift of the boxes. Default: False.
+        validate (bool): reject non-finite boxes and batch indices outside ``[0, N)`` (on a GPU
+            one synchronisation, which a CUDA graph capture does not allow); with ``False``
+            such RoIs give zeros. Default: True.
+
+    Returns:
+        Tensor[K, C, PH, PW]: in the input's dtype and device; differentiable in ``input``.
+    """
+    _check_input(input)
+    tensors, per_image = _boxes(boxes)
+    pooled_h, pooled_w = ops._pair(output_size)
+    return _roi_align(
+        input, tensors, per_image, pooled_h, pooled_w, ops._scale(spatial_scale),
+        ops._sampling(sampling_ratio), ops._flag(aligned, "aligned"), ops._flag(validate, "validate"),
+    )
+
+
+def roi_pool(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """RoI Pool with autograd, as ``torchvision.ops.roi_pool``.
+
+    Args:
+        input (Tensor[N, C, H, W]): features, float16, bfloat16, float32 or float64.
+        boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): as for :func:`roi_align`.
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor. Default: 1.0.
+        validate (bool): as for :func:`roi_align`. Default: True.
+
+    Returns:
+        Tensor[K, C, PH, PW]: in the input's dtype and device; differentiable in ``input``.
+    """
+    _check_input(input)
+    tensors, per_image = _boxes(boxes)
+    pooled_h, pooled_w = ops._pair(output_size)
+    output, _ = _roi_pool(
+        input, tensors, per_image, pooled_h, pooled_w, ops._scale(spatial_scale),
+        ops._flag(validate, "validate"),
+    )
+    return output
+
+
+# ----------------------------------------------------------------------------- modules
+class RoIAlign(nn.Module):
+    """:func:`roi_align` as a module, as ``torchvision.ops.RoIAlign``."""
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool = False,
+    ):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_align(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(output_size={self.output_size}, "
+            f"spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, "
+            f"aligned={self.aligned})"
+        )
+
+
+class RoIPool(nn.Module):
+    """:func:`roi_pool` as a module, as ``torchvision.ops.RoIPool``."""
+
+    def __init__(self, output_size: int | tuple[int, int], spatial_scale: float):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(output_size={self.output_size}, "
+            f"spatial_scale={self.spatial_scale})"
+        )
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoI Align over a feature pyramid, as ``torchvision.ops.MultiScaleRoIAlign``.
+
+    Each box is pooled from one level: ``k = floor(canonical_level + log2(sqrt(area) /
+    canonical_scale) + 1e-6)``, clamped to the levels present (the FPN paper's eq. 1). The
+    level scales are inferred on the first call from the feature and image sizes,
+    ``2 ** round(log2(feature_size / image_size))`` along the height, and kept. Results come in
+    the boxes' order.
+
+    Args:
+        featmap_names (list[str]): the keys of the feature maps to pool from; maps are taken in
+            the order of the dict given to :meth:`forward`.
+        output_size (int or (int, int)): ``PH, PW``.
+        sampling_ratio (int): samples per bin and axis, ``<= 0`` adaptive.
+        canonical_scale (int): box size that maps to ``canonical_level``. Default: 224.
+        canonical_level (int): Default: 4.
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int | tuple[int, int] | list[int],
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ):
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.output_size = ops._pair(output_size)
+        self.sampling_ratio = ops._sampling(sampling_ratio)
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.scales: list[float] | None = None
+
+    def forward(
+        self,
+        x: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> Tensor:
+        """Pool every box from its level.
+
+        Args:
+            x (dict[str, Tensor[N, C, H_l, W_l]]): the feature maps, finest first.
+            boxes (list of N Tensor[L_i, 4]): each image's boxes in image coordinates.
+            image_shapes (list of (int, int)): each image's ``(height, width)`` before the
+                backbone, from which the level scales are inferred.
+
+        Returns:
+            Tensor[sum L_i, C, PH, PW]
+        """
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if not features:
+            raise ValueError(
+                f"x must hold at least one of the maps {self.featmap_names}, got keys {list(x)}"
+            )
+        if self.scales is None:
+            self.scales = _infer_scales(features, image_shapes)
+        if len(features) == 1:
+            return roi_align(features[0], boxes, self.output_size, self.scales[0],
+                             self.sampling_ratio)
+        levels = self._levels(boxes)
+        result = features[0].new_zeros(
+            (levels.shape[0], features[0].shape[1]) + self.output_size
+        )
+        rois = torch.cat(
+            [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
+        )
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            chosen = torch.where(levels == level)[0]
+            pooled = roi_align(feature, rois[chosen], self.output_size, scale, self.sampling_ratio)
+            result[chosen] = pooled.to(result.dtype)
+        return result
+
+    def _levels(self, boxes: list[Tensor]) -> Tensor:
+        """The level of each box, 0 for the finest map given."""
+        first = -torch.log2(torch.tensor(self.scales[0], dtype=torch.float32)).item()
+        last = -torch.log2(torch.tensor(self.scales[-1], dtype=torch.float32)).item()
+        lowest, highest = int(first), int(last)
+        size = torch.sqrt(torch.cat([(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in boxes]))
+        eps = torch.tensor(1e-6, dtype=size.dtype)
+        level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_scale) + eps)
+        return (torch.clamp(level, min=lowest, max=highest).to(torch.int64) - lowest)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(featmap_names={self.featmap_names}, "
+            f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})"
+        )
+
+
+def _infer_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
+    """Each map's scale: the power of two nearest ``map height / largest image height``."""
+    if not image_shapes:
+        raise ValueError("image_shapes must hold each image's (height, width), got an empty list")
+    height = max(int(shape[0]) for shape in image_shapes)
+    scales = []
+    for feature in features:
+        ratio = float(feature.shape[-2]) / float(height)
+        scales.append(2.0 ** float(torch.tensor(ratio).log2().round()))
+    return scales

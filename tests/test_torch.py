@@ -1,0 +1,338 @@
+"""roi_cupy.torch: torch operators with autograd, torch.compile, modules, and the babilim layers
+training through them. The numbers are those of roi_cupy's functional ops (pinned against the
+float64 reference elsewhere); here every dtype and device path is compared with them."""
+from __future__ import annotations
+
+import math
+
+import numpy
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed: roi_cupy.torch is not tested")
+
+import roi_cupy  # noqa: E402
+import roi_cupy.torch as rt  # noqa: E402
+from conftest import BFLOAT16  # noqa: E402
+
+RNG = numpy.random.default_rng(11)
+N, C, H, W = 2, 3, 12, 14
+DTYPES = [torch.float16, torch.float32, torch.float64] + ([torch.bfloat16] if BFLOAT16 else [])
+
+
+def _features(dtype=torch.float64, shape=(N, C, H, W)):
+    return torch.from_numpy(RNG.uniform(-1, 1, shape)).to(dtype)
+
+
+def _boxes(k=5, dtype=torch.float64, n=N):
+    xy = RNG.uniform(-1, 9, size=(k, 2))
+    wh = RNG.uniform(0.5, 7, size=(k, 2))
+    index = RNG.integers(0, n, size=(k, 1))
+    return torch.from_numpy(numpy.concatenate([index, xy, xy + wh], axis=1)).to(dtype)
+
+
+def _numpy(t):
+    """A torch tensor as NumPy (bfloat16 through ml_dtypes, bit for bit)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BFLOAT16)
+    return t.numpy()
+
+
+ALIGN_CASES = [
+    dict(output_size=(3, 2), spatial_scale=0.5, sampling_ratio=2, aligned=True),
+    dict(output_size=4, spatial_scale=1.0, sampling_ratio=-1, aligned=False),
+    dict(output_size=(2, 5), spatial_scale=0.75, sampling_ratio=0, aligned=True),
+]
+
+
+# ----------------------------------------------------------------------------- numbers and gradients
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(ALIGN_CASES)))
+def test_roi_align_forward_and_gradient_are_roi_cupys(dtype, case):
+    kwargs = ALIGN_CASES[case]
+    x, boxes = _features(dtype).requires_grad_(), _boxes(dtype=torch.float32)
+    out = rt.roi_align(x, boxes, **kwargs)
+    assert out.dtype == dtype and out.requires_grad
+    expected = roi_cupy.roi_align(_numpy(x), boxes.numpy(), **kwargs)
+    numpy.testing.assert_array_equal(_numpy(out), expected)
+    g = torch.from_numpy(RNG.uniform(-1, 1, tuple(out.shape))).to(dtype)
+    (grad,) = torch.autograd.grad(out, x, g)
+    size = kwargs["output_size"]
+    rest = {k: v for k, v in kwargs.items() if k != "output_size"}
+    expected = roi_cupy.roi_align_backward(_numpy(g), boxes.numpy(), x.shape, size, **rest)
+    assert grad.dtype == dtype
+    numpy.testing.assert_array_equal(_numpy(grad), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_roi_pool_forward_and_gradient_are_roi_cupys(dtype):
+    x, boxes = _features(dtype).requires_grad_(), _boxes(dtype=torch.float32)
+    out = rt.roi_pool(x, boxes, (3, 2), 0.5)
+    expected, indices = roi_cupy.roi_pool(_numpy(x), boxes.numpy(), (3, 2), 0.5, return_indices=True)
+    numpy.testing.assert_array_equal(_numpy(out), expected)
+    g = torch.from_numpy(RNG.uniform(-1, 1, tuple(out.shape))).to(dtype)
+    (grad,) = torch.autograd.grad(out, x, g)
+    expected = roi_cupy.roi_pool_backward(_numpy(g), boxes.numpy(), indices, x.shape)
+    numpy.testing.assert_array_equal(_numpy(grad), expected)
+
+
+def test_per_image_boxes_equal_the_index_column():
+    x = _features().requires_grad_()
+    per_image = [_boxes(4)[:, 1:], _boxes(2)[:, 1:]]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=b.dtype), b], 1)
+                      for i, b in enumerate(per_image)])
+    for op in (lambda b: rt.roi_align(x, b, 3, 0.5, 2, True), lambda b: rt.roi_pool(x, b, 3, 0.5)):
+        listed, stacked = op(per_image), op(rois)
+        assert torch.equal(listed, stacked)
+        g = torch.randn_like(listed)
+        assert torch.equal(torch.autograd.grad(listed, x, g)[0], torch.autograd.grad(stacked, x, g)[0])
+
+
+def test_boxes_get_no_gradient():
+    x, boxes = _features().requires_grad_(), _boxes().requires_grad_()
+    rt.roi_align(x, boxes, 2).sum().backward()
+    assert x.grad is not None and boxes.grad is None
+
+
+def test_channels_last_and_strided_inputs_give_the_same_numbers():
+    x, boxes = _features(torch.float32), _boxes(dtype=torch.float32)
+    expected = rt.roi_align(x, boxes, 3, 0.5, 2, True)
+    assert torch.equal(rt.roi_align(x.to(memory_format=torch.channels_last), boxes, 3, 0.5, 2, True),
+                       expected)
+    wide = torch.full((N, C, H, 2 * W), float("nan"))
+    wide[..., ::2] = x
+    assert torch.equal(rt.roi_align(wide[..., ::2], boxes, 3, 0.5, 2, True), expected)
+
+
+def test_expanded_gradients_are_read_through_their_strides():
+    x, boxes = _features().requires_grad_(), _boxes()
+    out = rt.roi_align(x, boxes, 3, 1.0, 2, False)
+    (from_sum,) = torch.autograd.grad(out.sum(), x, retain_graph=True)  # a stride-0 grad_output
+    (from_ones,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(from_sum, from_ones)
+
+
+# ----------------------------------------------------------------------------- torch's own checks
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_gradcheck_roi_align(aligned, sampling_ratio):
+    x, boxes = _features(shape=(N, 2, 8, 9)).requires_grad_(), _boxes(4)
+    fn = lambda x: rt.roi_align(x, boxes, (3, 2), 0.5, sampling_ratio, aligned)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_gradgradcheck_roi_align():
+    x, boxes = _features(shape=(1, 2, 7, 8)).requires_grad_(), _boxes(3, n=1)
+    assert torch.autograd.gradgradcheck(lambda x: rt.roi_align(x, boxes, 2, 1.0, 2, True), (x,))
+
+
+def test_gradcheck_roi_pool():
+    x, boxes = _features(shape=(N, 2, 8, 9)).requires_grad_(), _boxes(4)
+    assert torch.autograd.gradcheck(lambda x: rt.roi_pool(x, boxes, (3, 2), 0.5), (x,))
+
+
+def test_opcheck_every_operator():
+    x, boxes, per_image = _features().requires_grad_(), _boxes(), [_boxes(3)[:, 1:], _boxes(1)[:, 1:]]
+    ops = torch.ops.roi_cupy
+    g = torch.randn(5, C, 3, 2, dtype=torch.float64)
+    _, indices = ops.roi_pool(x.detach(), [boxes], False, 3, 2, 0.5, True)
+    cases = [
+        (ops.roi_align, (x, [boxes], False, 3, 2, 0.5, 2, True, True)),
+        (ops.roi_align, (x, per_image, True, 2, 2, 1.0, -1, False, False)),
+        (ops.roi_align_backward, (g.requires_grad_(), [boxes], False, [N, C, H, W], 0.5, 2, True)),
+        (ops.roi_pool, (x, [boxes], False, 3, 2, 0.5, True)),
+        (ops.roi_pool_backward, (g.detach(), [boxes], False, indices, [N, C, H, W])),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    x, boxes = _features().requires_grad_(), _boxes()
+
+    def loss(x, boxes):
+        return (rt.roi_align(x, boxes, 3, 0.5, 2, True) ** 2).sum() + rt.roi_pool(x, boxes, 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    eager = loss(x, boxes)
+    got = compiled(x, boxes)
+    torch.testing.assert_close(got, eager, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(eager, x)[0],
+                               rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- arguments
+def test_bad_arguments_are_named():
+    x, boxes = _features(), _boxes()
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got numpy.ndarray"):
+        rt.roi_align(x.numpy(), boxes, 2)
+    with pytest.raises(TypeError, match=r"boxes must be a torch.Tensor\[K, 5\] or a list"):
+        rt.roi_pool(x, boxes.numpy(), 2)
+    with pytest.raises(ValueError, match="output_size must be positive"):
+        rt.roi_align(x, boxes, 0)
+    with pytest.raises(TypeError, match="aligned must be a bool"):
+        rt.roi_align(x, boxes, 2, aligned="False")
+    with pytest.raises(ValueError, match=r"boxes' batch index must be an integer in \[0, 2\)"):
+        rt.roi_align(x, torch.tensor([[2.0, 0, 0, 4, 4]], dtype=torch.float64), 2)
+    invalid = torch.tensor([[5.0, 0, 0, 4, 4]], dtype=torch.float64)
+    assert torch.equal(rt.roi_pool(x, invalid, 2, validate=False), torch.zeros(1, C, 2, 2,
+                                                                             dtype=x.dtype))
+
+
+# ----------------------------------------------------------------------------- modules
+def test_modules_and_their_repr():
+    x, boxes = _features(), _boxes()
+    align = rt.RoIAlign((3, 2), 0.5, 2, aligned=True)
+    assert torch.equal(align(x, boxes), rt.roi_align(x, boxes, (3, 2), 0.5, 2, True))
+    assert repr(align) == "RoIAlign(output_size=(3, 2), spatial_scale=0.5, sampling_ratio=2, aligned=True)"
+    pool = rt.RoIPool(2, 0.25)
+    assert torch.equal(pool(x, boxes), rt.roi_pool(x, boxes, 2, 0.25))
+    assert repr(pool) == "RoIPool(output_size=2, spatial_scale=0.25)"
+
+
+def _pyramid():
+    """Three FPN levels of an 64 x 96 image (strides 4, 8, 16) and one map that is not pooled."""
+    shapes = {"p2": (16, 24), "skipped": (11, 13), "p3": (8, 12), "p4": (4, 6)}
+    return {name: _features(torch.float32, (2, C) + hw).requires_grad_() for name, hw in shapes.items()}
+
+
+def _level_boxes(sizes, image=(64, 96)):
+    """Square boxes of the given sides inside the image."""
+    rows = []
+    for side in sizes:
+        x1 = RNG.uniform(0, image[1] - side)
+        y1 = RNG.uniform(0, image[0] - side)
+        rows.append([x1, y1, x1 + side, y1 + side])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_multi_scale_roi_align_pools_each_box_from_its_level():
+    x = _pyramid()
+    # level = floor(4 + log2(side / 28)), clamped to 2..4: sides 8 and 10 land on 2, 15 and 20
+    # on 3, 30, 45 and 60 on 4, so every level is used.
+    boxes = [_level_boxes([10, 60, 30, 15]), _level_boxes([45, 8, 20])]
+    pooler = rt.MultiScaleRoIAlign(["p2", "p3", "p4"], (3, 2), 2, canonical_scale=28)
+    out = pooler(x, boxes, [(64, 96), (60, 90)])
+    assert pooler.scales == [0.25, 0.125, 0.0625]
+    assert out.shape == (7, C, 3, 2)
+    maps = [x["p2"], x["p3"], x["p4"]]
+    for image, per_image in enumerate(boxes):
+        for j, box in enumerate(per_image):
+            side = math.sqrt(float((box[2] - box[0]) * (box[3] - box[1])))
+            level = min(max(math.floor(4 + math.log2(side / 28) + 1e-6), 2), 4) - 2
+            row = torch.cat([torch.tensor([float(image)]), box])[None]
+            expected = rt.roi_align(maps[level], row, (3, 2), 0.25 / 2**level, 2)
+            k = j + (len(boxes[0]) if image else 0)
+            assert torch.equal(out[k : k + 1], expected), (image, j, level)
+    out.sum().backward()
+    assert all(x[name].grad is not None and x[name].grad.abs().sum() > 0 for name in ("p2", "p3", "p4"))
+    assert x["skipped"].grad is None
+    assert repr(pooler) == "MultiScaleRoIAlign(featmap_names=['p2', 'p3', 'p4'], output_size=(3, 2), sampling_ratio=2)"
+
+
+def test_multi_scale_roi_align_with_one_level_and_canonical_arguments():
+    x = _pyramid()
+    boxes = [_level_boxes([10, 40]), _level_boxes([20])]
+    single = rt.MultiScaleRoIAlign(["p3"], 2, -1)(x, boxes, [(64, 96)])
+    assert torch.equal(single, rt.roi_align(x["p3"], boxes, 2, 0.125, -1))
+    # canonical_scale 20 at level 2: a side of 20 lands on level 2, 40 on 3, 100 on 4 (clamped).
+    pooler = rt.MultiScaleRoIAlign(["p2", "p3", "p4"], 2, 2, canonical_scale=20, canonical_level=2)
+    sized = [_level_boxes([20, 40]), torch.tensor([[-2.0, -20.0, 98.0, 80.0]])]
+    out = pooler(x, sized, [(64, 96), (64, 96)])
+    assert torch.equal(out[1:2], rt.roi_align(x["p3"], torch.cat([torch.zeros(1, 1), sized[0][1:]], 1),
+                                              2, 0.125, 2))
+    assert torch.equal(out[2:3], rt.roi_align(x["p4"], torch.cat([torch.ones(1, 1), sized[1]], 1),
+                                              2, 0.0625, 2))
+    with pytest.raises(ValueError, match="image_shapes must hold"):
+        rt.MultiScaleRoIAlign(["p2"], 2, 2)(x, boxes, [])
+
+
+# ----------------------------------------------------------------------------- babilim layers
+def test_babilim_layer_gradients_are_the_functional_ones():
+    x = _features(torch.float32).requires_grad_()
+    rois = torch.stack([_boxes(3, torch.float32)[:, 1:], _boxes(3, torch.float32)[:, 1:]])
+    out = roi_cupy.RoiAlign((3, 2), 0.5, 2)(roi_cupy.Tensor(data=x, trainable=True),
+                                            roi_cupy.Tensor(data=rois))
+    assert isinstance(out, roi_cupy.Tensor) and out.native.shape == (2, 3, C, 3, 2)
+    g = torch.randn_like(out.native)
+    (grad,) = torch.autograd.grad(out.native, x, g)
+    flat = rt.roi_align(x, list(rois), (3, 2), 0.5, 2, True)
+    (expected,) = torch.autograd.grad(flat, x, g.reshape(flat.shape))
+    assert torch.equal(grad, expected)
+    pooled = roi_cupy.RoiPool(2)(x, rois)
+    assert pooled.shape == (2, 3, C, 2, 2) and pooled.requires_grad
+
+
+def test_a_tiny_model_trains_through_the_babilim_layer():
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 16, 16)
+    rois = torch.tensor([[[1.0, 1.0, 9.0, 9.0], [6.0, 4.0, 15.0, 12.0]]]).repeat(4, 1, 1)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    backbone = torch.nn.Conv2d(3, 8, 3, padding=1)
+    head = torch.nn.Linear(8 * 2 * 2, 2)
+    roi = roi_cupy.RoiAlign(output_size=2, sampling_ratio=2)
+    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.5,
+                                momentum=0.9)
+    losses = []
+    for _ in range(15):
+        crops = roi(roi_cupy.Tensor(data=backbone(images)), roi_cupy.Tensor(data=rois)).native
+        loss = torch.nn.functional.cross_entropy(head(crops.reshape(8, -1)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        assert backbone.weight.grad.abs().sum() > 0  # the gradient crossed the RoI layer
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- CUDA tensors
+def _cuda():
+    from roi_cupy import _cuda
+
+    ok, why = _cuda.available()
+    if not (ok and torch.cuda.is_available()):
+        pytest.skip(f"needs a CUDA device visible to torch and CuPy: {why or 'torch sees none'}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_tensors_match_the_cpu(dtype):
+    _cuda()
+    x, boxes = _features(dtype).requires_grad_(), _boxes(dtype=torch.float32)
+    xc = x.detach().cuda().requires_grad_()
+    out, outc = rt.roi_align(x, boxes, 3, 0.5, 2, True), rt.roi_align(xc, boxes.cuda(), 3, 0.5, 2, True)
+    assert outc.device == xc.device and outc.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    torch.testing.assert_close(outc.cpu(), out, rtol=tol, atol=tol)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(outc, xc, g.cuda())[0].cpu(),
+                               torch.autograd.grad(out, x, g)[0], rtol=tol, atol=tol)
+
+
+def test_cuda_launches_on_torchs_current_stream():
+    _cuda()
+    x, boxes = _features(torch.float32).cuda(), _boxes(dtype=torch.float32).cuda()
+    expected = rt.roi_align(x, boxes, 3, 0.5, 2, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            got = rt.roi_align(x, boxes, 3, 0.5, 2, True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, expected)
+
+
+def test_cuda_graph_capture_with_validate_false():
+    _cuda()
+    x, boxes = _features(torch.float32).cuda(), _boxes(dtype=torch.float32).cuda()
+    expected = rt.roi_align(x, boxes, 3, 0.5, 2, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up: compile the kernels outside the capture
+        rt.roi_align(x, boxes, 3, 0.5, 2, True, validate=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = rt.roi_align(x, boxes, 3, 0.5, 2, True, validate=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
