@@ -3,10 +3,12 @@
 A backend is a module that provides five functions. ``roi_cupy.ops`` validates and normalises
 everything before calling them, so a backend may rely on the following:
 
+- Every backend module states what it can do in ``CAPABILITIES``, a :class:`Capabilities`.
 - ``input`` / ``grad_output`` are C-contiguous arrays of the backend's array library, dtype
-  float16, float32 or float64 (bfloat16 where the library has it); a backend whose module sets
-  ``STRIDED = True`` gets them with any strides instead (and ``argmax`` of any integer dtype).
-- A backend whose module sets ``FUSED_INDEX_CHECK = True`` checks RoI Pool's indices in its
+  float16, float32 or float64 (bfloat16 where the library has it); a backend with
+  ``Capabilities.strided`` gets them with any strides instead (and ``argmax`` of any integer
+  dtype).
+- A backend with ``Capabilities.fused_index_check`` checks RoI Pool's indices in its
   ``roi_pool_backward(..., check_indices=True)`` pass (raising :class:`IndexOutOfRange`) rather
   than in ``first_invalid``.
 - ``rois`` is a C-contiguous ``[K, 5]`` array ``(batch_index, x1, y1, x2, y2)`` of the *compute*
@@ -46,11 +48,28 @@ import contextlib
 import importlib
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend does beyond the common contract (see the module docstring).
+
+    Attributes:
+        strided (bool): reads features, gradients and indices of any strides (and indices of any
+            integer dtype) as they are, so the caller makes no contiguous copy.
+        fused_index_check (bool): ``roi_pool_backward(..., check_indices=True)`` checks RoI
+            Pool's indices while it reads them.
+    """
+
+    strided: bool = False
+    fused_index_check: bool = False
+
 
 class IndexOutOfRange(Exception):
     """Raised by a backend's ``roi_pool_backward(..., check_indices=True)`` (see
-    ``FUSED_INDEX_CHECK`` above) for the first index outside ``[-1, H * W)``.
+    ``Capabilities.fused_index_check``) for the first index outside ``[-1, H * W)``.
 
     Attributes:
         position (int): its flat (C-order) position in ``argmax``.

@@ -272,8 +272,8 @@ class _Call:
 
     def native(self) -> Any:
         """The array as the backend takes it: C-contiguous, unless the backend reads any
-        strides (``STRIDED``), so that no copy of a large strided input is made."""
-        if getattr(self.backend, "STRIDED", False):
+        strides (``Capabilities.strided``), so that no copy of a large strided input is made."""
+        if self.backend.CAPABILITIES.strided:
             return self.array
         with _device_scope(self.array):
             return self.xp.ascontiguousarray(self.array)
@@ -465,9 +465,9 @@ def roi_pool_backward(
             f"got {tuple(argmax.shape)}"
         )
     with call.scope():
-        if not getattr(call.backend, "STRIDED", False):
+        if not call.backend.CAPABILITIES.strided:
             argmax = call.xp.ascontiguousarray(argmax, dtype=numpy.int64)
-        fused = validate and getattr(call.backend, "FUSED_INDEX_CHECK", False)
+        fused = validate and call.backend.CAPABILITIES.fused_index_check
         if validate:
             prepared.check(call.backend, shape[0], None if fused else argmax, shape)
         try:

@@ -8,7 +8,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import launch, roi_align, roi_check, roi_pool
+
+# C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
+CAPABILITIES = Capabilities()
 
 
 @functools.cache

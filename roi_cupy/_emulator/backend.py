@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy
 
 import roi_cupy._emulator as emulator
+from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import roi_align, roi_check, roi_pool
+
+# C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
+CAPABILITIES = Capabilities()
 
 
 def roi_align_forward(

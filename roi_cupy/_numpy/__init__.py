@@ -1,17 +1,16 @@
 """NumPy backend: RoI Align and RoI Pool on the CPU with the numbers of SEMANTICS.md."""
+from roi_cupy._backend import Capabilities
 from roi_cupy._numpy.roi_align import roi_align_backward, roi_align_forward
 from roi_cupy._numpy.roi_check import first_invalid
 from roi_cupy._numpy.roi_pool import roi_pool_backward, roi_pool_forward
 
 # The functions read features, gradients and indices of any strides (and indices of any integer
-# dtype) chunk by chunk, so the caller passes them as they are: no full-size copy is made.
-STRIDED = True
+# dtype) chunk by chunk, so the caller passes them as they are: no full-size copy is made; and
 # roi_pool_backward checks RoI Pool's indices chunk by chunk as it reads them.
-FUSED_INDEX_CHECK = True
+CAPABILITIES = Capabilities(strided=True, fused_index_check=True)
 
 __all__ = [
-    "FUSED_INDEX_CHECK",
-    "STRIDED",
+    "CAPABILITIES",
     "first_invalid",
     "roi_align_backward",
     "roi_align_forward",
