@@ -1,5 +1,5 @@
 // Shared math of the RoI kernels: the one place that says how a RoI, a bin, a bilinear sample and
-// a max-pool window are computed (SEMANTICS.md). roi_align.cu and roi_pool.cu only loop and store.
+// a max-pool window are computed (docs/semantics.md). roi_align.cu, roi_pool.cu only loop and store.
 //
 // Type names: T is the storage type (__half, __nv_bfloat16, float, double), C the compute type
 // (float for the first three, double for double; boxes and gradient accumulators use C), I the

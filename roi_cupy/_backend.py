@@ -39,7 +39,7 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
            ``validate=True`` checks; one synchronisation on a GPU). ``rois`` is float32 or
            float64, possibly wider than the compute dtype, whose range ``limit`` then is.
 
-The exact numbers are those of SEMANTICS.md. NumPy inputs go to the backend chosen with
+The exact numbers are those of docs/semantics.md. NumPy inputs go to the backend chosen with
 :func:`use_backend` ("numpy" by default); CuPy inputs always go to the CUDA backend.
 """
 from __future__ import annotations

@@ -32,7 +32,7 @@ NARROW = tuple(d for d in (numpy.dtype(numpy.float16), BFLOAT16) if d is not Non
 SAMPLING_RATIOS = (-1, 0, 1, 2, 3)
 SPATIAL_SCALES = (1.0, 0.5, 0.25)
 
-# Max abs error against the float64 reference, relative to the data scale (SEMANTICS.md). The
+# Max abs error against the float64 reference, relative to the data scale (docs/semantics.md). The
 # float16 (bfloat16) reference is rounded to float16 (bfloat16) once before the comparison.
 TOLERANCE = {
     numpy.dtype(numpy.float64): 1e-12,

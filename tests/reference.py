@@ -1,4 +1,4 @@
-"""The test oracle: RoI Align and RoI Pool as plain float64 loops, straight from SEMANTICS.md.
+"""The test oracle: RoI Align and RoI Pool as plain float64 loops, straight from docs/semantics.md.
 
 Clarity over speed: one loop per RoI, bin and sample point (channels are handled together, since
 no decision depends on the channel except the running maximum, which is kept per channel). Every

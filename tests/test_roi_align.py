@@ -1,4 +1,4 @@
-"""roi_align on every backend against the float64 reference, and each edge fact of SEMANTICS.md."""
+"""roi_align on every backend against the float64 reference, and docs/semantics.md's edge facts."""
 from __future__ import annotations
 
 import functools

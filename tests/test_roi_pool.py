@@ -1,4 +1,4 @@
-"""roi_pool on every backend against the float64 reference, and each edge fact of SEMANTICS.md.
+"""roi_pool on every backend against the float64 reference, and each edge fact of docs/semantics.md.
 
 Box coordinates here are multiples of 1/4 (and spatial scales powers of two), exact in every
 float width, so that rounding a scaled corner cannot depend on the dtype; output sizes stay

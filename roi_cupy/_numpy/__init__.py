@@ -1,4 +1,4 @@
-"""NumPy backend: RoI Align and RoI Pool on the CPU with the numbers of SEMANTICS.md."""
+"""NumPy backend: RoI Align and RoI Pool on the CPU with the numbers of docs/semantics.md."""
 from roi_cupy._backend import Capabilities
 from roi_cupy._numpy.roi_align import roi_align_backward, roi_align_forward
 from roi_cupy._numpy.roi_check import first_invalid
