@@ -78,6 +78,7 @@ class ModuleNative:
         def native(arg: Any, what: str) -> Any:
             if not _is_array_like(arg):
                 return arg
+            arg = arg.native if isinstance(arg, Tensor) else arg
             # JAX functions take NumPy arrays as they are, so a JAX call may mix them in.
             plain_ok = framework == "jax" and isinstance(arg, numpy.ndarray)
             if _interop.framework_of(arg) != framework and not plain_ok:
@@ -85,7 +86,7 @@ class ModuleNative:
                     f"{what} must be a {framework} array like the first array argument, "
                     f"got {type(arg).__module__}.{type(arg).__qualname__}"
                 )
-            return arg.native if isinstance(arg, Tensor) else arg
+            return arg
 
         natives = [native(arg, f"argument {i}") for i, arg in enumerate(args)]
         kwargs = {name: native(arg, f"argument {name!r}") for name, arg in kwargs.items()}

@@ -402,3 +402,27 @@ def test_pure_callback_path(op, round_trip, host_calls):
     assert host_calls == {f"roi_{op}": 1}
     assert_same(vmapped, numpy.stack([reference(xs[b], boxes[b], 3) for b in range(B)]))
     assert_same(jax.vmap(grad)(xs, boxes), numpy.stack([expected_grad(b) for b in range(B)]))
+
+
+# ----------------------------------------------------------------------------- babilim layers
+@pytest.mark.parametrize("layer", ["RoiAlign", "RoiPool"])
+def test_babilim_layers_differentiate_through_the_adapter(layer):
+    rng = make_rng("jax", "babilim", layer)
+    x = jnp.asarray(random_features(rng, (N, C, H, W), numpy.float32))
+    rois = numpy.stack([random_boxes(rng, 1, 3, H, W, 1.0, dtype=numpy.float32)[:, 1:]
+                        for _ in range(N)])                      # [N, 3, 4]
+    module = getattr(roi_cupy, layer)((3, 2), 0.5)
+    flat = [jnp.asarray(r) for r in rois]
+    if layer == "RoiAlign":
+        direct = lambda x: rj.roi_align(x, flat, (3, 2), 0.5, -1, True)  # noqa: E731
+    else:
+        direct = lambda x: rj.roi_pool(x, flat, (3, 2), 0.5)  # noqa: E731
+    out = module(roi_cupy.Tensor(data=x), roi_cupy.Tensor(data=rois))
+    assert isinstance(out, roi_cupy.Tensor) and out.shape == (N, 3, C, 3, 2)
+    assert_same(out.native.reshape(N * 3, C, 3, 2), numpy.asarray(direct(x)))
+    weights = jnp.asarray(random_features(rng, (N * 3, C, 3, 2), numpy.float32))
+    through_layer = jax.jit(jax.grad(lambda x: jnp.sum(module(x, jnp.asarray(rois)).reshape(
+        weights.shape) * weights)))(x)
+    through_adapter = jax.grad(lambda x: jnp.sum(direct(x) * weights))(x)
+    assert_same(numpy.asarray(through_layer), numpy.asarray(through_adapter))
+    assert numpy.abs(numpy.asarray(through_layer)).sum() > 0

@@ -336,3 +336,10 @@ def test_cuda_graph_capture_with_validate_false():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, expected)
+
+
+def test_babilim_layer_refuses_mixed_array_kinds():
+    x, rois = _features(torch.float32), torch.stack([_boxes(2, torch.float32)[:, 1:]] * N)
+    with pytest.raises(TypeError, match="argument 1 must be a torch array like the first array "
+                                        "argument, got numpy.ndarray"):
+        roi_cupy.RoiAlign(2)(x, roi_cupy.Tensor(data=rois.numpy()))
