@@ -391,7 +391,7 @@ class MultiScaleRoIAlign(nn.Module):
         canonical_level: int = 4,
     ):
         super().__init__()
-        self.featmap_names = list(featmap_names)
+        self.featmap_names = featmap_names
         self.output_size = ops._pair(output_size)
         self.sampling_ratio = ops._sampling(sampling_ratio)
         self.canonical_scale = canonical_scale
@@ -415,44 +415,27 @@ class MultiScaleRoIAlign(nn.Module):
         Returns:
             Tensor[sum L_i, C, PH, PW]
         """
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if not features:
-            raise ValueError(
-                f"x must hold at least one of the maps {self.featmap_names}, got keys {list(x)}"
-            )
+        features = _chosen_maps(x, self.featmap_names)
         if self.scales is None:
             self.scales = _infer_scales(features, image_shapes)
-        if len(features) == 1:
-            return roi_align(features[0], boxes, self.output_size, self.scales[0],
-                             self.sampling_ratio)
-        levels = self._levels(boxes)
-        result = features[0].new_zeros(
-            (levels.shape[0], features[0].shape[1]) + self.output_size
+        return _multi_scale_roi_align(
+            features, boxes, self.output_size, self.sampling_ratio, self.scales,
+            self.canonical_scale, self.canonical_level,
         )
-        rois = torch.cat(
-            [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
-        )
-        for level, (feature, scale) in enumerate(zip(features, self.scales)):
-            chosen = torch.where(levels == level)[0]
-            pooled = roi_align(feature, rois[chosen], self.output_size, scale, self.sampling_ratio)
-            result[chosen] = pooled.to(result.dtype)
-        return result
-
-    def _levels(self, boxes: list[Tensor]) -> Tensor:
-        """The level of each box, 0 for the finest map given."""
-        first = -torch.log2(torch.tensor(self.scales[0], dtype=torch.float32)).item()
-        last = -torch.log2(torch.tensor(self.scales[-1], dtype=torch.float32)).item()
-        lowest, highest = int(first), int(last)
-        size = torch.sqrt(torch.cat([(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in boxes]))
-        eps = torch.tensor(1e-6, dtype=size.dtype)
-        level = torch.floor(self.canonical_level + torch.log2(size / self.canonical_scale) + eps)
-        return (torch.clamp(level, min=lowest, max=highest).to(torch.int64) - lowest)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(featmap_names={self.featmap_names}, "
             f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})"
         )
+
+
+def _chosen_maps(x: dict[str, Tensor], featmap_names: Sequence[str]) -> list[Tensor]:
+    """The maps of ``x`` named in ``featmap_names``, in ``x``'s order."""
+    features = [v for k, v in x.items() if k in featmap_names]
+    if not features:
+        raise ValueError(f"x must hold at least one of the maps {featmap_names}, got keys {list(x)}")
+    return features
 
 
 def _infer_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
@@ -465,3 +448,46 @@ def _infer_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -
         ratio = float(feature.shape[-2]) / float(height)
         scales.append(2.0 ** float(torch.tensor(ratio).log2().round()))
     return scales
+
+
+def _levels(
+    boxes: list[Tensor], scales: list[float], canonical_scale: int, canonical_level: int
+) -> Tensor:
+    """The level of each box, 0 for the finest map given."""
+    lowest = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
+    highest = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
+    size = torch.sqrt(torch.cat([(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in boxes]))
+    eps = torch.tensor(1e-6, dtype=size.dtype)
+    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + eps)
+    return torch.clamp(level, min=lowest, max=highest).to(torch.int64) - lowest
+
+
+def _multi_scale_roi_align(
+    features: list[Tensor],
+    boxes: list[Tensor],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    scales: list[float],
+    canonical_scale: int,
+    canonical_level: int,
+) -> Tensor:
+    """Each box pooled from its level, in box order (see :class:`MultiScaleRoIAlign`)."""
+    if len(features) == 1:
+        return roi_align(features[0], boxes, output_size, scales[0], sampling_ratio)
+    levels = _levels(boxes, scales, canonical_scale, canonical_level)
+    result = features[0].new_zeros((levels.shape[0], features[0].shape[1]) + output_size)
+    rois = torch.cat(
+        [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
+    )
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        chosen = torch.where(levels == level)[0]
+        pooled = roi_align(feature, rois[chosen], output_size, scale, sampling_ratio)
+        result[chosen] = pooled.to(result.dtype)
+    return result
+
+
+# FX's symbolic tracing keeps these calls whole (they iterate over lists of tensors), so that a
+# detection model holding a MultiScaleRoIAlign can be traced, as with torchvision's.
+for _name in ("_chosen_maps", "_infer_scales", "_multi_scale_roi_align"):
+    torch.fx.wrap(_name)
+del _name

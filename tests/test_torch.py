@@ -343,3 +343,14 @@ def test_babilim_layer_refuses_mixed_array_kinds():
     with pytest.raises(TypeError, match="argument 1 must be a torch array like the first array "
                                         "argument, got numpy.ndarray"):
         roi_cupy.RoiAlign(2)(x, roi_cupy.Tensor(data=rois.numpy()))
+
+
+def test_multi_scale_roi_align_traces_with_fx():
+    x = {name: t.detach() for name, t in _pyramid().items()}
+    boxes = [_level_boxes([10, 60, 30]), _level_boxes([45, 8])]
+    names = ("p2", "p3", "p4")  # kept as given, as torchvision keeps them
+    pooler = rt.MultiScaleRoIAlign(names, (3, 2), 2, canonical_scale=28)
+    assert repr(pooler).startswith("MultiScaleRoIAlign(featmap_names=('p2', 'p3', 'p4')")
+    traced = torch.fx.symbolic_trace(rt.MultiScaleRoIAlign(names, (3, 2), 2, canonical_scale=28))
+    shapes = [(64, 96), (60, 90)]
+    assert torch.equal(traced(x, boxes, shapes), pooler(x, boxes, shapes))
