@@ -8,9 +8,10 @@
 #     STEPS="pytest bench" bash benchmarks/gpu-run.sh     (some steps only; default: all)
 #
 # Nothing is installed: the package is imported from this checkout (its kernels from cuda/).
-# Each step has its own time limit (together 12 minutes at most; split a run with STEPS where a
-# single command may run less) and the script goes on after a failure; OUT_DIR/summary.txt lists
-# every step with its exit status and seconds, and each step's log is beside it.
+# Each step has its own time limit (together under 9 minutes; split a run with STEPS where a
+# single command may run less) and the script goes on after a failure. OUT_DIR gets at most 8
+# files: summary.txt (the versions and GPU, then every step with its exit status and seconds),
+# one log per step, and the benchmark's JSON, markdown and plot.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu-results}}
@@ -24,21 +25,23 @@ summary="$out/summary.txt"
 steps=${STEPS:-env pytest memcheck racecheck bench}
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
-    local name=$1 limit=$2 start status
+    local name=$1 limit=$2 start status log
     shift 2
     case " $steps " in *" $name "*) ;; *) return 0 ;; esac
     start=$(date +%s)
-    { printf '$'; printf ' %q' "$@"; echo; } >"$out/$name.log"
-    timeout "$limit" "$@" >>"$out/$name.log" 2>&1
+    log="$out/$name.log"
+    [ "$name" = env ] && log="$summary"  # the versions head the summary: one file fewer
+    { printf '$'; printf ' %q' "$@"; echo; } >>"$log"
+    timeout "$limit" "$@" >>"$log" 2>&1
     status=$?
     printf '%-10s exit %3d  %4ds (limit %ds)\n' "$name" "$status" "$(($(date +%s) - start))" \
         "$limit" | tee -a "$summary"
 }
 
-step env 60 bash -c "nvidia-smi; $py - <<'PY'
+step env 30 bash -c "nvidia-smi; $py - <<'PY'
 import platform, numpy, roi_cupy
 print('python', platform.python_version(), 'numpy', numpy.__version__, 'roi_cupy', roi_cupy.__version__)
-for name in ('cupy', 'torch', 'torchvision', 'ml_dtypes'):
+for name in ('cupy', 'torch', 'torchvision', 'jax', 'ml_dtypes'):
     try:
         module = __import__(name)
         print(name, module.__version__)
@@ -50,20 +53,23 @@ print('device', cupy.cuda.runtime.getDeviceProperties(0)['name'].decode(),
 PY"
 
 # The whole suite: on a GPU the cuda backend joins every parametrised test.
-step pytest 240 "$py" -m pytest tests -q -p no:cacheprovider
+step pytest 150 "$py" -m pytest tests -q -p no:cacheprovider
 
 # compute-sanitizer over the GPU cases of the tests that aim at the kernels' edges: invalid and
-# huge RoIs, both index widths, non-finite values, validation (the emulator and NumPy cases run
-# no device code and are left out). memcheck: out-of-bounds and misaligned accesses; racecheck:
-# shared-memory hazards (the kernels use none today, so it guards against new ones).
-edge_tests="tests/test_cuda.py tests/test_nonfinite.py tests/test_validation.py"
-step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 99 \
+# huge RoIs, both index widths, non-finite values, validation, torch CUDA tensors (the emulator
+# and NumPy cases run no device code and are left out). memcheck: out-of-bounds and misaligned
+# accesses, with CuPy's and torch's memory pools off so that every array ends where its
+# allocation ends; racecheck: shared-memory hazards (the kernels use none today, so it guards
+# against new ones).
+edge_tests="tests/test_cuda.py tests/test_nonfinite.py tests/test_validation.py tests/test_torch.py"
+step memcheck 120 env ROI_CUPY_TEST_NO_POOL=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 99 \
     "$py" -m pytest $edge_tests -q -p no:cacheprovider -k "cuda and not emulator"
-step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 99 \
+step racecheck 40 compute-sanitizer --tool racecheck --error-exitcode 99 \
     "$py" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "cuda and not emulator"
 
 # The benchmark: every workload at full size on the GPU backends, cpu-core/cpu-pool on the CPU
 # ones; writes <date>-<gpu>.{json,md,png} into OUT_DIR.
-step bench 240 "$py" -m roi_cupy bench --out "$out"
+step bench 180 "$py" -m roi_cupy bench --out "$out"
 
 echo "summary: $summary"

@@ -45,6 +45,19 @@ if BFLOAT16 is not None:
 _MODULES = {"emulator": "roi_cupy._emulator", "cuda": "roi_cupy._cuda"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``ROI_CUPY_TEST_NO_POOL=1`` turns CuPy's memory pool off, so that every array is its own
+    allocation and compute-sanitizer sees an access past its end (torch's caching allocator is
+    turned off by ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``, read by torch itself)."""
+    import os
+
+    if os.environ.get("ROI_CUPY_TEST_NO_POOL") == "1":
+        import cupy
+
+        cupy.cuda.set_allocator(None)
+        cupy.cuda.set_pinned_memory_allocator(None)
+
+
 @functools.cache
 def availability(name: str) -> tuple[bool, str]:
     """``(True, "")`` when the backend can run here, else ``(False, why)``."""
