@@ -45,8 +45,8 @@ The exact numbers are those of docs/semantics.md. NumPy inputs go to the backend
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -88,7 +88,12 @@ _NUMPY_BACKENDS = {
 _CUDA_BACKEND = "roi_cupy._cuda.backend"
 _DEFAULT = "numpy"
 
-_local = threading.local()
+# The open use_backend blocks of this context, innermost last: a context variable, so that every
+# thread and every asyncio task has its own; each block removes its own entry when it ends, so that
+# blocks left out of order (two generators, say) leave nothing behind.
+_blocks: contextvars.ContextVar[tuple[tuple[object, str], ...]] = contextvars.ContextVar(
+    "roi_cupy_backend_blocks", default=()
+)
 
 
 def known_backends() -> tuple[str, ...]:
@@ -97,13 +102,18 @@ def known_backends() -> tuple[str, ...]:
 
 
 def current_backend() -> str:
-    """The backend NumPy inputs go to in this thread."""
-    return getattr(_local, "name", _DEFAULT)
+    """The backend NumPy inputs go to here (this thread or asyncio task)."""
+    blocks = _blocks.get()
+    return blocks[-1][1] if blocks else _DEFAULT
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run NumPy inputs through the named backend inside a ``with`` block (this thread only).
+    """Run NumPy inputs through the named backend inside a ``with`` block.
+
+    The choice holds for the code inside the block, in this thread or asyncio task only (it is a
+    context variable): other threads and tasks keep theirs, and a task started inside the block
+    starts with it.
 
     Args:
         name (str): ``"numpy"`` (the default outside any block) or ``"emulator"`` (the CUDA
@@ -118,12 +128,12 @@ def use_backend(name: str) -> Iterator[None]:
             "use_backend only picks where NumPy inputs run; CuPy arrays and CUDA tensors "
             "select the cuda backend automatically"
         )
-    previous = current_backend()
-    _local.name = name
+    entry = (object(), name)
+    _blocks.set(_blocks.get() + (entry,))
     try:
         yield
     finally:
-        _local.name = previous
+        _blocks.set(tuple(block for block in _blocks.get() if block is not entry))
 
 
 def backend_for(xp: ModuleType) -> ModuleType:

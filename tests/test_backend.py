@@ -47,6 +47,49 @@ def test_use_backend_restores_after_an_exception():
     assert _backend.current_backend() == "numpy"
 
 
+def test_use_backend_does_not_leak_across_asyncio_tasks():
+    import asyncio
+
+    async def inside(entered, release):
+        with roi_cupy.use_backend("emulator"):
+            entered.set()
+            await release.wait()
+            return _backend.current_backend()
+
+    async def outside(entered, release):
+        await entered.wait()
+        seen = _backend.current_backend()  # while the other task is inside its block
+        release.set()
+        return seen
+
+    async def main():
+        entered, release = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(inside(entered, release), outside(entered, release))
+
+    assert asyncio.run(main()) == ["emulator", "numpy"]
+    assert _backend.current_backend() == "numpy"
+
+
+def test_blocks_left_out_of_order_leave_nothing_behind():
+    def block(name):
+        with roi_cupy.use_backend(name):
+            yield _backend.current_backend()
+
+    first, second = block("emulator"), block("numpy")
+    assert next(first) == "emulator"
+    assert next(second) == "numpy"
+    first.close()  # leaves its block first, although it entered first
+    assert _backend.current_backend() == "numpy"
+    second.close()
+    assert _backend.current_backend() == "numpy"
+    first, second = block("numpy"), block("emulator")
+    next(first), next(second)
+    first.close()
+    assert _backend.current_backend() == "emulator"  # the block still open
+    second.close()
+    assert _backend.current_backend() == "numpy"
+
+
 def test_use_backend_is_thread_local():
     seen = []
     with roi_cupy.use_backend("emulator"):
