@@ -169,6 +169,9 @@ def _refuse_traced(obj: Any, what: str) -> None:
 def unwrap(obj: Any, what: str) -> tuple[Any, Kind]:
     """The native array behind ``obj`` and the kind to give results back in.
 
+    A NumPy array in non-native byte order (``'>f8'`` on a little-endian machine) comes back as
+    a native-order copy, so that every backend reads the same numbers.
+
     Args:
         obj: a NumPy array, CuPy array, :class:`~roi_cupy.Tensor`, or an object with
             ``__dlpack__``.
@@ -183,6 +186,8 @@ def unwrap(obj: Any, what: str) -> tuple[Any, Kind]:
         array, inner = unwrap(obj.native, what)
         return array, Kind("tensor", inner=inner)
     if isinstance(obj, numpy.ndarray):
+        if not obj.dtype.isnative:  # byte order must never change a number: compute natively
+            obj = obj.astype(obj.dtype.newbyteorder("="))
         return obj, Kind("numpy")
     if is_cupy_array(obj):
         return obj, Kind("cupy")

@@ -226,3 +226,21 @@ def test_jax_tracers_point_to_the_adapter():
     boxes = roi_cupy.convert_boxes_to_roi_format(_rois())
     with pytest.raises(TypeError, match=r"input is a JAX tracer .*roi_cupy\.jax\.roi_align"):
         jax.jit(lambda x: roi_cupy.roi_align(x, boxes, 2))(_features())
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "emulator"])
+@pytest.mark.parametrize("dtype", ["f2", "f4", "f8"])
+def test_byte_order_never_changes_a_number(backend_name, dtype):
+    x, boxes = _features(dtype=numpy.float64), roi_cupy.convert_boxes_to_roi_format(_rois())
+    swapped = "<" if numpy.dtype(dtype).byteorder == ">" else ">"
+    native, foreign = x.astype(dtype), x.astype(swapped + dtype)
+    with roi_cupy.use_backend(backend_name):
+        expected = roi_cupy.roi_align(native, boxes.astype(dtype), 3, 0.5, 2, True)
+        got = roi_cupy.roi_align(foreign, boxes.astype(swapped + dtype), 3, 0.5, 2, True)
+        numpy.testing.assert_array_equal(got, expected)
+        assert got.dtype == expected.dtype == numpy.dtype(dtype)
+        pooled, idx = roi_cupy.roi_pool(foreign, boxes, 3, return_indices=True)
+        numpy.testing.assert_array_equal(pooled, roi_cupy.roi_pool(native, boxes, 3))
+        grad = roi_cupy.roi_pool_backward(pooled.astype(swapped + dtype), boxes,
+                                          idx.astype(swapped + "i8"), x.shape)
+        numpy.testing.assert_array_equal(grad, roi_cupy.roi_pool_backward(pooled, boxes, idx, x.shape))
