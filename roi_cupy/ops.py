@@ -215,9 +215,12 @@ class _Rois:
         n: int,
         indices: Any = None,
         input_shape: tuple[int, int, int, int] | None = None,
+        shown: Any = None,
     ) -> None:
         """Reject values that are not finite in the compute dtype and batch indices that are not
-        integers in ``[0, n)``; with ``indices``, also RoI Pool indices outside ``[-1, H * W)``.
+        integers in ``[0, n)``; with ``indices``, also RoI Pool indices outside ``[-1, H * W)``
+        (the error shows the value of ``shown``, the indices as given, where they were
+        converted).
 
         The backend finds the first bad row and index (on a GPU: small kernels and one
         synchronisation); they are read back only to word the error.
@@ -232,7 +235,7 @@ class _Rois:
         if row >= 0:
             _reject_row(rois, row, n, compute)
         if position >= 0:
-            _reject_index(indices, position, input_shape)
+            _reject_index(indices if shown is None else shown, position, input_shape)
 
 
 def _reject_index(indices: Any, position: int, input_shape: tuple[int, int, int, int]) -> None:
@@ -464,12 +467,18 @@ def roi_pool_backward(
             f"indices must have grad_output's shape {tuple(call.array.shape)}, "
             f"got {tuple(argmax.shape)}"
         )
+    given = argmax  # what the caller passed, for the messages
     with call.scope():
         if not call.backend.CAPABILITIES.strided:
+            if validate and numpy.dtype(argmax.dtype) == numpy.uint64:
+                # int64 would wrap these (2**64 - 1 to -1, an empty bin): refuse them first.
+                beyond = argmax > numpy.iinfo(numpy.int64).max
+                if bool(beyond.any()):
+                    _reject_index(given, int(beyond.argmax()), shape)
             argmax = call.xp.ascontiguousarray(argmax, dtype=numpy.int64)
         fused = validate and call.backend.CAPABILITIES.fused_index_check
         if validate:
-            prepared.check(call.backend, shape[0], None if fused else argmax, shape)
+            prepared.check(call.backend, shape[0], None if fused else argmax, shape, shown=given)
         try:
             if fused:
                 grad_input = call.backend.roi_pool_backward(
@@ -478,5 +487,5 @@ def roi_pool_backward(
             else:
                 grad_input = call.backend.roi_pool_backward(call.native(), rois, argmax, shape)
         except _backend.IndexOutOfRange as bad:
-            _reject_index(argmax, bad.position, shape)
+            _reject_index(given, bad.position, shape)
     return call.give_back(grad_input)

@@ -380,6 +380,32 @@ def test_indices_out_of_range(backend, bad):
                 )
 
 
+@pytest.mark.parametrize("bad", [2**63, 2**64 - 1, 2**64 - 5], ids=str)
+def test_unsigned_indices_beyond_int64_are_refused_as_given(backend, bad):
+    """uint64 indices that int64 cannot hold are named with their own value; 2**64 - 1 must not
+    wrap to -1, the index of an empty bin."""
+    indices = numpy.zeros((3, C, 2, 2), numpy.uint64)
+    indices[0, 1, 1, 1] = bad
+    message = rf"indices must lie in \[-1, {H * W}\) .*, got {bad} at \(0, 1, 1, 1\)"
+    with backend.active():
+        with pytest.raises(ValueError, match=message):
+            roi_cupy.roi_pool_backward(
+                backend.asarray(grad()), backend.asarray(rois()), backend.asarray(indices),
+                (N, C, H, W),
+            )
+        quiet = roi_cupy.roi_pool_backward(  # validate=False: ignored, like any index out of range
+            backend.asarray(grad()), backend.asarray(rois()), backend.asarray(indices),
+            (N, C, H, W), validate=False,
+        )
+        clean = indices.copy()
+        clean[0, 1, 1, 1] = H * W + 1
+        expected = roi_cupy.roi_pool_backward(
+            backend.asarray(grad()), backend.asarray(rois()), backend.asarray(clean.astype(numpy.int64)),
+            (N, C, H, W), validate=False,
+        )
+        numpy.testing.assert_array_equal(backend.to_numpy(quiet), backend.to_numpy(expected))
+
+
 @pytest.mark.parametrize("name", BACKWARDS)
 def test_backward_boxes_shape(name):
     with pytest.raises(ValueError, match=r"boxes must have shape \[K, 5\].*got \(3, 4\)"):
