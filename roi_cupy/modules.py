@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from roi_cupy import ops
-from roi_cupy._module import ModuleNative
+from roi_cupy import _interop, ops
+from roi_cupy._module import ModuleNative, _is_array_like
 
 
 class _RoiLayer(ModuleNative):
@@ -25,6 +25,12 @@ class _RoiLayer(ModuleNative):
         """The layer's op from ``ops_module`` (roi_cupy.ops or an adapter) on ``[K, 5]`` boxes
         or a list of per-image ``[K, 4]`` boxes."""
         raise NotImplementedError
+
+    def __call__(self, features: Any, rois: Any) -> Any:
+        for value, what in ((features, "features"), (rois, "rois")):
+            if not _is_array_like(value):
+                _interop.unwrap(value, what)  # raises the TypeError that says what to pass
+        return super().__call__(features, rois)
 
     @staticmethod
     def _check_rois(features: Any, rois: Any) -> None:

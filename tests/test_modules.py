@@ -95,3 +95,14 @@ def test_empty_batch(layer):
     assert result.shape == (0, 4, 3, 2, 3) and result.dtype == numpy.float32
     rois = roi_cupy.convert_boxes_to_roi_format(numpy.ones((0, 4, 4), dtype=numpy.float64))
     assert rois.shape == (0, 5) and rois.dtype == numpy.float64
+
+
+@pytest.mark.parametrize("layer", [roi_cupy.RoiAlign, roi_cupy.RoiPool])
+def test_python_lists_are_refused_with_what_to_pass(layer):
+    features = numpy.random.default_rng(3).random((1, 2, 8, 8)).astype(numpy.float32)
+    rois = numpy.array([[[0, 0, 4, 4]]], dtype=numpy.float32)
+    hint = r"got builtins.list \(Python numbers and lists are not taken: pass numpy.asarray"
+    with pytest.raises(TypeError, match="rois must be a NumPy or CuPy array.*" + hint):
+        layer(2)(features, rois.tolist())
+    with pytest.raises(TypeError, match="features must be a NumPy or CuPy array.*" + hint):
+        layer(2)(features=features.tolist(), rois=rois)
