@@ -142,7 +142,7 @@ def _static(features: jax.Array, output_size: Any, spatial_scale: Any, **kwargs:
     return _Static(
         shape=tuple(int(v) for v in features.shape),
         output_size=ops._pair(output_size),
-        spatial_scale=ops._scale(spatial_scale),
+        spatial_scale=ops._scale(spatial_scale, ops._compute_dtype(features.dtype)),
         backend=_backend.current_backend(),
         **kwargs,
     )

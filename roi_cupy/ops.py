@@ -19,6 +19,7 @@ BoxesLike = Any  # an array [K, 5], or a sequence of N arrays [L_i, 4]
 SizeLike = int | tuple[int, int]
 
 _FEATURE_DTYPES = ("float16", "float32", "float64", "bfloat16")
+_INT32_MAX = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -48,15 +49,24 @@ def _pair(output_size: Any) -> tuple[int, int]:
         raise TypeError(f"output_size must be an int or a pair of ints, got {output_size!r}")
     if min(size) <= 0:
         raise ValueError(f"output_size must be positive, got {output_size!r}")
+    if max(size) > _INT32_MAX:  # the kernels count bins in int
+        raise ValueError(f"output_size must be at most {_INT32_MAX} per side, got {output_size!r}")
     return size
 
 
-def _scale(spatial_scale: Any) -> float:
+def _scale(spatial_scale: Any, compute: Any = None) -> float:
+    """``spatial_scale`` as a float; with ``compute`` (the compute dtype) it must also lie
+    within that dtype's range, since the backends multiply in it."""
     if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool):
         raise TypeError(f"spatial_scale must be a real number, got {spatial_scale!r}")
     value = float(spatial_scale)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"spatial_scale must be positive and finite, got {spatial_scale!r}")
+    if compute is not None and value > float(numpy.finfo(compute).max):
+        raise ValueError(
+            f"spatial_scale must lie within {numpy.dtype(compute).name}'s range, the precision "
+            f"these features are computed in, got {spatial_scale!r}"
+        )
     return value
 
 
@@ -323,9 +333,10 @@ def roi_align(
     call = _Call(input, "input")
     _check_features(call.array, "input")
     pooled_h, pooled_w = _pair(output_size)
-    scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
+    compute = _compute_dtype(call.array.dtype)
+    scale, ratio = _scale(spatial_scale, compute), _sampling(sampling_ratio)
     aligned, validate = _flag(aligned, "aligned"), _flag(validate, "validate")
-    prepared = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
+    prepared = _rois(boxes, call.array.shape[0], call.device, compute)
     rois = prepared.array
     with call.scope():
         if validate:
@@ -371,9 +382,10 @@ def roi_align_backward(
     call = _Call(grad_output, "grad_output")
     shape = _input_shape(input_shape)
     size = _pair(output_size)
-    scale, ratio = _scale(spatial_scale), _sampling(sampling_ratio)
+    compute = _compute_dtype(call.array.dtype)
+    scale, ratio = _scale(spatial_scale, compute), _sampling(sampling_ratio)
     aligned, validate = _flag(aligned, "aligned"), _flag(validate, "validate")
-    prepared = _rois(boxes, shape[0], call.device, _compute_dtype(call.array.dtype))
+    prepared = _rois(boxes, shape[0], call.device, compute)
     rois = prepared.array
     _check_grad_output(call.array, rois.shape[0], shape[1], size)
     with call.scope():
@@ -416,10 +428,11 @@ def roi_pool(
     call = _Call(input, "input")
     _check_features(call.array, "input")
     pooled_h, pooled_w = _pair(output_size)
-    scale = _scale(spatial_scale)
+    compute = _compute_dtype(call.array.dtype)
+    scale = _scale(spatial_scale, compute)
     return_indices = _flag(return_indices, "return_indices")
     validate = _flag(validate, "validate")
-    prepared = _rois(boxes, call.array.shape[0], call.device, _compute_dtype(call.array.dtype))
+    prepared = _rois(boxes, call.array.shape[0], call.device, compute)
     rois = prepared.array
     with call.scope():
         if validate:

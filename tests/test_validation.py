@@ -230,6 +230,40 @@ def test_spatial_scale_value(op, scale):
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [numpy.float16, numpy.float32], ids=lambda d: numpy.dtype(d).name)
+def test_spatial_scale_beyond_the_compute_range(op, dtype):
+    """1e300 overflows float32, the compute type of these features: a clear error, not a warning
+    from inside a backend; float64 features take it (and give finite, correct zeros)."""
+    message = r"spatial_scale must lie within float32's range, .* got 1e\+300"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=message):
+            forward(op, input=features(dtype=dtype), spatial_scale=1e300)
+        if op == "roi_align":
+            with pytest.raises(ValueError, match=message):
+                align_backward(g=grad(dtype=dtype), spatial_scale=1e300)
+        out = forward(op, input=features(dtype=numpy.float64), spatial_scale=1e300)
+    assert numpy.isfinite(out).all()
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("size", [10**30, (2, 2**31), 2**40], ids=repr)
+def test_output_size_beyond_int32(op, size):
+    with pytest.raises(ValueError, match=r"output_size must be at most 2147483647 per side, got "
+                                         + got(repr(size))):
+        forward(op, output_size=size)
+
+
+def test_huge_input_shape_fails_on_an_array_of_that_shape():
+    """A gradient too large for memory is reported with input_shape, not an internal shape."""
+    g, boxes, indices = grad((3, C, 2, 2)), rois(), numpy.zeros((3, C, 2, 2), numpy.int64)
+    with pytest.raises(MemoryError, match=r"shape \(2, 3, 1000000, 1000000\)"):
+        roi_cupy.roi_pool_backward(g, boxes, indices, (N, C, 10**6, 10**6))
+    with pytest.raises(MemoryError, match=r"shape \(2, 3, 1000000, 1000000\)"):
+        align_backward(g=g, input_shape=(N, C, 10**6, 10**6))
+
+
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("scale", ["1", None, True, 1j], ids=repr)
 def test_spatial_scale_type(op, scale):
     message = r"spatial_scale must be a real number, got " + got(repr(scale))

@@ -317,6 +317,8 @@ def roi_pool_backward(
     # Each plane gets a slot before and after it that takes the indices -1 and >= H * W (after
     # clipping), and one extra plane takes the invalid RoIs: nothing needs masking.
     row = plane + 2
+    # The result first: an input_shape too large for memory fails on an array of that shape.
+    grad_input = numpy.empty(input_shape, dtype=grad_output.dtype)
     acc = numpy.zeros((n * c + 1) * row, dtype=ct)
     b, valid = _common.batch_index(rois, n)
     base = numpy.where(valid[:, None], (b[:, None] * c + numpy.arange(c)) * row, n * c * row) + 1
@@ -335,7 +337,6 @@ def roi_pool_backward(
         grad = grad_output[s : s + step].astype(ct, copy=False).ravel()
         with numpy.errstate(invalid="ignore"):  # +inf and -inf gradients meeting give NaN
             numpy.add.at(acc, index[: a.size], grad)
-    grad_input = numpy.empty(input_shape, dtype=grad_output.dtype)
     with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
         grad_input.reshape(n * c, plane)[...] = acc.reshape(n * c + 1, row)[: n * c, 1 : plane + 1]
     return grad_input
