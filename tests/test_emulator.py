@@ -385,13 +385,56 @@ def test_cache_hit_and_rebuild_on_change(tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
     assert rt.build(source, ["one"]) == first
     assert first.stat().st_mtime_ns == stamp
-    assert sorted(tmp_path.iterdir()) == [first]  # no temporary files left behind
+    # No temporary files left behind: the library and its digest.
+    assert sorted(tmp_path.iterdir()) == [first, first.with_name(first.name + ".sha256")]
 
     changed = rt.build(source.replace("1.0f", "2.0f"), ["one"])
     assert changed != first and changed.exists()
     x = numpy.zeros(4, numpy.float32)
     rt.load(changed, ["one"]).function("one")((1, 1, 1), (4, 1, 1), (x,))
     numpy.testing.assert_array_equal(x, 2.0)
+
+
+@needs_compiler
+def test_a_damaged_library_is_rebuilt_not_loaded(tmp_path):
+    """A library cut short in the cache (a full disk, say) used to be loaded and crash the
+    process with SIGBUS; it is rebuilt instead. Run in a child process, so that a crash shows
+    as a failed test rather than killing the suite."""
+    script = textwrap.dedent(
+        """
+        import importlib, os, sys, numpy
+        rt = importlib.import_module("roi_cupy._emulator.runtime")
+        source = "__global__ void one(float* x) { x[threadIdx.x] = 1.0f; }\\n"
+        path = rt.build(source, ["one"])
+        if sys.argv[1] == "damage":
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 3)
+        else:
+            x = numpy.zeros(4, numpy.float32)
+            rt.load(path, ["one"]).function("one")((1, 1, 1), (4, 1, 1), (x,))
+            assert (x == 1.0).all()
+            print("ok")
+        """
+    )
+    env = dict(os.environ, ROI_CUPY_EMULATOR_CACHE=str(tmp_path))
+    subprocess.run([sys.executable, "-c", script, "damage"], env=env, check=True)
+    done = subprocess.run([sys.executable, "-c", script, "use"], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr)
+
+
+@needs_compiler
+def test_build_folders_of_killed_compiles_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROI_CUPY_EMULATOR_CACHE", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    abandoned = tmp_path / f".build-{dead}-x1y2"  # a compile killed midway leaves this
+    live = tmp_path / f".build-{os.getpid()}-busy"  # a build still running in this process
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / "kernels.cpp").write_text("// partial")
+    rt.build("__global__ void two(float* x) { x[0] = 2.0f; }\n", ["two"])
+    assert not abandoned.exists() and live.exists()
 
 
 def test_cache_location(monkeypatch, tmp_path):

@@ -10,7 +10,9 @@ launch function.
 Libraries are cached on disk under ``$ROI_CUPY_EMULATOR_CACHE``, else
 ``$XDG_CACHE_HOME/roi_cupy/emulator``, else ``~/.cache/roi_cupy/emulator``, keyed by a hash of
 the translation unit, the shim, the compiler flags and the compiler's identity, and written under
-a temporary name then renamed, so concurrent processes never load a half-written library.
+a temporary name then renamed, so concurrent processes never load a half-written library. A
+SHA-256 digest beside each library is checked before it is used: a damaged one is rebuilt, never
+loaded. Build folders of compiles that were killed are removed by the next build.
 
 ``ROI_CUPY_EMULATOR_SANITIZE=address`` builds with AddressSanitizer (a separate cache entry), which
 turns any out-of-bounds access by a kernel into an abort with a report. The ASan runtime must then
@@ -55,6 +57,7 @@ _MAX_BLOCK = (1024, 1024, 64)
 _MAX_THREADS_PER_BLOCK = 1024
 _ERROR_BYTES = 1024
 _ASAN_SUFFIX = "-asan.so"
+_SCRATCH = ".build-"  # build folders: .build-<pid>-<random>
 
 _lock = threading.Lock()
 _loaded: dict[pathlib.Path, Library] = {}
@@ -181,7 +184,7 @@ def build(
     directory = cache_dir()
     suffix = _ASAN_SUFFIX if sanitize else ".so"
     target = directory / f"kernels-{key.hexdigest()[:32]}{suffix}"
-    if target.exists():
+    if _intact(target):
         return target
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -190,7 +193,9 @@ def build(
             f"cannot create the emulator cache {directory} ({exc}); "
             "set ROI_CUPY_EMULATOR_CACHE to a writable directory"
         ) from exc
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as scratch:
+    _remove_abandoned_builds(directory)
+    prefix = f"{_SCRATCH}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(dir=directory, prefix=prefix) as scratch:
         cpp = pathlib.Path(scratch) / "kernels.cpp"
         cpp.write_text(unit)
         library = pathlib.Path(scratch) / target.name
@@ -214,8 +219,52 @@ def build(
                 f"the emulator could not compile the kernels with {shlex.join(command)} "
                 f"(exit status {result.returncode}):\n{result.stderr.strip()}"
             )
-        os.replace(library, target)  # atomic: another process sees the old state or the whole file
+        # The digest goes first and the library last, each renamed atomically: a reader sees
+        # the old state or a library whose digest matches (see _intact).
+        digest = pathlib.Path(scratch) / "digest"
+        digest.write_text(_digest(library))
+        os.replace(digest, _digest_path(target))
+        os.replace(library, target)
     return target
+
+
+def _digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_path(library: pathlib.Path) -> pathlib.Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: pathlib.Path) -> bool:
+    """Whether ``library`` is in the cache whole: its bytes match the digest written beside it.
+
+    A truncated or damaged library (a full disk, a copy cut short) would load, then crash the
+    process with SIGBUS or SIGSEGV when a page past its end is touched: it is rebuilt instead.
+    """
+    try:
+        return _digest(library) == _digest_path(library).read_text().strip()
+    except OSError:
+        return False
+
+
+def _remove_abandoned_builds(directory: pathlib.Path) -> None:
+    """Remove build folders left by processes that no longer run (a compile killed midway never
+    reaches its own clean-up). Folders of running processes are left alone."""
+    for scratch in directory.glob(f"{_SCRATCH}*"):
+        pid = scratch.name[len(_SCRATCH) :].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def asan_preload_hint() -> str:
