@@ -319,7 +319,9 @@ def roi_align(
         spatial_scale (float): multiplies box coordinates to reach feature coordinates (e.g.
             1/16 for a stride-16 map). Default: 1.0.
         sampling_ratio (int): samples per bin along each axis; ``<= 0`` picks
-            ``ceil(roi_size / output_size)`` per RoI (adaptive). Default: -1.
+            ``ceil(roi_size / output_size)`` per RoI (adaptive). Either way at most 2**20 per
+            axis: beyond that (a bin over a million pixels wide) the numbers differ from
+            torchvision's, which has no cap. Default: -1.
         aligned (bool): shift box coordinates by -0.5 so that pixel centres are sampled exactly;
             ``False`` keeps the original Mask R-CNN behaviour (and clamps RoI size to >= 1).
             Default: False.
