@@ -168,6 +168,18 @@ def _concat_per_image(per_image: list[Any]) -> Any:
         return rois
 
 
+def _refuse_nested_lists(boxes: Sequence[Any]) -> None:
+    """A list is taken as one array per image; a list of Python lists or numbers is most likely
+    a ``[K, 5]`` table written out, so say how to pass it."""
+    plain = next((b for b in boxes if isinstance(b, (list, tuple, numbers.Number))), None)
+    if plain is not None:
+        raise TypeError(
+            "boxes must be an array [K, 5] or a list of one array [L_i, 4] per image, got a "
+            f"list of {type(plain).__module__}.{type(plain).__qualname__}: pass "
+            "numpy.asarray(boxes, dtype=numpy.float32)"
+        )
+
+
 def _device_scope(array: Any) -> Any:
     """Make ``array``'s GPU current, so that new arrays and launches land beside it."""
     if _interop.is_cupy_array(array):
@@ -181,6 +193,7 @@ def _rois(boxes: BoxesLike, n: int, device: str, compute: numpy.dtype) -> _Rois:
     """Normalise ``boxes`` (an array [K, 5] or a list of N arrays [L_i, 4]) to a contiguous
     ``[K, 5]`` array of the compute dtype on ``device``."""
     if isinstance(boxes, (list, tuple)):
+        _refuse_nested_lists(boxes)
         if len(boxes) != n:
             raise ValueError(
                 f"boxes must hold one array per image: got a list of {len(boxes)} for N = {n}"

@@ -232,11 +232,16 @@ def _boxes(boxes: Any) -> tuple[list[Tensor], bool]:
     """``(tensors, per_image)``: ``[boxes]`` for a ``Tensor[K, 5]``, the list for per-image boxes."""
     if isinstance(boxes, Tensor):
         return [boxes], False
-    if isinstance(boxes, (list, tuple)) and all(isinstance(b, Tensor) for b in boxes):
-        return list(boxes), True
+    if isinstance(boxes, (list, tuple)):
+        stray = next((b for b in boxes if not isinstance(b, Tensor)), None)
+        if stray is None:
+            return list(boxes), True
+        got = f"a list holding {type(stray).__module__}.{type(stray).__qualname__}"
+    else:
+        got = f"{type(boxes).__module__}.{type(boxes).__qualname__}"
     raise TypeError(
         "boxes must be a torch.Tensor[K, 5] or a list of torch.Tensor[L, 4] (one per image), "
-        f"got {type(boxes).__module__}.{type(boxes).__qualname__}"
+        f"got {got}"
     )
 
 

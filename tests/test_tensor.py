@@ -179,7 +179,8 @@ def test_arrays_on_different_devices_are_named(monkeypatch):
 
 # ----------------------------------------------------------------------------- first contact
 def test_boxes_as_python_lists_get_a_hint():
-    with pytest.raises(TypeError, match=r"boxes\[0\] must be .*got builtins.list .*numpy.asarray"):
+    with pytest.raises(TypeError, match=r"boxes must be an array .*got a list of builtins.list: "
+                                        r"pass numpy.asarray"):
         roi_cupy.roi_align(_features(), [[[0.0, 0.0, 4.0, 4.0]], [[1.0, 1.0, 5.0, 5.0]]], 2)
 
 

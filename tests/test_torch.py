@@ -168,6 +168,8 @@ def test_bad_arguments_are_named():
         rt.roi_align(x.numpy(), boxes, 2)
     with pytest.raises(TypeError, match=r"boxes must be a torch.Tensor\[K, 5\] or a list"):
         rt.roi_pool(x, boxes.numpy(), 2)
+    with pytest.raises(TypeError, match=r"or a list .* got a list holding builtins.list"):
+        rt.roi_align(x, boxes.tolist(), 2)
     with pytest.raises(ValueError, match="output_size must be positive"):
         rt.roi_align(x, boxes, 0)
     with pytest.raises(TypeError, match="aligned must be a bool"):

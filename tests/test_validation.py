@@ -463,3 +463,14 @@ def test_validate_false_backward_does_not_raise():
     indices = numpy.full(g.shape, H * W + 3, dtype=numpy.int64)  # out of range: ignored
     grad_input = pool_backward(g=g, boxes=rois(INVALID), indices=indices, validate=False)
     assert grad_input.shape == (N, C, H, W)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("boxes", [[[0, 1, 1, 4, 4]], [[0, 1, 1, 4, 4], [1, 0, 0, 2, 2], [1, 0, 0, 3, 3]],
+                                   [0, 1, 1, 4, 4]], ids=["one-row", "three-rows", "flat"])
+def test_boxes_written_as_python_lists_say_how_to_pass_them(op, boxes):
+    """A [K, 5] table written as Python lists must not read as 'one array per image'."""
+    message = (r"boxes must be an array \[K, 5\] or a list of one array \[L_i, 4\] per image, "
+               r"got a list of builtins\.(list|int): pass numpy\.asarray\(boxes, dtype=numpy\.float32\)")
+    with pytest.raises(TypeError, match=message):
+        forward(op, boxes=boxes)
