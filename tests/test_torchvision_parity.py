@@ -27,7 +27,10 @@ def load_torchvision():
     try:
         import tvref
     except ImportError:
-        return None, None, f"torchvision is not importable ({direct}) and there is no tvref"
+        return None, None, (
+            f"torchvision is not importable ({direct}), nor a tvref shim that loads it on a "
+            "CPU-only torch (CI builds one; see .ci/run)"
+        )
     # the failed import leaves half-initialised torchvision modules behind
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
