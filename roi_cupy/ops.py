@@ -60,7 +60,7 @@ def _scale(spatial_scale: Any, compute: Any = None) -> float:
     if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool):
         raise TypeError(f"spatial_scale must be a real number, got {spatial_scale!r}")
     value = float(spatial_scale)
-    if not (math.isfinite(value) and value > 0):
+    if not 0 < value < math.inf:  # comparisons only: torch.compile traces a symbolic scale
         raise ValueError(f"spatial_scale must be positive and finite, got {spatial_scale!r}")
     if compute is not None and value > float(numpy.finfo(compute).max):
         raise ValueError(

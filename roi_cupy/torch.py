@@ -59,14 +59,37 @@ def _on_device_of(tensor: Tensor) -> Iterator[None]:
     if tensor.device.type != "cuda":
         yield
         return
-    import cupy
+    try:
+        import cupy
+    except ImportError as exc:
+        raise ValueError(
+            f"a CUDA tensor needs CuPy, which is not importable ({exc}): "
+            "pip install 'roi_cupy[cuda13]' (or [cuda12])"
+        ) from exc
 
     device = tensor.device
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(
-        stream.cuda_stream, device.index
-    ), cupy.cuda.using_allocator(_torch_allocator(device)):
-        yield
+    with cupy.cuda.Device(device.index):
+        stream = _cupy_stream(cupy, torch.cuda.current_stream(device))
+        with stream, cupy.cuda.using_allocator(_torch_allocator(device)):
+            yield
+
+
+def _cupy_stream(cupy: Any, stream: torch.cuda.Stream) -> Any:
+    """``stream`` (torch's) as a CuPy stream, through the CUDA stream protocol where CuPy has it
+    (CuPy 14 deprecates ``ExternalStream``). The caller has made its device current."""
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
+
+
+def _refuse_validation_in_capture(input: Tensor, validate: bool) -> None:
+    """Validation reads its verdict back to the host, which a CUDA graph capture forbids."""
+    if validate and input.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "validate=True reads the boxes' check back to the host, which a CUDA graph capture "
+            "(torch.cuda.graph, torch.compile(mode='reduce-overhead')) forbids: pass "
+            "validate=False inside the capture (invalid boxes then give zeros)"
+        )
 
 
 def _given_boxes(boxes: list[Tensor], per_image: bool) -> Any:
@@ -92,6 +115,7 @@ def _roi_align(
     aligned: bool,
     validate: bool,
 ) -> Tensor:
+    _refuse_validation_in_capture(input, validate)
     with _on_device_of(input):
         return ops.roi_align(
             input.detach(), _given_boxes(boxes, per_image), (pooled_h, pooled_w), spatial_scale,
@@ -178,6 +202,7 @@ def _roi_pool(
     spatial_scale: float,
     validate: bool,
 ) -> tuple[Tensor, Tensor]:
+    _refuse_validation_in_capture(input, validate)
     with _on_device_of(input):
         return ops.roi_pool(
             input.detach(), _given_boxes(boxes, per_image), (pooled_h, pooled_w), spatial_scale,
@@ -322,7 +347,16 @@ def roi_pool(
 
 # ----------------------------------------------------------------------------- modules
 class RoIAlign(nn.Module):
-    """:func:`roi_align` as a module, as ``torchvision.ops.RoIAlign``."""
+    """:func:`roi_align` as a module, as ``torchvision.ops.RoIAlign``.
+
+    Args:
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor.
+        sampling_ratio (int): samples per bin and axis, ``<= 0`` adaptive.
+        aligned (bool): half-pixel shift of the boxes. Default: False.
+        validate (bool): as for :func:`roi_align`; ``False`` inside a CUDA graph capture.
+            Default: True.
+    """
 
     def __init__(
         self,
@@ -330,16 +364,20 @@ class RoIAlign(nn.Module):
         spatial_scale: float,
         sampling_ratio: int,
         aligned: bool = False,
+        *,
+        validate: bool = True,
     ):
         super().__init__()
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.validate = validate
 
     def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
         return roi_align(
-            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+            validate=self.validate,
         )
 
     def __repr__(self) -> str:
@@ -351,15 +389,24 @@ class RoIAlign(nn.Module):
 
 
 class RoIPool(nn.Module):
-    """:func:`roi_pool` as a module, as ``torchvision.ops.RoIPool``."""
+    """:func:`roi_pool` as a module, as ``torchvision.ops.RoIPool``.
 
-    def __init__(self, output_size: int | tuple[int, int], spatial_scale: float):
+    Args:
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor.
+        validate (bool): as for :func:`roi_pool`. Default: True.
+    """
+
+    def __init__(
+        self, output_size: int | tuple[int, int], spatial_scale: float, *, validate: bool = True
+    ):
         super().__init__()
         self.output_size = output_size
         self.spatial_scale = spatial_scale
+        self.validate = validate
 
     def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
-        return roi_pool(input, rois, self.output_size, self.spatial_scale)
+        return roi_pool(input, rois, self.output_size, self.spatial_scale, validate=self.validate)
 
     def __repr__(self) -> str:
         return (
@@ -383,7 +430,10 @@ class MultiScaleRoIAlign(nn.Module):
         output_size (int or (int, int)): ``PH, PW``.
         sampling_ratio (int): samples per bin and axis, ``<= 0`` adaptive.
         canonical_scale (int): box size that maps to ``canonical_level``. Default: 224.
-        canonical_level (int): Default: 4.
+        canonical_level (int): the level a box of side ``canonical_scale`` is pooled from (the
+            FPN paper's k0). Default: 4.
+        validate (bool): as for :func:`roi_align`, once per level; ``False`` inside a CUDA
+            graph capture. Default: True.
     """
 
     def __init__(
@@ -394,6 +444,7 @@ class MultiScaleRoIAlign(nn.Module):
         *,
         canonical_scale: int = 224,
         canonical_level: int = 4,
+        validate: bool = True,
     ):
         super().__init__()
         self.featmap_names = featmap_names
@@ -401,6 +452,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.sampling_ratio = ops._sampling(sampling_ratio)
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
+        self.validate = validate
         self.scales: list[float] | None = None
 
     def forward(
@@ -425,7 +477,7 @@ class MultiScaleRoIAlign(nn.Module):
             self.scales = _infer_scales(features, image_shapes)
         return _multi_scale_roi_align(
             features, boxes, self.output_size, self.sampling_ratio, self.scales,
-            self.canonical_scale, self.canonical_level,
+            self.canonical_scale, self.canonical_level, self.validate,
         )
 
     def __repr__(self) -> str:
@@ -475,10 +527,12 @@ def _multi_scale_roi_align(
     scales: list[float],
     canonical_scale: int,
     canonical_level: int,
+    validate: bool,
 ) -> Tensor:
     """Each box pooled from its level, in box order (see :class:`MultiScaleRoIAlign`)."""
     if len(features) == 1:
-        return roi_align(features[0], boxes, output_size, scales[0], sampling_ratio)
+        return roi_align(features[0], boxes, output_size, scales[0], sampling_ratio,
+                         validate=validate)
     levels = _levels(boxes, scales, canonical_scale, canonical_level)
     result = features[0].new_zeros((levels.shape[0], features[0].shape[1]) + output_size)
     rois = torch.cat(
@@ -486,7 +540,8 @@ def _multi_scale_roi_align(
     )
     for level, (feature, scale) in enumerate(zip(features, scales)):
         chosen = torch.where(levels == level)[0]
-        pooled = roi_align(feature, rois[chosen], output_size, scale, sampling_ratio)
+        pooled = roi_align(feature, rois[chosen], output_size, scale, sampling_ratio,
+                           validate=validate)
         result[chosen] = pooled.to(result.dtype)
     return result
 

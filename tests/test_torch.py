@@ -4,6 +4,7 @@ float64 reference elsewhere); here every dtype and device path is compared with 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy
 import pytest
@@ -12,7 +13,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed: roi_cupy.to
 
 import roi_cupy  # noqa: E402
 import roi_cupy.torch as rt  # noqa: E402
-from conftest import BFLOAT16  # noqa: E402
+from conftest import BFLOAT16, TOLERANCE  # noqa: E402
 
 RNG = numpy.random.default_rng(11)
 N, C, H, W = 2, 3, 12, 14
@@ -161,6 +162,23 @@ def test_compile_fullgraph_forward_and_backward():
                                rtol=1e-12, atol=1e-15)
 
 
+def test_compile_with_dynamic_shapes_and_a_scale_from_them():
+    """A symbolic spatial_scale (dynamic=True, or one computed from shapes) is traced too."""
+    boxes = _boxes(dtype=torch.float32)
+    for module in (rt.RoIAlign(2, 0.5, 2), rt.RoIPool(2, 0.5)):
+        x = _features(torch.float32)
+        assert torch.equal(torch.compile(module, fullgraph=True, dynamic=True)(x, boxes),
+                           module(x, boxes))
+    scaled = torch.compile(
+        lambda x, image: rt.roi_align(x, boxes, 2, x.shape[-1] / image.shape[-1], 2, True),
+        fullgraph=True,
+    )
+    image = torch.zeros(1, 1, 1, 56)
+    for width in (14, 20, 28):  # the second call recompiles with the width as a symbol
+        x = _features(torch.float32, (N, C, H, width))
+        assert torch.equal(scaled(x, image), rt.roi_align(x, boxes, 2, width / 56, 2, True))
+
+
 # ----------------------------------------------------------------------------- arguments
 def test_bad_arguments_are_named():
     x, boxes = _features(), _boxes()
@@ -190,6 +208,16 @@ def test_modules_and_their_repr():
     pool = rt.RoIPool(2, 0.25)
     assert torch.equal(pool(x, boxes), rt.roi_pool(x, boxes, 2, 0.25))
     assert repr(pool) == "RoIPool(output_size=2, spatial_scale=0.25)"
+    invalid = torch.tensor([[7.0, 0, 0, 4, 4]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="batch index"):
+        align(x, invalid)
+    quiet = (rt.RoIAlign(2, 1.0, 2, validate=False), rt.RoIPool(2, 1.0, validate=False),
+             rt.MultiScaleRoIAlign(["p"], 2, 2, validate=False))
+    assert torch.equal(quiet[0](x, invalid), torch.zeros(1, C, 2, 2, dtype=x.dtype))
+    assert torch.equal(quiet[1](x, invalid), torch.zeros(1, C, 2, 2, dtype=x.dtype))
+    far = [torch.tensor([[0.0, 0, 4, 4]], dtype=torch.float64)] * (N - 1) + [
+        torch.tensor([[float("nan"), 0, 4, 4]], dtype=torch.float64)]
+    assert quiet[2]({"p": x}, far, [(H, W)])[-1].abs().sum() == 0
 
 
 def _pyramid():
@@ -287,59 +315,6 @@ def test_a_tiny_model_trains_through_the_babilim_layer():
     assert losses[-1] < 0.2 * losses[0], losses
 
 
-# ----------------------------------------------------------------------------- CUDA tensors
-def _cuda():
-    from roi_cupy import _cuda
-
-    ok, why = _cuda.available()
-    if not (ok and torch.cuda.is_available()):
-        pytest.skip(f"needs a CUDA device visible to torch and CuPy: {why or 'torch sees none'}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_tensors_match_the_cpu(dtype):
-    _cuda()
-    x, boxes = _features(dtype).requires_grad_(), _boxes(dtype=torch.float32)
-    xc = x.detach().cuda().requires_grad_()
-    out, outc = rt.roi_align(x, boxes, 3, 0.5, 2, True), rt.roi_align(xc, boxes.cuda(), 3, 0.5, 2, True)
-    assert outc.device == xc.device and outc.dtype == dtype
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
-    torch.testing.assert_close(outc.cpu(), out, rtol=tol, atol=tol)
-    g = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(outc, xc, g.cuda())[0].cpu(),
-                               torch.autograd.grad(out, x, g)[0], rtol=tol, atol=tol)
-
-
-def test_cuda_launches_on_torchs_current_stream():
-    _cuda()
-    x, boxes = _features(torch.float32).cuda(), _boxes(dtype=torch.float32).cuda()
-    expected = rt.roi_align(x, boxes, 3, 0.5, 2, True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            got = rt.roi_align(x, boxes, 3, 0.5, 2, True)
-    torch.cuda.current_stream().wait_stream(side)
-    assert torch.equal(got, expected)
-
-
-def test_cuda_graph_capture_with_validate_false():
-    _cuda()
-    x, boxes = _features(torch.float32).cuda(), _boxes(dtype=torch.float32).cuda()
-    expected = rt.roi_align(x, boxes, 3, 0.5, 2, True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up: compile the kernels outside the capture
-        rt.roi_align(x, boxes, 3, 0.5, 2, True, validate=False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = rt.roi_align(x, boxes, 3, 0.5, 2, True, validate=False)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, expected)
-
-
 def test_babilim_layer_refuses_mixed_array_kinds():
     x, rois = _features(torch.float32), torch.stack([_boxes(2, torch.float32)[:, 1:]] * N)
     with pytest.raises(TypeError, match="argument 1 must be a torch array like the first array "
@@ -356,3 +331,95 @@ def test_multi_scale_roi_align_traces_with_fx():
     traced = torch.fx.symbolic_trace(rt.MultiScaleRoIAlign(names, (3, 2), 2, canonical_scale=28))
     shapes = [(64, 96), (60, 90)]
     assert torch.equal(traced(x, boxes, shapes), pooler(x, boxes, shapes))
+
+
+# ----------------------------------------------------------------------------- CUDA tensors
+def _cuda():
+    from roi_cupy import _cuda
+
+    ok, why = _cuda.available()
+    if not (ok and torch.cuda.is_available()):
+        pytest.skip(f"needs a CUDA device visible to torch and CuPy: {why or 'torch sees none'}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_tensors_match_the_cpu(dtype):
+    _cuda()
+    x, boxes = _features(dtype).requires_grad_(), _boxes(dtype=torch.float32)
+    xc = x.detach().cuda().requires_grad_()
+    out, outc = rt.roi_align(x, boxes, 3, 0.5, 2, True), rt.roi_align(xc, boxes.cuda(), 3, 0.5, 2, True)
+    assert outc.device == xc.device and outc.dtype == dtype
+    tol = TOLERANCE[BFLOAT16 if dtype == torch.bfloat16 else numpy.dtype(str(dtype)[6:])]
+    torch.testing.assert_close(outc.cpu(), out, rtol=tol, atol=tol)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(outc, xc, g.cuda())[0].cpu(),
+                               torch.autograd.grad(out, x, g)[0], rtol=tol, atol=tol)
+
+
+def test_cuda_launches_on_torchs_current_stream_and_allocates_from_torch(monkeypatch):
+    _cuda()
+    import cupy
+
+    from roi_cupy._cuda import launch
+
+    x, boxes = _features(torch.float32).cuda(), _boxes(dtype=torch.float32).cuda()
+    expected = rt.roi_align(x, boxes, 3, 0.5, 2, True)
+    launched_on = []
+    real = launch.CupyRuntime.function
+
+    def spying(self, name):
+        kernel = real(self, name)
+
+        def run(*args):
+            launched_on.append(cupy.cuda.get_current_stream().ptr)
+            return kernel(*args)
+
+        return run
+
+    monkeypatch.setattr(launch.CupyRuntime, "function", spying)
+    pool_before = cupy.get_default_memory_pool().used_bytes()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = rt.roi_align(x, boxes, 3, 0.5, 2, True)
+        pooled = rt.roi_pool(x, [boxes[:2, 1:], boxes[2:, 1:]] + [boxes[:0, 1:]] * (N - 2), 2)
+    torch.cuda.current_stream().wait_stream(side)
+    assert launched_on and set(launched_on) == {side.cuda_stream}
+    assert cupy.get_default_memory_pool().used_bytes() == pool_before  # torch's allocator only
+    assert torch.equal(got, expected)
+    assert torch.equal(pooled.cpu(), rt.roi_pool(x.cpu(), [boxes[:2, 1:].cpu(), boxes[2:, 1:].cpu()], 2))
+
+
+@pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1",
+                    reason="without torch's caching allocator a capture cannot allocate")
+def test_cuda_graph_capture_with_validate_false_replays_on_new_data():
+    _cuda()
+    x, boxes = _features(torch.float32).cuda(), _boxes(dtype=torch.float32).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up: compile the kernels outside the capture
+        rt.roi_align(x, boxes, 3, 0.5, 2, True, validate=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = rt.roi_align(x, boxes, 3, 0.5, 2, True, validate=False)
+        with pytest.raises(RuntimeError, match="validate=True reads the boxes' check back"):
+            rt.roi_align(x, boxes, 3, 0.5, 2, True)
+    fresh = _features(torch.float32).cuda()
+    x.copy_(fresh)  # a replay must read the new data: the launch was captured, not run eagerly
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, rt.roi_align(fresh, boxes, 3, 0.5, 2, True))
+
+
+def test_cuda_double_backward_and_a_second_device():
+    _cuda()
+    x = _features().cuda().requires_grad_()
+    boxes = _boxes().cuda()
+    assert torch.autograd.gradgradcheck(lambda x: rt.roi_align(x, boxes, 2, 1.0, 2, True), (x,))
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one CUDA device: the second-device case needs two")
+    x1, b1 = x.detach().to("cuda:1"), boxes.to("cuda:1")
+    out = rt.roi_align(x1, b1, 2, 1.0, 2, True)
+    assert out.device == x1.device
+    torch.testing.assert_close(out.cpu(), rt.roi_align(x.detach(), boxes, 2, 1.0, 2, True).cpu())
