@@ -29,8 +29,14 @@ _KEYED_PLANE = 2**32
 _HIGH = 1 if sys.byteorder == "little" else 0
 # Output elements staged together: small enough for the staging buffers to stay in cache.
 _STAGE_ELEMENTS = 1 << 18
-# Gradient elements scattered together by the backward pass.
+# Gradient elements scattered together by the backward pass (its index and value buffers).
 _BACKWARD_CHUNK = 1 << 17
+# Accumulator elements of one image's channels in the backward pass: small enough to stay in
+# cache while the gradients of that image's RoIs are added into it.
+_SEGMENT = 1 << 16
+# Planes of more pixels are accumulated one channel and one range of at most this many pixels
+# at a time, only where indices fall: the memory then follows the indices, not the plane.
+_SEGMENT_PLANE = 1 << 20
 
 
 def _round(v: numpy.ndarray) -> numpy.ndarray:
@@ -279,6 +285,138 @@ def roi_pool_forward(
     return out, argmax
 
 
+class _OutOfRange(Exception):
+    """An index outside ``[-1, H * W)`` met while checking (the first one is found afterwards)."""
+
+
+def _image_runs(b, valid, n):
+    """``(image, RoIs)`` for each image with valid RoIs, in increasing order: a slice where
+    they are consecutive (no copy of their gradients), else an index array."""
+    order = numpy.flatnonzero(valid)
+    order = order[numpy.argsort(b[order], kind="stable")]
+    bounds = numpy.searchsorted(b[order], numpy.arange(n + 1)).tolist()
+    runs = []
+    for image in range(n):
+        ks = order[bounds[image] : bounds[image + 1]]
+        if ks.size:
+            consecutive = ks[-1] - ks[0] == ks.size - 1
+            runs.append((image, slice(int(ks[0]), int(ks[-1]) + 1) if consecutive else ks))
+    return runs
+
+
+def _groups(ks, step):
+    """``ks`` (a slice or an index array) in pieces of at most ``step`` RoIs."""
+    if isinstance(ks, slice):
+        return [slice(s, min(s + step, ks.stop)) for s in range(ks.start, ks.stop, step)]
+    return [ks[s : s + step] for s in range(0, ks.size, step)]
+
+
+class _Scatter:
+    """Adds gradients of groups of RoIs into an accumulator, through reused buffers."""
+
+    def __init__(self, grad_output, argmax, plane, check):
+        self.grad, self.argmax, self.plane, self.check = grad_output, argmax, plane, check
+        self.ct = _common.compute_dtype(grad_output.dtype)
+        self.bins = grad_output.shape[2] * grad_output.shape[3]
+        self.index = numpy.empty(0, dtype=numpy.int64)
+        self.values = numpy.empty(0, dtype=self.ct)
+
+    def step(self, channels: int) -> int:
+        """RoIs per group, for ``channels`` channels of each."""
+        return max(1, _BACKWARD_CHUNK // (channels * self.bins))
+
+    def __call__(self, acc, sel, c0, c1, lo, hi) -> None:
+        """Add gradients of RoIs ``sel``, channels ``c0:c1``, whose index lies in ``[lo, hi)``
+        into ``acc``: ``[c1 - c0, hi - lo + 2]`` flat, a slot on either side of each range
+        taking the indices that fall outside it (-1 included)."""
+        a = self.argmax[sel, c0:c1]
+        size = a.size
+        if size > self.index.size:  # at most a group's worth, or one RoI's channels
+            self.index = numpy.empty(size, dtype=numpy.int64)
+            self.values = numpy.empty(size, dtype=self.ct)
+        ix = self.index[:size].reshape(a.shape)
+        offset = numpy.arange(c1 - c0) * (hi - lo + 2) + (1 - lo)
+        offset = offset[:, None, None]
+        fast = False
+        if lo == 0 and hi == self.plane:
+            inside = a.min() >= -1 and a.max() < hi
+            if self.check and not inside:
+                raise _OutOfRange
+            fast = inside and a.dtype != numpy.uint64  # uint64 + int64 would add in float64
+        if fast:
+            numpy.add(a, offset, out=ix)
+        else:
+            numpy.clip(a, lo - 1, hi, out=ix)
+            ix += offset
+        self.values[:size].reshape(a.shape)[...] = self.grad[sel, c0:c1]
+        with numpy.errstate(invalid="ignore"):  # +inf and -inf gradients meeting give NaN
+            # add.at adds in the order of the indices: deterministic.
+            numpy.add.at(acc, self.index[:size], self.values[:size])
+
+    def spans(self, ks):
+        """The smallest and largest index in ``[0, H * W)`` of each RoI of ``ks`` (over all
+        channels), -1 for the largest where there is none; indices checked on the way."""
+        plane = self.plane
+        lo, hi = [], []
+        for sel in _groups(ks, self.step(self.grad.shape[1])):
+            a = self.argmax[sel]
+            if self.check and (a.min() < -1 or a.max() >= plane):
+                raise _OutOfRange
+            a = a.reshape(a.shape[0], -1)
+            inside = (a >= 0) & (a < plane)
+            lo.append(numpy.where(inside, a, plane).min(axis=1).astype(numpy.int64))
+            top = numpy.where(inside, a, 0).max(axis=1).astype(numpy.int64)
+            hi.append(numpy.where(inside.any(axis=1), top, -1))
+        return numpy.concatenate(lo), numpy.concatenate(hi)
+
+
+def _backward_planes(add, runs, grad_input) -> None:
+    """Sum each image's gradients channel chunk by channel chunk, whole planes at a time."""
+    c, h, w = grad_input.shape[1:]
+    plane, row = h * w, h * w + 2
+    cc = max(1, min(c, _SEGMENT // row))
+    acc = numpy.empty(cc * row, dtype=add.ct)
+    step = add.step(cc)
+    for c0 in range(0, c, cc):
+        c1 = min(c, c0 + cc)
+        seg = acc[: (c1 - c0) * row]
+        for image, ks in runs:
+            seg.fill(0)
+            for sel in _groups(ks, step):
+                add(seg, sel, c0, c1, 0, plane)
+            with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+                grad_input[image, c0:c1].reshape(c1 - c0, plane)[...] = seg.reshape(
+                    c1 - c0, row
+                )[:, 1 : plane + 1]
+
+
+def _backward_ranges(add, runs, grad_input) -> None:
+    """Sum each image's gradients channel by channel, over ranges of at most
+    ``_SEGMENT_PLANE`` pixels that cover the indices of its RoIs and skip the gaps between."""
+    c = grad_input.shape[1]
+    flat = grad_input.reshape(grad_input.shape[0], c, -1)
+    for image, ks in runs:
+        lo, hi = add.spans(ks)
+        ids = numpy.arange(ks.start, ks.stop) if isinstance(ks, slice) else ks
+        keep = hi >= 0
+        ids, lo, hi = ids[keep], lo[keep], hi[keep]
+        for ch in range(c):
+            pos = 0
+            while True:
+                active = hi >= pos
+                if not active.any():
+                    break
+                s = max(pos, int(lo[active].min()))
+                e = min(s + _SEGMENT_PLANE, int(hi[active].max()) + 1)
+                sel = ids[active & (lo < e)]
+                acc = numpy.zeros(e - s + 2, dtype=add.ct)
+                for group in _groups(sel, add.step(1)):
+                    add(acc, group, ch, ch + 1, s, e)
+                with numpy.errstate(over="ignore"):
+                    flat[image, ch, s:e] = acc[1:-1]
+                pos = e
+
+
 def roi_pool_backward(
     grad_output: numpy.ndarray,
     rois: numpy.ndarray,
@@ -288,9 +426,14 @@ def roi_pool_backward(
 ) -> numpy.ndarray:
     """Gradient of RoI Pool with respect to its input; deterministic.
 
-    Each gradient goes to the pixel its bin's argmax names, summed in a fixed order in float32
-    (float64 for float64). Invalid RoIs and argmax values outside ``[0, H * W)`` contribute
-    nothing.
+    Each gradient goes to the pixel its bin's argmax names. Every pixel's gradients are summed in
+    the compute dtype (float32, float64 for float64), in the order of RoI ``k`` and then of the
+    bin ``(ph, pw)`` in row-major order, and rounded once to grad_output's dtype: the same bits
+    on every run. Invalid RoIs and argmax values outside ``[0, H * W)`` contribute nothing.
+
+    The sums run in accumulators of a bounded size (one image's channels of a small plane at a
+    time, or, on a plane above ``_SEGMENT_PLANE`` pixels, one channel's range of pixels where
+    indices fall), so the memory beyond grad_input does not grow with the plane.
 
     Args:
         grad_output (ndarray[K, C, PH, PW]): gradient of the output, any strides.
@@ -309,34 +452,19 @@ def roi_pool_backward(
             range (its flat position).
     """
     n, c, h, w = input_shape
-    k = grad_output.shape[0]
-    ct = _common.compute_dtype(grad_output.dtype)
     plane = h * w
     if n * c * plane == 0 or grad_output.size == 0:
         return numpy.zeros(input_shape, dtype=grad_output.dtype)
-    # Each plane gets a slot before and after it that takes the indices -1 and >= H * W (after
-    # clipping), and one extra plane takes the invalid RoIs: nothing needs masking.
-    row = plane + 2
     # The result first: an input_shape too large for memory fails on an array of that shape.
-    grad_input = numpy.empty(input_shape, dtype=grad_output.dtype)
-    acc = numpy.zeros((n * c + 1) * row, dtype=ct)
+    grad_input = numpy.zeros(input_shape, dtype=grad_output.dtype)
     b, valid = _common.batch_index(rois, n)
-    base = numpy.where(valid[:, None], (b[:, None] * c + numpy.arange(c)) * row, n * c * row) + 1
-    per_roi = grad_output[0].size
-    # Small chunks keep the index buffer in cache; add.at sums in order (deterministic).
-    step = max(1, _BACKWARD_CHUNK // per_roi)
-    index = numpy.empty(min(k, step) * per_roi, dtype=numpy.int64)
-    for s in range(0, k, step):
-        a = argmax[s : s + step]
-        wrong = roi_check.first_out_of_range(a, plane) if check_indices else -1
-        if wrong >= 0:
-            raise _backend.IndexOutOfRange(s * per_roi + wrong)
-        ix = index[: a.size].reshape(a.shape)
-        numpy.clip(a, -1, plane, out=ix)
-        ix += base[s : s + step, :, None, None]
-        grad = grad_output[s : s + step].astype(ct, copy=False).ravel()
-        with numpy.errstate(invalid="ignore"):  # +inf and -inf gradients meeting give NaN
-            numpy.add.at(acc, index[: a.size], grad)
-    with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
-        grad_input.reshape(n * c, plane)[...] = acc.reshape(n * c + 1, row)[: n * c, 1 : plane + 1]
+    runs = _image_runs(b, valid, n)
+    add = _Scatter(grad_output, argmax, plane, check_indices)
+    try:
+        if plane <= _SEGMENT_PLANE:
+            _backward_planes(add, runs, grad_input)
+        else:
+            _backward_ranges(add, runs, grad_input)
+    except _OutOfRange:
+        raise _backend.IndexOutOfRange(roi_check.first_out_of_range(argmax, plane)) from None
     return grad_input
