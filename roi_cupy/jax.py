@@ -122,8 +122,10 @@ def _rois(boxes: BoxesLike, features: jax.Array, validate: bool) -> jax.Array:
     if isinstance(boxes, (list, tuple)):
         per_image = [jnp.asarray(b) for b in boxes]
         ops._rois([_placeholder(b) for b in per_image], n, "cpu", compute)
+        # The index column in a dtype that holds every image index exactly (not bfloat16's).
+        wide = jnp.promote_types(per_image[0].dtype, compute) if per_image else compute
         columns = [
-            jnp.concatenate([jnp.full((b.shape[0], 1), i, b.dtype), b], axis=1)
+            jnp.concatenate([jnp.full((b.shape[0], 1), i, wide), b.astype(wide)], axis=1)
             for i, b in enumerate(per_image)
         ]
         rois = jnp.concatenate(columns) if columns else jnp.zeros((0, 5), compute)
@@ -384,9 +386,11 @@ def roi_align(
     features = _features(input)
     static = _static(
         features, output_size, spatial_scale,
-        sampling_ratio=ops._sampling(sampling_ratio), aligned=bool(aligned),
+        sampling_ratio=ops._sampling(sampling_ratio), aligned=ops._flag(aligned, "aligned"),
     )
-    return _roi_align_jit(static, features, _rois(boxes, features, validate))
+    return _roi_align_jit(
+        static, features, _rois(boxes, features, ops._flag(validate, "validate"))
+    )
 
 
 def roi_pool(
@@ -416,4 +420,4 @@ def roi_pool(
     static = _static(
         features, output_size, spatial_scale, index_dtype=_index_dtype(*features.shape[2:])
     )
-    return _roi_pool_jit(static, features, _rois(boxes, features, validate))
+    return _roi_pool_jit(static, features, _rois(boxes, features, ops._flag(validate, "validate")))

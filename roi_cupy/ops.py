@@ -138,12 +138,24 @@ def convert_boxes_to_roi_format(boxes: BoxesLike) -> Any:
     return _interop.wrap(_concat_per_image(list(array)), kind)
 
 
-def _concat_per_image(per_image: list[Any]) -> Any:
-    """``[L_i, 4]`` arrays (one per image, one device) -> ``[sum L_i, 5]`` with the index column."""
+def _concat_per_image(per_image: list[Any], compute: Any = None) -> Any:
+    """``[L_i, 4]`` arrays (one per image, one device) -> ``[sum L_i, 5]`` with the index column.
+
+    The result has the boxes' dtype, or with ``compute`` the wider of the two (the index column
+    then holds every image index exactly, also for float16 and bfloat16 boxes); in the boxes'
+    own dtype an index it cannot hold exactly is refused.
+    """
     first = per_image[0]
     xp = _interop.array_module(first)
     device = _interop.device_of(first)
     dtype = first.dtype
+    wide = dtype if compute is None else numpy.promote_types(dtype, compute)
+    last = len(per_image) - 1
+    if numpy.asarray(last, dtype=wide).item() != last:
+        raise ValueError(
+            f"boxes of dtype {numpy.dtype(dtype).name} cannot hold image index {last} exactly: "
+            "convert them to float32 first"
+        )
     for i, b in enumerate(per_image):
         if _interop.device_of(b) != device:
             raise ValueError(f"boxes[{i}] is on {_interop.device_of(b)} but boxes[0] is on {device}")
@@ -156,7 +168,7 @@ def _concat_per_image(per_image: list[Any]) -> Any:
             raise TypeError(f"boxes[{i}] has dtype {b.dtype} but boxes[0] has {dtype}")
     with _device_scope(first):
         counts = [b.shape[0] for b in per_image]
-        rois = xp.empty((sum(counts), 5), dtype=dtype)
+        rois = xp.empty((sum(counts), 5), dtype=wide)
         # One fill per image, on the device: no host-to-device copy (CUDA graph capture allows
         # none from pageable memory).
         start = 0
@@ -205,7 +217,7 @@ def _rois(boxes: BoxesLike, n: int, device: str, compute: numpy.dtype) -> _Rois:
         per_image = [
             _interop.unwrap_like(b, f"boxes[{i}]", device, "input") for i, b in enumerate(boxes)
         ]
-        rois = _concat_per_image(per_image)
+        rois = _concat_per_image(per_image, compute)
     else:
         rois = _interop.unwrap_like(boxes, "boxes", device, "input")
         _check_box_dtype(rois, "boxes")

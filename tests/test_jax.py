@@ -9,7 +9,7 @@ import sys
 
 import numpy
 import pytest
-from conftest import BFLOAT16, compute_dtype, make_rng, per_image, random_boxes, random_features
+from conftest import BFLOAT16, BFLOAT16_MISSING, compute_dtype, make_rng, per_image, random_boxes, random_features
 
 jax = pytest.importorskip("jax", reason="jax is not installed: roi_cupy.jax is not tested")
 
@@ -315,6 +315,9 @@ BOXES = numpy.array([[0, 1, 1, 5, 5], [1, 0, 0, 3, 3]], numpy.float32)
         (dict(boxes=BOXES > 0), TypeError, "boxes must have a real dtype"),
         (dict(boxes=[BOXES[:, 1:]]), ValueError, "boxes must hold one array per image"),
         (dict(boxes=[BOXES, BOXES]), ValueError, r"boxes\[0\] must have shape \[L, 4\]"),
+        (dict(validate="no"), TypeError, "validate must be a bool, got 'no'"),
+        (dict(validate=0), TypeError, "validate must be a bool, got 0"),
+        (dict(spatial_scale=1e300), ValueError, "spatial_scale must lie within float32's range"),
     ],
     ids=str,
 )
@@ -426,3 +429,22 @@ def test_babilim_layers_differentiate_through_the_adapter(layer):
     through_adapter = jax.grad(lambda x: jnp.sum(direct(x) * weights))(x)
     assert_same(numpy.asarray(through_layer), numpy.asarray(through_adapter))
     assert numpy.abs(numpy.asarray(through_layer)).sum() > 0
+
+
+@pytest.mark.parametrize("aligned", ["False", 1, None], ids=repr)
+def test_aligned_must_be_a_bool(aligned):
+    with pytest.raises(TypeError, match=f"aligned must be a bool, got {aligned!r}"):
+        rj.roi_align(X, BOXES, 2, aligned=aligned)
+
+
+def test_per_image_index_column_holds_every_image_in_bfloat16():
+    """bfloat16 has 8 significant bits: an index column in the boxes' dtype would turn image
+    257 into 256."""
+    if BFLOAT16 is None:
+        pytest.skip(BFLOAT16_MISSING)
+    n = 258
+    x = numpy.zeros((n, 1, 4, 4), numpy.float32)
+    x[257] = 1.0
+    boxes = [jnp.zeros((0, 4), BFLOAT16)] * 257 + [jnp.asarray([[0, 0, 3, 3]], BFLOAT16)]
+    out = rj.roi_align(jnp.asarray(x), boxes, 1, 1.0, 2, True)
+    assert float(out[0, 0, 0, 0]) == 1.0

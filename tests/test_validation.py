@@ -12,6 +12,7 @@ import numpy
 import pytest
 
 import roi_cupy
+from conftest import BFLOAT16
 
 N, C, H, W = 2, 3, 6, 7
 
@@ -474,3 +475,18 @@ def test_boxes_written_as_python_lists_say_how_to_pass_them(op, boxes):
                r"got a list of builtins\.(list|int): pass numpy\.asarray\(boxes, dtype=numpy\.float32\)")
     with pytest.raises(TypeError, match=message):
         forward(op, boxes=boxes)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float16] + ([BFLOAT16] if BFLOAT16 else []), ids=str)
+def test_per_image_boxes_of_a_narrow_dtype_keep_every_image_index(dtype):
+    """bfloat16 holds integers exactly only to 256, float16 to 2048: the index column is built
+    in the compute dtype, so box lists of many images still read the right image."""
+    n = 2100 if numpy.dtype(dtype) == numpy.float16 else 300
+    x = numpy.zeros((n, 1, 4, 4), numpy.float32)
+    x[n - 1] = 1.0
+    per_image = [numpy.zeros((0, 4), dtype)] * (n - 1) + [numpy.array([[0, 0, 3, 3]], dtype)]
+    assert roi_cupy.roi_align(x, per_image, 1, 1.0, 2, True)[0, 0, 0, 0] == 1.0
+    assert roi_cupy.roi_pool(x, per_image, 1)[0, 0, 0, 0] == 1.0
+    with pytest.raises(ValueError, match=f"boxes of dtype {numpy.dtype(dtype).name} cannot hold "
+                                         f"image index {n - 1} exactly: convert them to float32"):
+        roi_cupy.convert_boxes_to_roi_format(per_image)
