@@ -50,7 +50,7 @@ def test_the_readme_has_examples():
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index, outcomes, capsys):
+def test_readme_block_runs(index, outcomes):
     why, error = outcomes[index]
     if why:
         pytest.skip(why)
