@@ -92,3 +92,47 @@ def test_samples_expanded_in_runs_give_the_same_numbers(monkeypatch):
     split = roi_cupy.roi_align(x, rois, **kw), roi_cupy.roi_align_backward(g, rois, x.shape, **kw)
     for a, b in zip(split, whole):
         numpy.testing.assert_allclose(a, b, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float16, numpy.float32, numpy.float64], ids=str)
+def test_pool_memory_follows_the_boxes_not_the_plane(dtype):
+    """One 10 x 10 box on a 2048 x 2048 plane: forward and backward work on what the box reads
+    (with a fixed working set), not on copies of the plane, and give the numbers of the same
+    box on a crop around it."""
+    rng = make_rng("memory pool plane", numpy.dtype(dtype).name)
+    x = rng.standard_normal((1, 4, 2048, 2048), dtype=numpy.float32).astype(dtype)
+    compute = numpy.float64 if dtype == numpy.float64 else numpy.float32
+    rois = numpy.array([[0, 100, 200, 109, 209]], dtype=compute)  # pixels 100..109, 200..209
+    touched = 10 * 10 * 4 * x.itemsize / MIB
+    used = extra_memory(lambda: roi_cupy.roi_pool(x, rois, 7, return_indices=True))
+    assert used < 8 * touched + 1, used  # before: 208-224 MiB
+    out, indices = roi_cupy.roi_pool(x, rois, 7, return_indices=True)
+    g = rng.uniform(-1, 1, out.shape).astype(dtype)
+    used = extra_memory(lambda: roi_cupy.roi_pool_backward(g, rois, indices, x.shape))
+    assert used < 8 * touched + 1, used  # before: 80-160 MiB
+    grad = roi_cupy.roi_pool_backward(g, rois, indices, x.shape)
+
+    crop = numpy.ascontiguousarray(x[:, :, 190:230, 80:120])
+    shifted = rois - numpy.array([0, 80, 190, 80, 190], dtype=compute)
+    out_crop, indices_crop = roi_cupy.roi_pool(crop, shifted, 7, return_indices=True)
+    numpy.testing.assert_array_equal(out, out_crop)
+    rows, cols = numpy.divmod(indices_crop, 40)
+    numpy.testing.assert_array_equal(indices, (rows + 190) * 2048 + cols + 80)
+    grad_crop = roi_cupy.roi_pool_backward(g, shifted, indices_crop, crop.shape)
+    numpy.testing.assert_array_equal(grad[:, :, 190:230, 80:120], grad_crop)
+    grad[:, :, 190:230, 80:120] = 0
+    assert not grad.any()
+
+
+@pytest.mark.parametrize("dtype", [numpy.float16, numpy.float32, numpy.float64], ids=str)
+def test_pool_backward_accumulator_does_not_grow_with_the_plane(dtype):
+    """Many boxes over the whole plane: the backward sums in a bounded accumulator, not in one
+    of the compute dtype as large as the gradient (before: 18-35 MiB here beyond grad_input)."""
+    rng = make_rng("memory pool accumulator", numpy.dtype(dtype).name)
+    shape = (2, 8, 512, 512)
+    rois = boxes(rng, 300, 512)
+    _, indices = roi_cupy.roi_pool(rng.uniform(-1, 1, shape).astype(dtype), rois, 7,
+                                   return_indices=True)
+    g = rng.uniform(-1, 1, indices.shape).astype(dtype)
+    used = extra_memory(lambda: roi_cupy.roi_pool_backward(g, rois, indices, shape))
+    assert used < 4, used

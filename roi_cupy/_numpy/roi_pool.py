@@ -29,6 +29,10 @@ _KEYED_PLANE = 2**32
 _HIGH = 1 if sys.byteorder == "little" else 0
 # Output elements staged together: small enough for the staging buffers to stay in cache.
 _STAGE_ELEMENTS = 1 << 18
+# What a RoI pooled from its own window costs beyond the pixels it reads, in pixel-channels of
+# a channels-last copy: RoIs that read less than the plane by this much take their windows.
+_ROI_COST = 1 << 14
+_ZERO = numpy.zeros(1, dtype=numpy.int64)
 # Gradient elements scattered together by the backward pass (its index and value buffers).
 _BACKWARD_CHUNK = 1 << 17
 # Accumulator elements of one image's channels in the backward pass: small enough to stay in
@@ -259,6 +263,35 @@ def roi_pool_forward(
         argmax = numpy.empty(out.shape, dtype=numpy.int64)
         argmax[~valid] = -1
     live = numpy.flatnonzero(valid)
+    y0, y1, x0, x1 = hs[:, 0], he[:, -1], ws[:, 0], we[:, -1]
+    area = numpy.maximum(y1 - y0, 0) * numpy.maximum(x1 - x0, 0)
+    touched = int(area[live].sum())
+    if touched * c + live.size * _ROI_COST >= n * h * w * c:
+        _forward(input, b, hs, he, ws, we, live, out, argmax, ct)
+        return out, argmax
+    # The RoIs cover less than the plane: each is pooled from its own window, so that the
+    # working copies are as large as what the RoIs read, not as the plane.
+    for i in live[area[live] > 0].tolist():
+        one = slice(i, i + 1)
+        index = None if argmax is None else argmax[one]
+        window = input[b[i] : b[i] + 1, :, y0[i] : y1[i], x0[i] : x1[i]]
+        bins = (hs[one] - y0[i], he[one] - y0[i], ws[one] - x0[i], we[one] - x0[i])
+        _forward(window, _ZERO, *bins, _ZERO, out[one], index, ct)
+        if index is not None:  # window positions to plane positions
+            width = int(x1[i] - x0[i])
+            plane = (index // width + y0[i]) * w + index % width + x0[i]
+            numpy.copyto(index, plane, where=index >= 0)
+    if argmax is not None:
+        argmax[live[area[live] == 0]] = -1
+    return out, argmax
+
+
+def _forward(input, b, hs, he, ws, we, live, out, argmax, ct) -> None:
+    """Pool the RoIs ``live`` (their batch indices ``b`` and bins, all indexed by RoI) from
+    ``input`` [N, C, H, W] into ``out`` and ``argmax`` (or None) [K, C, PH, PW], working on a
+    channels-last copy of a chunk of channels of the whole of ``input`` at a time."""
+    n, c, h, w = input.shape
+    pooled_h, pooled_w = hs.shape[1], ws.shape[1]
     keyed = h * w < _KEYED_PLANE
     cc = _common.channel_chunk(c, n * h * w, 8 if ct == numpy.float32 else 16)
     for c0 in range(0, c, cc):
@@ -282,7 +315,6 @@ def roi_pool_forward(
                 out[rows, c0:c1] = value
             if argmax is not None:
                 argmax[rows, c0:c1] = index
-    return out, argmax
 
 
 class _OutOfRange(Exception):
