@@ -1,0 +1,296 @@
+"""roi_cupy.dask on a two-process local Dask cluster.
+
+The crops must not depend on the chunking or on where they run: they are compared bit for bit
+across chunkings (empty chunks and boxes in unsorted image order included), with roi_cupy's
+in-memory ops called image by image (bit for bit) and called once (RoI Pool bit for bit, RoI
+Align within the dtype's tolerance: see roi_cupy.dask on the NumPy backend's RoI Align).
+"""
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy
+import pytest
+from conftest import BFLOAT16, assert_matches, compute_dtype, make_rng, per_image
+from conftest import random_boxes, random_features
+
+da = pytest.importorskip("dask.array", reason="dask is not installed: roi_cupy.dask is not tested")
+distributed = pytest.importorskip(
+    "distributed", reason="distributed is not installed: roi_cupy.dask is not tested"
+)
+zarr = pytest.importorskip(
+    "zarr", reason="zarr is not installed: the extract command is not tested"
+)
+
+import dask  # noqa: E402
+
+import roi_cupy  # noqa: E402
+import roi_cupy.dask as rd  # noqa: E402
+
+N, C, H, W = 7, 3, 11, 13
+K = 40
+# Images 2 and 5 get no box, so that some chunks of every chunking but one are empty.
+USED = numpy.array([0, 1, 3, 4, 6])
+CHUNKINGS = [(7,), (1,) * 7, (2, 3, 2), (3, 0, 4), (2, 1, 3, 1)]
+DTYPES = [numpy.dtype(d) for d in (numpy.float16, BFLOAT16, numpy.float32, numpy.float64)
+          if d is not None]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The CI cluster: two worker processes, one thread each."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    """A client of the cluster that is not the default scheduler."""
+    with distributed.Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+def inputs(key, dtype, n=N, k=K, shape=(C, H, W)):
+    """Features [n, *shape] and boxes [k, 5] (compute dtype) in unsorted image order, with no
+    box on images 2 and 5."""
+    rng = make_rng("dask", key, numpy.dtype(dtype).name)
+    x = random_features(rng, (n,) + shape, dtype)
+    boxes = random_boxes(rng, n, k, shape[1], shape[2], dtype=compute_dtype(dtype))
+    if n == N:
+        boxes[:, 0] = USED[boxes[:, 0].astype(int) % USED.size]
+    return x, boxes
+
+
+def chunked(x, chunks):
+    return da.from_array(x, chunks=(chunks, -1, -1, -1))
+
+
+def image_by_image(op, x, boxes, *args):
+    """roi_cupy's in-memory op called once per image, rows in the boxes' order."""
+    out = None
+    for i in range(x.shape[0]):
+        rows = numpy.flatnonzero(boxes[:, 0] == i)
+        local = boxes[rows].copy()
+        local[:, 0] = 0
+        part = op(x[i : i + 1], local, *args)
+        if out is None:
+            out = numpy.empty((boxes.shape[0],) + part.shape[1:], part.dtype)
+        out[rows] = part
+    return out
+
+
+def assert_same(actual, expected, what=""):
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype}, expected {expected.dtype}"
+    assert actual.shape == expected.shape, f"shape {actual.shape}, expected {expected.shape}"
+    assert actual.tobytes() == expected.tobytes(), (
+        f"{what} not bitwise equal: max abs difference "
+        f"{numpy.nanmax(numpy.abs(actual.astype(float) - expected.astype(float))):.3g}"
+    )
+
+
+def test_import_roi_cupy_leaves_dask_alone():
+    code = (
+        "import roi_cupy, sys; "
+        "loaded = [m for m in ('dask', 'distributed', 'zarr') if m in sys.modules]; "
+        "assert not loaded, f'roi_cupy imported {loaded}'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- the ops
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_roi_align_is_the_same_for_every_chunking(client, dtype):
+    x, boxes = inputs("align", dtype)
+    args = (3, 0.5, 2, True)
+    outs = client.compute([rd.roi_align(chunked(x, c), boxes, *args) for c in CHUNKINGS],
+                          sync=True)
+    expected = image_by_image(roi_cupy.roi_align, x, boxes, *args)
+    for chunks, out in zip(CHUNKINGS, outs):
+        assert_same(out, expected, f"chunks {chunks}:")
+    assert_matches(outs[0], roi_cupy.roi_align(x, boxes, *args).astype(numpy.float64), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_roi_pool_is_the_same_for_every_chunking(client, dtype):
+    x, boxes = inputs("pool", dtype)
+    outs = client.compute([rd.roi_pool(chunked(x, c), boxes, (2, 3), 0.5) for c in CHUNKINGS],
+                          sync=True)
+    expected = roi_cupy.roi_pool(x, boxes, (2, 3), 0.5)
+    for out in outs:
+        assert_same(out, expected)
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 3], ids=str)
+@pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
+def test_roi_align_arguments_reach_the_op(client, sampling_ratio, aligned):
+    x, boxes = inputs("args", numpy.float32)
+    args = ((4, 2), 0.75, sampling_ratio, aligned)
+    out = client.compute(rd.roi_align(chunked(x, (2, 3, 2)), boxes, *args), sync=True)
+    assert_same(out, image_by_image(roi_cupy.roi_align, x, boxes, *args))
+
+
+def test_sorted_boxes_keep_the_routing_chunks():
+    x, boxes = inputs("sorted", numpy.float32)
+    boxes = boxes[numpy.argsort(boxes[:, 0], kind="stable")]
+    out = rd.roi_align(chunked(x, (2, 3, 2)), boxes, 2)
+    counts = numpy.bincount(boxes[:, 0].astype(int), minlength=N)
+    assert out.chunks[0] == (counts[:2].sum(), counts[2:5].sum(), counts[5:].sum())
+    assert_same(out.compute(scheduler="sync"), image_by_image(roi_cupy.roi_align, x, boxes, 2))
+
+
+def test_boxes_per_image_and_as_dask_arrays():
+    x, boxes = inputs("kinds", numpy.float64)
+    features = chunked(x, (3, 0, 4))
+    expected = image_by_image(roi_cupy.roi_align, x, boxes, 3)
+    lazy = da.from_array(boxes, chunks=7)
+    assert_same(rd.roi_align(features, lazy, 3).compute(scheduler="sync"), expected)
+    images = per_image(boxes, N)  # images 2 and 5 hold no box
+    listed = [da.from_array(b) if i % 2 else b for i, b in enumerate(images)]
+    order = numpy.argsort(boxes[:, 0], kind="stable")
+    assert_same(rd.roi_align(features, listed, 3).compute(scheduler="sync"), expected[order])
+
+
+def test_no_boxes_and_chunks_without_boxes():
+    x, boxes = inputs("empty", numpy.float32)
+    out = rd.roi_pool(chunked(x, (1,) * N), boxes[:0], 2)
+    assert out.shape == (0, C, 2, 2) and out.dtype == x.dtype
+    assert out.compute(scheduler="sync").shape == (0, C, 2, 2)
+    one = boxes[boxes[:, 0] == 4][:1]
+    assert_same(rd.roi_pool(chunked(x, (1,) * N), one, 2).compute(scheduler="sync"),
+                roi_cupy.roi_pool(x, one, 2))
+
+
+def _only(allowed):
+    """A block function that refuses to give any N-chunk but those in ``allowed``."""
+
+    def read(block, block_info=None):
+        index = block_info[0]["chunk-location"][0]
+        if index not in allowed:
+            raise AssertionError(f"features chunk {index} was read but holds no box")
+        return block
+
+    return read
+
+
+def test_only_chunks_with_boxes_are_read_and_nothing_is_shuffled():
+    x, boxes = inputs("route", numpy.float32)
+    boxes = boxes[numpy.isin(boxes[:, 0], [1, 4])]
+    features = chunked(x, (1,) * N).map_blocks(_only({1, 4}), dtype=x.dtype)
+    out = rd.roi_align(features, boxes, 2)  # lazy: building it reads nothing
+    keys = set(dask.core.flatten(out.__dask_keys__()))
+    graph = dict(out.__dask_graph__().cull(keys))
+    read = {key for key in graph if key[0] == features.name}
+    assert read == {(features.name, 1, 0, 0, 0), (features.name, 4, 0, 0, 0)}
+    crop = next(n for n in out.dask.layers if n.startswith("roi_align-"))
+    dependencies = out.dask.get_all_dependencies()
+    for key in out.dask.layers[crop]:  # one N-chunk per task: no all-to-all
+        assert [d[0] for d in dependencies[key]] == [features.name], dependencies[key]
+    assert_same(out.compute(scheduler="sync"), image_by_image(roi_cupy.roi_align, x, boxes, 2))
+
+
+def test_tasks_carry_no_compiled_code():
+    x, boxes = inputs("pickle", numpy.float32)
+    out = rd.roi_align(chunked(x, (2, 3, 2)), boxes, 2)
+    name = next(n for n in out.dask.layers if n.startswith("roi_align-"))
+    layer = dict(out.dask.layers[name])
+    assert len(layer) == 3
+    # Plain pickle (no cloudpickle): it refuses closures and stores functions by name.
+    blob = pickle.dumps(layer)
+    assert b"roi_cupy.dask" in blob and b"_crop_block" in blob
+    assert len(blob) < 4096 + layer_boxes_bytes(layer)
+
+
+def layer_boxes_bytes(layer):
+    return sum(arg.nbytes for task in layer.values() for arg in _args(task)
+               if isinstance(arg, numpy.ndarray))
+
+
+def _args(task):
+    """A task's arguments, old (tuple) or new (dask._task_spec) style."""
+    if isinstance(task, tuple):
+        return task[1:]
+    return [getattr(a, "value", a) for a in getattr(task, "args", ())]
+
+
+def test_kernels_are_built_once_per_worker_process(client):
+    from roi_cupy import _emulator
+
+    ok, why = _emulator.available()
+    if not ok:
+        pytest.skip(f"the emulator is not available: {why}")
+    x, boxes = inputs("emulator", numpy.float32, n=6, k=12, shape=(2, 6, 7))
+    with roi_cupy.use_backend("emulator"):
+        out = rd.roi_align(chunked(x, (1,) * 6), boxes, 2, 1.0, 2, True)
+        expected = roi_cupy.roi_align(x, boxes, 2, 1.0, 2, True)
+
+    def runtimes():
+        return sorted(id(r) for r in sys.modules["roi_cupy._emulator"]._runtimes.values())
+
+    seen = []
+    for _ in range(2):
+        assert_same(client.compute(out, sync=True), expected)  # one call per chunk: bitwise
+        seen.append(client.run(runtimes))
+    assert seen[0] == seen[1], "a worker built the kernels again"
+    assert all(len(ids) <= 1 for ids in seen[0].values()), seen[0]
+    assert sum(len(ids) for ids in seen[0].values()) >= 1
+
+
+def test_argument_errors():
+    x, boxes = inputs("errors", numpy.float32)
+    features = chunked(x, (3, 4))
+    with pytest.raises(TypeError, match="features must be a dask array"):
+        rd.roi_align(x, boxes, 2)
+    with pytest.raises(ValueError, match=r"chunked along N only .* rechunk"):
+        rd.roi_align(da.from_array(x, chunks=(3, 2, -1, -1)), boxes, 2)
+    with pytest.raises(ValueError, match="known chunk sizes"):
+        rd.roi_pool(features[features[:, 0, 0, 0] > -2], boxes, 2)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        rd.roi_align(features[0], boxes, 2)
+    with pytest.raises(TypeError, match="output_size"):
+        rd.roi_align(features, boxes, 2.5)
+    with pytest.raises(TypeError, match="aligned must be a bool"):
+        rd.roi_align(features, boxes, 2, aligned="False")
+    bad = boxes.copy()
+    bad[3, 2] = numpy.nan
+    with pytest.raises(ValueError, match="boxes must be finite, got row 3"):
+        rd.roi_align(features, bad, 2)
+    bad = boxes.copy()
+    bad[5, 0] = N
+    with pytest.raises(ValueError, match=rf"integer in \[0, {N}\), got 7.0 in row 5"):
+        rd.roi_pool(features, bad, 2)
+    with pytest.raises(ValueError, match="one array per image"):
+        rd.roi_align(features, per_image(boxes, N)[:3], 2)
+
+
+def _gpu_unavailable() -> str:
+    try:
+        import cupy
+        import dask_cuda  # noqa: F401
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device"
+    except Exception as exc:  # no CuPy, no dask_cuda, no driver
+        return f"CuPy with a GPU and dask_cuda are needed: {exc}"
+    return ""
+
+
+@pytest.mark.skipif(bool(_gpu_unavailable()), reason=_gpu_unavailable() or "")
+def test_gpu_workers_match_the_in_memory_kernels():
+    import cupy
+    from dask_cuda import LocalCUDACluster
+
+    x, boxes = inputs("gpu", numpy.float32)
+    with LocalCUDACluster() as cluster, distributed.Client(cluster, set_as_default=False) as c:
+        for chunks in CHUNKINGS:
+            features = chunked(x, chunks).map_blocks(cupy.asarray)
+            align, pool = c.compute([rd.roi_align(features, boxes, 3, 0.5, 2, True),
+                                     rd.roi_pool(features, boxes, 3, 0.5)], sync=True)
+            assert isinstance(align, cupy.ndarray) and isinstance(pool, cupy.ndarray)
+            gx, gb = cupy.asarray(x), cupy.asarray(boxes)
+            assert_same(align.get(), roi_cupy.roi_align(gx, gb, 3, 0.5, 2, True).get())
+            assert_same(pool.get(), roi_cupy.roi_pool(gx, gb, 3, 0.5).get())
+            assert_matches(align.get(), roi_cupy.roi_align(x, boxes, 3, 0.5, 2, True)
+                           .astype(numpy.float64), numpy.float32)
