@@ -11,6 +11,10 @@ _COMMANDS = {
         "roi_cupy._cuda.check",
         "compile every CUDA kernel through NVRTC for several GPU architectures (no GPU needed)",
     ),
+    "extract": (
+        "roi_cupy._extract",
+        "crop RoI features of a whole data set (Zarr in, Zarr out) on a Dask cluster, resumable",
+    ),
 }
 
 

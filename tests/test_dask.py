@@ -1,15 +1,21 @@
-"""roi_cupy.dask on a two-process local Dask cluster.
+"""roi_cupy.dask and ``python -m roi_cupy extract`` on a two-process local Dask cluster.
 
 The crops must not depend on the chunking or on where they run: they are compared bit for bit
 across chunkings (empty chunks and boxes in unsorted image order included), with roi_cupy's
 in-memory ops called image by image (bit for bit) and called once (RoI Pool bit for bit, RoI
-Align within the dtype's tolerance: see roi_cupy.dask on the NumPy backend's RoI Align).
+Align within the dtype's tolerance: see roi_cupy.dask on the NumPy backend's RoI Align). The
+extract command runs end to end on small Zarr stores, is interrupted by killing a worker and the
+command itself, and is run again.
 """
 from __future__ import annotations
 
+import os
+import pathlib
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 import numpy
 import pytest
@@ -28,6 +34,7 @@ import dask  # noqa: E402
 
 import roi_cupy  # noqa: E402
 import roi_cupy.dask as rd  # noqa: E402
+from roi_cupy import _extract  # noqa: E402
 
 N, C, H, W = 7, 3, 11, 13
 K = 40
@@ -294,3 +301,160 @@ def test_gpu_workers_match_the_in_memory_kernels():
             assert_same(pool.get(), roi_cupy.roi_pool(gx, gb, 3, 0.5).get())
             assert_matches(align.get(), roi_cupy.roi_align(x, boxes, 3, 0.5, 2, True)
                            .astype(numpy.float64), numpy.float32)
+
+
+# ----------------------------------------------------------------------------- extract
+def store(tmp_path, x, chunks):
+    path = str(tmp_path / "features.zarr")
+    array = zarr.open_array(store=path, mode="w", shape=x.shape, chunks=chunks, dtype=x.dtype)
+    array[:] = x
+    return path
+
+
+def crops_of(out):
+    return zarr.open_array(store=out, path="crops", mode="r")[:]
+
+
+def done_of(out):
+    return zarr.open_array(store=out, path="done", mode="r")[:]
+
+
+def chunk_file(out, j):
+    """The file of output chunk ``j`` (Zarr 3 and Zarr 2 layouts)."""
+    for path in (pathlib.Path(out, "crops", "c", str(j), "0", "0", "0"),
+                 pathlib.Path(out, "crops", f"{j}.0.0.0")):
+        if path.exists():
+            return path
+    raise AssertionError(f"no file for chunk {j} in {out}")
+
+
+def stamp(path):
+    status = path.stat()
+    return status.st_ino, status.st_mtime_ns
+
+
+def cli(*args):
+    """``python -m roi_cupy extract ARGS`` in a new process, its output piped."""
+    return subprocess.Popen([sys.executable, "-m", "roi_cupy", "extract", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_extract_end_to_end_on_a_local_cluster(tmp_path):
+    x, boxes = inputs("extract", numpy.float32)
+    features = store(tmp_path, x, (2, 2, H, W))  # chunked along C too: merged per N-chunk
+    boxes_file = str(tmp_path / "boxes.csv")
+    numpy.savetxt(boxes_file, boxes.astype(numpy.float64), delimiter=",")
+    out = str(tmp_path / "crops.zarr")
+    args = [features, boxes_file, out, "--workers", "2", "--chunk-boxes", "6",
+            "--output-size", "3", "4", "--sampling-ratio", "2", "--aligned"]
+    run = cli(*args)
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert "7 chunks of 6 boxes: 0 done, 7 to write" in stdout
+    assert "7/7 chunks written (100%)" in stderr
+    loaded = numpy.loadtxt(boxes_file, delimiter=",")
+    expected = image_by_image(roi_cupy.roi_align, x, loaded, (3, 4), 1.0, 2, True)
+    assert_same(crops_of(out), expected)
+    assert done_of(out).tolist() == [1] * 7
+    assert _extract.main(args) == 0  # all done: nothing to compute, no cluster started
+
+
+def test_extract_restarts_after_a_killed_worker_and_command(cluster, client, tmp_path,
+                                                            capsys):
+    x, boxes = inputs("kill", numpy.float32, n=24, k=240, shape=(4, 16, 16))
+    features = store(tmp_path, x, (1, 4, 16, 16))
+    numpy.save(tmp_path / "boxes.npy", boxes)
+    out = str(tmp_path / "crops.zarr")
+    address = client.scheduler.address
+    args = [features, str(tmp_path / "boxes.npy"), out, "--chunk-boxes", "6",
+            "--scheduler", address]
+
+    class Throttle(distributed.WorkerPlugin):
+        """Slows every task down, so that the run is still going when it is killed."""
+
+        name = "roi-cupy-throttle"
+
+        def transition(self, key, start, finish, **kwargs):
+            if finish == "executing":
+                time.sleep(0.03)
+
+    client.register_plugin(Throttle())
+    try:
+        run = cli(*args)
+        for line in run.stderr:  # progress: a line per tenth of the 40 chunks
+            if "chunks written" in line:
+                break
+        address, worker = next(iter(client.run(os.getpid).items()))
+        os.kill(worker, signal.SIGKILL)
+        run.send_signal(signal.SIGKILL)
+        run.communicate(timeout=30)
+        assert run.returncode == -signal.SIGKILL, "the command ended before it was killed"
+        # Wait for the nanny's new worker, for the tasks that were running when the command
+        # died to finish, and for the cluster object to have seen it all.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = set(client.scheduler_info()["workers"])
+            settled = len(workers) == 2 and address not in workers
+            settled &= set(cluster.scheduler_info["workers"]) == workers
+            if settled and not any(client.processing().values()):
+                break
+            time.sleep(0.05)
+    finally:
+        client.unregister_worker_plugin(Throttle.name)
+    done = done_of(out) == 1
+    assert 0 < done.sum() < done.size, done
+    before = {j: stamp(chunk_file(out, j)) for j in numpy.flatnonzero(done)}
+
+    capsys.readouterr()
+    assert _extract.main(args) == 0
+    stdout = capsys.readouterr().out
+    assert f"{done.sum()} done, {done.size - done.sum()} to write" in stdout
+    assert done_of(out).tolist() == [1] * done.size
+    assert {j: stamp(chunk_file(out, j)) for j in before} == before, "a done chunk was redone"
+    assert_same(crops_of(out), image_by_image(roi_cupy.roi_align, x, boxes, 7))
+
+
+def test_extract_rewrites_unfinished_chunks_only(client, tmp_path, capsys):
+    x, boxes = inputs("partial", numpy.float64)
+    features = store(tmp_path, x, (3, C, H, W))
+    numpy.save(tmp_path / "boxes.npy", boxes)
+    out = str(tmp_path / "crops.zarr")
+    args = [features, str(tmp_path / "boxes.npy"), out, "--op", "pool", "--output-size", "2",
+            "--chunk-boxes", "8", "--scheduler", client.scheduler.address]
+    assert _extract.main(args) == 0
+    expected = roi_cupy.roi_pool(x, boxes, 2)
+    assert_same(crops_of(out), expected)
+    crops = zarr.open_array(store=out, path="crops", mode="r+")
+    flags = zarr.open_array(store=out, path="done", mode="r+")
+    crops[8:16] = numpy.nan  # chunk 1: written in part, never marked done
+    flags[1] = 0
+    crops[24:32] = 123.0  # chunk 3: marked done, so trusted and left alone
+    capsys.readouterr()
+    assert _extract.main(args) == 0
+    assert "4 done, 1 to write" in capsys.readouterr().out
+    result = crops_of(out)
+    assert_same(result[8:16], expected[8:16])
+    assert (result[24:32] == 123.0).all()
+
+
+def test_extract_refuses_other_settings_and_foreign_stores(client, tmp_path, capsys):
+    x, boxes = inputs("refuse", numpy.float32)
+    features = store(tmp_path, x, (7, C, H, W))
+    numpy.save(tmp_path / "boxes.npy", boxes)
+    out = str(tmp_path / "crops.zarr")
+    base = [features, str(tmp_path / "boxes.npy"), out, "--scheduler", client.scheduler.address]
+    assert _extract.main(base + ["--output-size", "2"]) == 0
+    assert _extract.main(base + ["--output-size", "3"]) == 2
+    assert "output_size [2, 2] there, [3, 3] now" in capsys.readouterr().err
+    assert _extract.main(base + ["--output-size", "3", "--overwrite"]) == 0
+    assert_same(crops_of(out), image_by_image(roi_cupy.roi_align, x, boxes, 3))
+    foreign = [features, str(tmp_path / "boxes.npy"), features, "--scheduler",
+               client.scheduler.address]
+    assert _extract.main(foreign) == 2
+    assert "holds no roi_cupy_extract record" in capsys.readouterr().err
+    bad = boxes.astype(numpy.float64)
+    bad[4, 0] = 9
+    numpy.save(tmp_path / "bad.npy", bad)
+    assert _extract.main([features, str(tmp_path / "bad.npy"), str(tmp_path / "x.zarr")]) == 2
+    assert "got 9.0 in row 4" in capsys.readouterr().err
+    assert not (tmp_path / "x.zarr").exists()

@@ -1,0 +1,347 @@
+"""``python -m roi_cupy extract``: RoI features of a whole data set, computed on a Dask cluster.
+
+Features come from a Zarr array ``[N, C, H, W]`` (read chunk by chunk by the workers), boxes
+from a file, and the crops ``[K, C, PH, PW]`` go to a Zarr group ``OUT``, row ``i`` the crop of
+box ``i``. :mod:`roi_cupy.dask` routes the boxes to the N-chunks that hold their images; the
+crops are rechunked along K into the output's chunks (``--chunk-boxes`` boxes each), and one task
+per output chunk writes it and then marks it done.
+
+The output group holds ``crops``, ``done`` (one uint8 per output chunk, each its own Zarr chunk,
+set to 1 after the chunk's data is written) and, in its attributes, the record of the settings
+the crops were made with. A run that is interrupted (a killed worker, a killed command) leaves
+some chunks marked done; run again with the same arguments and only the others are computed and
+written, so a done chunk is never redone and a partly written one is written again in full. A
+restart with other settings is refused unless ``--overwrite`` starts again. The chunking of the
+features and the cluster may change between runs: the crops are the same bit for bit whatever
+they are (see :mod:`roi_cupy.dask`).
+
+Progress: one line on stderr, redrawn in place on a terminal and printed at every tenth of the
+chunks otherwise. Write tasks are released as soon as they finish, so a worker lost later never
+makes the cluster redo a chunk already written.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy
+
+from roi_cupy import _interop, ops
+
+# What the output group's attributes hold the settings under.
+RECORD = "roi_cupy_extract"
+# Default size of one output chunk (the unit written, marked done and redone after a failure).
+CHUNK_BYTES = 32 << 20
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m roi_cupy extract",
+        description="Crop RoI features of every box of a data set on a Dask cluster: features "
+        "from a Zarr array, boxes from a file, crops to a Zarr group. Interrupted and run again "
+        "with the same arguments, it computes only the chunks not yet written.",
+    )
+    parser.add_argument("features", help="Zarr array [N, C, H, W] (a path or URL Dask reads)")
+    parser.add_argument(
+        "boxes",
+        help="boxes [K, 5] of rows (batch_index, x1, y1, x2, y2): a .npy file, or a .csv "
+        "(comma-separated) or other text file (whitespace-separated)",
+    )
+    parser.add_argument("out", help="Zarr group to write: crops [K, C, PH, PW] and done flags")
+    parser.add_argument("--component", help="the array inside FEATURES when that is a group")
+    parser.add_argument("--op", choices=("align", "pool"), default="align",
+                        help="RoI Align or RoI Pool (default: align)")
+    parser.add_argument("--output-size", type=int, nargs="+", default=[7], metavar="PH [PW]",
+                        help="crop size (default: 7)")
+    parser.add_argument("--spatial-scale", type=float, default=1.0,
+                        help="box-to-feature coordinate scale, e.g. 0.0625 (default: 1.0)")
+    parser.add_argument("--sampling-ratio", type=int, default=-1,
+                        help="RoI Align samples per bin and axis, <= 0 adaptive (default: -1)")
+    parser.add_argument("--aligned", action="store_true",
+                        help="RoI Align with the half-pixel shift (Detectron2)")
+    parser.add_argument("--chunk-boxes", type=int,
+                        help="boxes per output chunk (default: about 32 MiB of crops)")
+    parser.add_argument("--images-per-chunk", type=int,
+                        help="images per feature chunk (default: the store's chunks along N)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="address of a running Dask scheduler (default: a local cluster)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="workers of the local cluster, one thread each (default: one per "
+                        "core)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: CuPy chunks on GPU workers, a dask_cuda LocalCUDACluster "
+                        "(one worker per GPU) unless --scheduler is given (default: cpu)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again when OUT holds crops of other settings (or is no "
+                        "extract output)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- inputs
+def load_boxes(path: str) -> numpy.ndarray:
+    """The ``[K, 5]`` boxes of a .npy file or a text file (comma-separated for .csv)."""
+    if path.endswith(".npy"):
+        return numpy.load(path, allow_pickle=False)
+    delimiter = "," if path.endswith(".csv") else None
+    return numpy.loadtxt(path, delimiter=delimiter, ndmin=2, dtype=numpy.float64)
+
+
+def _features(args: argparse.Namespace) -> Any:
+    """The features as a dask array chunked along N only (C, H and W merged per N-chunk)."""
+    import dask.array as da
+
+    features = da.from_zarr(args.features, component=args.component)
+    chunks = {1: -1, 2: -1, 3: -1}
+    if args.images_per_chunk is not None:
+        if args.images_per_chunk < 1:
+            raise ValueError(
+                f"--images-per-chunk must be positive, got {args.images_per_chunk}"
+            )
+        chunks[0] = args.images_per_chunk
+    ops._check_features(features, "features")
+    features = features.rechunk(chunks)
+    if args.device == "cuda":
+        import cupy
+
+        meta = cupy.empty((0, 0, 0, 0), dtype=features.dtype)
+        features = features.map_blocks(cupy.asarray, dtype=features.dtype, meta=meta)
+    return features
+
+
+def _output_size(args: argparse.Namespace) -> tuple[int, int]:
+    if len(args.output_size) > 2:
+        raise ValueError(f"--output-size takes PH [PW], got {args.output_size}")
+    return ops._pair(args.output_size[0] if len(args.output_size) == 1 else args.output_size)
+
+
+def _crops(args: argparse.Namespace, features: Any, boxes: numpy.ndarray) -> Any:
+    import roi_cupy.dask as rd
+
+    if args.op == "align":
+        return rd.roi_align(features, boxes, _output_size(args), args.spatial_scale,
+                            args.sampling_ratio, args.aligned)
+    return rd.roi_pool(features, boxes, _output_size(args), args.spatial_scale)
+
+
+def _settings(args: argparse.Namespace, features: Any, boxes: numpy.ndarray, chunk: int) -> dict:
+    """What the crops depend on, as JSON: a restart must match it."""
+    settings = {
+        "op": args.op,
+        "output_size": list(_output_size(args)),
+        "spatial_scale": args.spatial_scale,
+        "backend": "cuda" if args.device == "cuda" else "numpy",
+        "features": {
+            "source": args.features,
+            "component": args.component,
+            "shape": list(features.shape),
+            "dtype": features.dtype.name,
+        },
+        "boxes": {
+            "shape": list(boxes.shape),
+            "dtype": boxes.dtype.name,
+            "sha256": hashlib.sha256(numpy.ascontiguousarray(boxes).tobytes()).hexdigest(),
+        },
+        "chunk_boxes": chunk,
+    }
+    if args.op == "align":
+        settings.update(sampling_ratio=args.sampling_ratio, aligned=args.aligned)
+    return json.loads(json.dumps(settings))
+
+
+# ----------------------------------------------------------------------------- output
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} there, {b!r} now")
+    return out
+
+
+def _create(out: str, settings: dict, shape: tuple, dtype: numpy.dtype) -> None:
+    """The output arrays, empty (``done`` all 0)."""
+    import zarr
+
+    chunk = settings["chunk_boxes"]
+    zarr.open_array(store=out, path="crops", mode="w", shape=shape,
+                    chunks=(chunk,) + shape[1:], dtype=dtype, fill_value=0)
+    zarr.open_array(store=out, path="done", mode="w", shape=(math.ceil(shape[0] / chunk),),
+                    chunks=(1,), dtype=numpy.uint8, fill_value=0)
+
+
+def prepare_output(
+    out: str, settings: dict, shape: tuple, dtype: numpy.dtype, overwrite: bool
+) -> numpy.ndarray:
+    """Open or create the output group and return which of its chunks are done.
+
+    The settings record is written before the arrays, so a run stopped while creating them
+    creates them again on restart.
+
+    Returns:
+        ndarray[chunks] bool: True where a chunk was written in full and marked done.
+
+    Raises:
+        ValueError: when ``out`` holds crops of other settings, or something that is no extract
+            output, and ``overwrite`` is False.
+    """
+    import zarr
+    import zarr.errors
+
+    exists, record = True, None
+    try:
+        record = zarr.open_group(out, mode="r").attrs.get(RECORD)
+    except zarr.errors.ContainsArrayError:
+        pass
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        exists = False
+    if exists and not overwrite:
+        if record is None:
+            raise ValueError(
+                f"{out} exists and holds no {RECORD} record: it is no extract output; pass "
+                "--overwrite to replace it"
+            )
+        if record != settings:
+            raise ValueError(
+                f"{out} holds crops made with other settings ("
+                + "; ".join(_differences(record, settings))
+                + "): run with the same ones to resume, or pass --overwrite to start again"
+            )
+        try:
+            done = zarr.open_array(store=out, path="done", mode="r")
+            crops = zarr.open_array(store=out, path="crops", mode="r")
+            complete = done.shape == (math.ceil(shape[0] / settings["chunk_boxes"]),)
+            complete &= crops.shape == shape
+        except (FileNotFoundError, zarr.errors.ArrayNotFoundError):
+            complete = False
+        if complete:
+            return done[:] == 1
+    else:
+        # "w-" fails rather than replace anything there: only --overwrite replaces.
+        zarr.open_group(out, mode="w" if exists else "w-").attrs[RECORD] = settings
+    _create(out, settings, shape, dtype)
+    return numpy.zeros(math.ceil(shape[0] / settings["chunk_boxes"]), dtype=bool)
+
+
+def write_chunk(block: Any, out: str, index: int) -> int:
+    """Write output chunk ``index`` (``block`` [k, C, PH, PW], NumPy or CuPy) of ``out``, then
+    mark it done; returns ``index``."""
+    import zarr
+
+    if _interop.is_cupy_array(block):
+        block = block.get()
+    crops = zarr.open_array(store=out, path="crops", mode="r+")
+    start = index * crops.chunks[0]
+    crops[start : start + block.shape[0]] = block
+    zarr.open_array(store=out, path="done", mode="r+")[index] = 1
+    return index
+
+
+# ----------------------------------------------------------------------------- running
+class _Progress:
+    """Chunks written so far, on one line of stderr."""
+
+    def __init__(self, total: int, stream: Any = None):
+        self.total, self.count, self.start = total, 0, time.perf_counter()
+        self.stream = sys.stderr if stream is None else stream
+        self.live = self.stream.isatty()
+        self.shown = -1
+
+    def step(self) -> None:
+        self.count += 1
+        tenth = 10 * self.count // max(1, self.total)
+        if self.live or tenth != self.shown or self.count == self.total:
+            self.shown = tenth
+            line = (f"extract: {self.count}/{self.total} chunks written "
+                    f"({100 * self.count // max(1, self.total)}%), "
+                    f"{time.perf_counter() - self.start:.1f} s")
+            end = "" if self.live and self.count < self.total else "\n"
+            print(("\r" if self.live else "") + line, end=end, file=self.stream, flush=True)
+
+
+def _connect(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
+    """A client of ``--scheduler``, else of a new local cluster; both closed with ``stack``."""
+    from distributed import Client
+
+    if args.scheduler:
+        return stack.enter_context(Client(args.scheduler))
+    if args.device == "cuda":
+        from dask_cuda import LocalCUDACluster
+
+        cluster = LocalCUDACluster(silence_logs=logging.ERROR)
+    else:
+        from distributed import LocalCluster
+
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+    stack.enter_context(cluster)
+    return stack.enter_context(Client(cluster))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check everything, then compute and write the chunks not yet done (on a cluster started
+    only when there is something to write); returns how many chunks were written."""
+    import dask
+    from distributed import as_completed
+
+    if args.workers < 1:
+        raise ValueError(f"--workers must be positive, got {args.workers}")
+    if args.chunk_boxes is not None and args.chunk_boxes < 1:
+        raise ValueError(f"--chunk-boxes must be positive, got {args.chunk_boxes}")
+    boxes = load_boxes(args.boxes)
+    features = _features(args)
+    crops = _crops(args, features, boxes)  # checks every argument and box
+    k = crops.shape[0]
+    per_box = math.prod(crops.shape[1:]) * crops.dtype.itemsize
+    chunk = args.chunk_boxes or max(1, min(k, CHUNK_BYTES // max(1, per_box)))
+    settings = _settings(args, features, boxes, chunk)
+    done = prepare_output(args.out, settings, crops.shape, crops.dtype, args.overwrite)
+    todo = numpy.flatnonzero(~done).tolist()
+    print(
+        f"extract: {k} boxes -> {args.out}/crops {list(crops.shape)} {crops.dtype.name}, "
+        f"{done.size} chunks of {chunk} boxes: {done.size - len(todo)} done, {len(todo)} to "
+        f"write; features {list(features.shape)} in {features.numblocks[0]} chunks along N",
+        flush=True,
+    )
+    if not todo:
+        return 0
+    blocks = crops.rechunk({0: chunk}).to_delayed().ravel()
+    writes = [dask.delayed(write_chunk)(blocks[j], args.out, j) for j in todo]
+    with contextlib.ExitStack() as stack:
+        client = _connect(args, stack)
+        progress = _Progress(len(todo))
+        for future in as_completed(client.compute(writes)):
+            future.result()  # raises the task's error here
+            progress.step()
+    seconds = time.perf_counter() - progress.start
+    boxes_written = sum(min(chunk, k - j * chunk) for j in todo)
+    print(f"extract: wrote {len(todo)} chunks ({boxes_written} boxes) in {seconds:.2f} s, "
+          f"{boxes_written / max(seconds, 1e-9):.0f} boxes/s", flush=True)
+    return len(todo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        import dask  # noqa: F401
+        import distributed  # noqa: F401
+        import zarr  # noqa: F401
+    except ImportError as exc:
+        print(f"extract needs Dask, distributed and Zarr: pip install 'roi_cupy[dask]' ({exc})",
+              file=sys.stderr)
+        return 2
+    try:
+        run(args)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"extract: {exc}", file=sys.stderr)
+        return 2
+    return 0
