@@ -130,20 +130,26 @@ def _check_features(features: Any) -> da.Array:
     return features
 
 
-def _host(boxes: Any, what: str) -> Any:
-    """A box array as a native host array (a CuPy array is copied to the host)."""
-    array, _ = _interop.unwrap(boxes, what)
-    return array.get() if _interop.is_cupy_array(array) else array
+def _scale(spatial_scale: Any, features: da.Array) -> float:
+    return ops._scale(spatial_scale, ops._compute_dtype(features.dtype))
+
+
+def _host(boxes: Any) -> Any:
+    """A CuPy array copied to the host; anything else as it is, for roi_cupy's checks."""
+    return boxes.get() if _interop.is_cupy_array(boxes) else boxes
 
 
 def _concrete(boxes: BoxesLike) -> Any:
-    """The boxes as host arrays (a list stays a list), dask arrays among them computed."""
+    """The boxes with dask arrays among them computed (together) and CuPy arrays on the host."""
     if isinstance(boxes, (list, tuple)):
-        computed = dask.compute(*boxes)
-        return [_host(b, f"boxes[{i}]") for i, b in enumerate(computed)]
+        boxes = list(boxes)
+        lazy = [i for i, b in enumerate(boxes) if isinstance(b, da.Array)]
+        for i, b in zip(lazy, dask.compute(*(boxes[i] for i in lazy))):
+            boxes[i] = b
+        return [_host(b) for b in boxes]
     if isinstance(boxes, da.Array):
         boxes = boxes.compute()
-    return _host(boxes, "boxes")
+    return _host(boxes)
 
 
 def _route(boxes: BoxesLike, features: da.Array) -> tuple[numpy.ndarray, list]:
@@ -171,9 +177,9 @@ def _route(boxes: BoxesLike, features: da.Array) -> tuple[numpy.ndarray, list]:
     return order, blocks
 
 
-def _crops(features: Any, boxes: BoxesLike, crop: _Crop) -> da.Array:
-    """The lazy crops ``[K, C, PH, PW]`` of ``features`` for ``boxes``, in the boxes' order."""
-    features = _check_features(features)
+def _crops(features: da.Array, boxes: BoxesLike, crop: _Crop) -> da.Array:
+    """The lazy crops ``[K, C, PH, PW]`` of checked ``features`` for ``boxes``, in the boxes'
+    order."""
     order, blocks = _route(boxes, features)
     c = features.shape[1]
     meta = meta_from_array(features._meta, ndim=4, dtype=features.dtype)
@@ -228,9 +234,10 @@ def roi_align(
         TypeError, ValueError: for features that are not a dask array chunked along N only, and
             for any argument or box row roi_cupy.roi_align would refuse.
     """
+    features = _check_features(features)
     crop = _Crop(
-        "align", ops._pair(output_size), ops._scale(spatial_scale), ops._sampling(sampling_ratio),
-        ops._flag(aligned, "aligned"), _backend.current_backend(),
+        "align", ops._pair(output_size), _scale(spatial_scale, features),
+        ops._sampling(sampling_ratio), ops._flag(aligned, "aligned"), _backend.current_backend(),
     )
     return _crops(features, boxes, crop)
 
@@ -256,8 +263,9 @@ def roi_pool(
     Raises:
         TypeError, ValueError: as for :func:`roi_align`.
     """
+    features = _check_features(features)
     crop = _Crop(
-        "pool", ops._pair(output_size), ops._scale(spatial_scale),
+        "pool", ops._pair(output_size), _scale(spatial_scale, features),
         backend=_backend.current_backend(),
     )
     return _crops(features, boxes, crop)

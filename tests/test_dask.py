@@ -260,6 +260,8 @@ def test_argument_errors():
         rd.roi_align(features, boxes, 2.5)
     with pytest.raises(TypeError, match="aligned must be a bool"):
         rd.roi_align(features, boxes, 2, aligned="False")
+    with pytest.raises(ValueError, match="spatial_scale must lie within float32's range"):
+        rd.roi_pool(features, boxes, 2, 1e39)
     bad = boxes.copy()
     bad[3, 2] = numpy.nan
     with pytest.raises(ValueError, match="boxes must be finite, got row 3"):
@@ -270,6 +272,8 @@ def test_argument_errors():
         rd.roi_pool(features, bad, 2)
     with pytest.raises(ValueError, match="one array per image"):
         rd.roi_align(features, per_image(boxes, N)[:3], 2)
+    with pytest.raises(TypeError, match=r"pass numpy.asarray\(boxes"):
+        rd.roi_align(features, boxes.tolist(), 2)
 
 
 def _gpu_unavailable() -> str:
