@@ -34,15 +34,13 @@ _STAGE_ELEMENTS = 1 << 18
 _ROI_COST = 1 << 14
 _ZERO = numpy.zeros(1, dtype=numpy.int64)
 # Gradient elements scattered together by the backward pass (its index and value buffers).
-_BACKWARD_CHUNK = 1 << 17
+_BACKWARD_CHUNK = 1 << 15
 # Accumulator elements of one image's channels in the backward pass: small enough to stay in
 # cache while the gradients of that image's RoIs are added into it.
 _SEGMENT = 1 << 16
 # Planes of more pixels are accumulated one channel and one range of at most this many pixels
 # at a time, only where indices fall: the memory then follows the indices, not the plane.
 _SEGMENT_PLANE = 1 << 20
-
-
 def _round(v: numpy.ndarray) -> numpy.ndarray:
     """Round half away from zero (C ``round``), exactly: ``v - trunc(v)`` is exact."""
     t = numpy.trunc(v)
@@ -317,10 +315,6 @@ def _forward(input, b, hs, he, ws, we, live, out, argmax, ct) -> None:
                 argmax[rows, c0:c1] = index
 
 
-class _OutOfRange(Exception):
-    """An index outside ``[-1, H * W)`` met while checking (the first one is found afterwards)."""
-
-
 def _image_runs(b, valid, n):
     """``(image, RoIs)`` for each image with valid RoIs, in increasing order: a slice where
     they are consecutive (no copy of their gradients), else an index array."""
@@ -346,8 +340,11 @@ def _groups(ks, step):
 class _Scatter:
     """Adds gradients of groups of RoIs into an accumulator, through reused buffers."""
 
-    def __init__(self, grad_output, argmax, plane, check):
-        self.grad, self.argmax, self.plane, self.check = grad_output, argmax, plane, check
+    def __init__(self, grad_output, argmax, plane, in_range):
+        self.grad, self.argmax, self.plane = grad_output, argmax, plane
+        # Indices known to lie in [-1, H * W) are offset with one addition, without clipping;
+        # uint64 ones are clipped anyway (uint64 + int64 would add in float64).
+        self.in_range = in_range and argmax.dtype != numpy.uint64
         self.ct = _common.compute_dtype(grad_output.dtype)
         self.bins = grad_output.shape[2] * grad_output.shape[3]
         self.index = numpy.empty(0, dtype=numpy.int64)
@@ -367,15 +364,11 @@ class _Scatter:
             self.index = numpy.empty(size, dtype=numpy.int64)
             self.values = numpy.empty(size, dtype=self.ct)
         ix = self.index[:size].reshape(a.shape)
-        offset = numpy.arange(c1 - c0) * (hi - lo + 2) + (1 - lo)
-        offset = offset[:, None, None]
-        fast = False
-        if lo == 0 and hi == self.plane:
-            inside = a.min() >= -1 and a.max() < hi
-            if self.check and not inside:
-                raise _OutOfRange
-            fast = inside and a.dtype != numpy.uint64  # uint64 + int64 would add in float64
-        if fast:
+        # Offsets as large as one RoI's indices (not broadcast along PH and PW): the addition
+        # then runs over whole rows of channels x bins.
+        offset = numpy.repeat(numpy.arange(c1 - c0) * (hi - lo + 2) + (1 - lo), self.bins)
+        offset = offset.reshape(a.shape[1:])
+        if self.in_range and lo == 0 and hi == self.plane:
             numpy.add(a, offset, out=ix)
         else:
             numpy.clip(a, lo - 1, hi, out=ix)
@@ -387,13 +380,11 @@ class _Scatter:
 
     def spans(self, ks):
         """The smallest and largest index in ``[0, H * W)`` of each RoI of ``ks`` (over all
-        channels), -1 for the largest where there is none; indices checked on the way."""
+        channels), -1 for the largest where there is none."""
         plane = self.plane
         lo, hi = [], []
         for sel in _groups(ks, self.step(self.grad.shape[1])):
             a = self.argmax[sel]
-            if self.check and (a.min() < -1 or a.max() >= plane):
-                raise _OutOfRange
             a = a.reshape(a.shape[0], -1)
             inside = (a >= 0) & (a < plane)
             lo.append(numpy.where(inside, a, plane).min(axis=1).astype(numpy.int64))
@@ -472,9 +463,9 @@ def roi_pool_backward(
         rois (ndarray[K, 5]): as for :func:`roi_pool_forward`.
         argmax (ndarray[K, C, PH, PW]): the forward pass's argmax, any integer dtype and strides.
         input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
-        check_indices (bool): check each chunk of ``argmax`` against ``[-1, H * W)`` while it is
-            in cache (a separate pass over all indices costs a third of the backward).
-            Default: False.
+        check_indices (bool): raise for an index of ``argmax`` outside ``[-1, H * W)``. The
+            indices are read once for that in blocks, in their own order, whether or not it is
+            asked: when all lie in range they need no clipping later. Default: False.
 
     Returns:
         ndarray[N, C, H, W]: in grad_output's dtype.
@@ -491,12 +482,14 @@ def roi_pool_backward(
     grad_input = numpy.zeros(input_shape, dtype=grad_output.dtype)
     b, valid = _common.batch_index(rois, n)
     runs = _image_runs(b, valid, n)
-    add = _Scatter(grad_output, argmax, plane, check_indices)
-    try:
-        if plane <= _SEGMENT_PLANE:
-            _backward_planes(add, runs, grad_input)
-        else:
-            _backward_ranges(add, runs, grad_input)
-    except _OutOfRange:
-        raise _backend.IndexOutOfRange(roi_check.first_out_of_range(argmax, plane)) from None
+    # One pass over the indices in their own order, block by block: the first one out of range
+    # is an error, or else (unchecked) means clipping them all.
+    wrong = roi_check.first_out_of_range(argmax, plane)
+    if wrong >= 0 and check_indices:
+        raise _backend.IndexOutOfRange(wrong)
+    add = _Scatter(grad_output, argmax, plane, wrong < 0)
+    if plane <= _SEGMENT_PLANE:
+        _backward_planes(add, runs, grad_input)
+    else:
+        _backward_ranges(add, runs, grad_input)
     return grad_input
