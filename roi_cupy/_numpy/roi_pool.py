@@ -349,6 +349,7 @@ class _Scatter:
         self.bins = grad_output.shape[2] * grad_output.shape[3]
         self.index = numpy.empty(0, dtype=numpy.int64)
         self.values = numpy.empty(0, dtype=self.ct)
+        self.offset_key = self.offset = None
 
     def step(self, channels: int) -> int:
         """RoIs per group, for ``channels`` channels of each."""
@@ -364,19 +365,26 @@ class _Scatter:
             self.index = numpy.empty(size, dtype=numpy.int64)
             self.values = numpy.empty(size, dtype=self.ct)
         ix = self.index[:size].reshape(a.shape)
-        # Offsets as large as one RoI's indices (not broadcast along PH and PW): the addition
-        # then runs over whole rows of channels x bins.
-        offset = numpy.repeat(numpy.arange(c1 - c0) * (hi - lo + 2) + (1 - lo), self.bins)
-        offset = offset.reshape(a.shape[1:])
+        offset = self._offsets(c1 - c0, lo, hi)
         if self.in_range and lo == 0 and hi == self.plane:
             numpy.add(a, offset, out=ix)
         else:
             numpy.clip(a, lo - 1, hi, out=ix)
             ix += offset
         self.values[:size].reshape(a.shape)[...] = self.grad[sel, c0:c1]
-        with numpy.errstate(invalid="ignore"):  # +inf and -inf gradients meeting give NaN
-            # add.at adds in the order of the indices: deterministic.
-            numpy.add.at(acc, self.index[:size], self.values[:size])
+        # add.at adds in the order of the indices: deterministic.
+        numpy.add.at(acc, self.index[:size], self.values[:size])
+
+    def _offsets(self, channels, lo, hi):
+        """``[channels, PH, PW]``: where each channel's range starts in the accumulator, less
+        ``lo - 1``. As large as one RoI's indices (not broadcast along PH and PW), so that the
+        addition runs over whole rows of channels x bins."""
+        key = (channels, lo, hi)
+        if self.offset_key != key:
+            self.offset_key = key
+            start = numpy.arange(channels) * (hi - lo + 2) + (1 - lo)
+            self.offset = numpy.repeat(start, self.bins).reshape(channels, *self.grad.shape[2:])
+        return self.offset
 
     def spans(self, ks):
         """The smallest and largest index in ``[0, H * W)`` of each RoI of ``ks`` (over all
@@ -407,10 +415,9 @@ def _backward_planes(add, runs, grad_input) -> None:
             seg.fill(0)
             for sel in _groups(ks, step):
                 add(seg, sel, c0, c1, 0, plane)
-            with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
-                grad_input[image, c0:c1].reshape(c1 - c0, plane)[...] = seg.reshape(
-                    c1 - c0, row
-                )[:, 1 : plane + 1]
+            grad_input[image, c0:c1].reshape(c1 - c0, plane)[...] = seg.reshape(c1 - c0, row)[
+                :, 1 : plane + 1
+            ]
 
 
 def _backward_ranges(add, runs, grad_input) -> None:
@@ -435,8 +442,7 @@ def _backward_ranges(add, runs, grad_input) -> None:
                 acc = numpy.zeros(e - s + 2, dtype=add.ct)
                 for group in _groups(sel, add.step(1)):
                     add(acc, group, ch, ch + 1, s, e)
-                with numpy.errstate(over="ignore"):
-                    flat[image, ch, s:e] = acc[1:-1]
+                flat[image, ch, s:e] = acc[1:-1]
                 pos = e
 
 
@@ -488,8 +494,10 @@ def roi_pool_backward(
     if wrong >= 0 and check_indices:
         raise _backend.IndexOutOfRange(wrong)
     add = _Scatter(grad_output, argmax, plane, wrong < 0)
-    if plane <= _SEGMENT_PLANE:
-        _backward_planes(add, runs, grad_input)
-    else:
-        _backward_ranges(add, runs, grad_input)
+    # +inf and -inf gradients meeting give NaN; float16 rounds to inf past its range.
+    with numpy.errstate(invalid="ignore", over="ignore"):
+        if plane <= _SEGMENT_PLANE:
+            _backward_planes(add, runs, grad_input)
+        else:
+            _backward_ranges(add, runs, grad_input)
     return grad_input
