@@ -118,7 +118,7 @@ def _decode(stage: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
 def _pool(data, b, hs, he, ws, we, stage) -> None:
     """Each bin's maximum of ``data`` [N, H, W, Cc] into ``stage`` [k, Cc, PH, PW].
 
-    Bins that are empty (no row or no column) are left unwritten.
+    Bins that are empty (no row or no column) hold garbage.
     """
     pooled_h, pooled_w = hs.shape[1], ws.shape[1]
     y0, y1, x0, x1 = hs[:, 0], he[:, -1], ws[:, 0], we[:, -1]
@@ -127,6 +127,9 @@ def _pool(data, b, hs, he, ws, we, stage) -> None:
     hs, he = (hs - y0[:, None]).tolist(), (he - y0[:, None]).tolist()
     ws, we = (ws - x0[:, None]).tolist(), (we - x0[:, None]).tolist()
     rowmax = numpy.empty((pooled_h,) + data.shape[2:], dtype=data.dtype)
+    # Bins channels-last, moved into the output layout once per RoI: a reduction into the
+    # [Cc, PH] slice of the output itself would write each channel at a stride.
+    binmax = numpy.empty((pooled_h, pooled_w, data.shape[-1]), dtype=data.dtype)
     reduce = numpy.maximum.reduce  # the ufunc method itself: numpy.max adds a wrapper per call
     for i in range(len(b)):
         if y1l[i] <= y0l[i] or x1l[i] <= x0l[i]:
@@ -137,8 +140,9 @@ def _pool(data, b, hs, he, ws, we, stage) -> None:
             if r1 > r0:
                 reduce(window[r0:r1], axis=0, out=rows[p])
         for q, (s0, s1) in enumerate(zip(ws[i], we[i])):
-            if s1 > s0:  # [PH, Cc] written into the [Cc, PH] slice of the output layout
-                reduce(rows[:, s0:s1], axis=1, out=stage[i, :, :, q].T)
+            if s1 > s0:
+                reduce(rows[:, s0:s1], axis=1, out=binmax[:, q])
+        stage[i] = binmax.transpose(2, 0, 1)
 
 
 def _pool_direct(values, b, hs, he, ws, we, w, bins, out_v, out_i) -> None:
