@@ -310,3 +310,85 @@ def test_property_matches_reference(backend, case):
     rois = case["rois"].astype(compute_dtype(case["dtype"]))
     result = run(backend, x, rois, case["output_size"], spatial_scale=case["spatial_scale"])
     check(result, roi_pool_ref(x, rois, case["output_size"], case["spatial_scale"]), case["dtype"])
+
+
+# ----------------------------------------------------------------------------- NumPy work layouts
+def sprinkled(rng, shape, dtype):
+    """Few distinct values (ties), with NaN, +inf and -inf sprinkled in."""
+    x = rng.integers(-3, 4, size=shape).astype(numpy.float64)
+    special = rng.random(shape)
+    x[special < 0.03] = numpy.nan
+    x[(special >= 0.03) & (special < 0.05)] = numpy.inf
+    x[(special >= 0.05) & (special < 0.08)] = -numpy.inf
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_numpy_windows_and_planes_give_the_same_numbers(monkeypatch, dtype):
+    """The NumPy backend pools RoIs that read less than the plane from their own windows, and
+    others from copies of the whole plane: both give the same bits and indices."""
+    from roi_cupy._numpy import roi_pool as numpy_pool
+
+    rng = make_rng("pool windows", numpy.dtype(dtype).name)
+    x = sprinkled(rng, (2, 3, 17, 23), dtype)
+    rois = random_boxes(rng, 2, 40, 17, 23, quantum=0.25, dtype=compute_dtype(dtype))
+    results = []
+    for cost in (-(2**40), 2**40):  # every RoI on its window; every RoI on the plane
+        monkeypatch.setattr(numpy_pool, "_ROI_COST", cost)
+        results.append(roi_cupy.roi_pool(x, rois, (3, 5), 0.5, return_indices=True))
+    (out_w, index_w), (out_p, index_p) = results
+    numpy.testing.assert_array_equal(out_w.view(numpy.uint8), out_p.view(numpy.uint8))
+    numpy.testing.assert_array_equal(index_w, index_p)
+    check(results[0], roi_pool_ref(x, rois, (3, 5), 0.5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+@pytest.mark.parametrize("layout", ["planes", "ranges"])
+def test_numpy_backward_accumulators_match_reference(monkeypatch, dtype, layout):
+    """The NumPy backward sums in small accumulators (channel chunks of whole planes, or ranges
+    of a plane where indices fall): forced small, with indices out of range ignored, it gives
+    the reference's numbers, and the same bits as one large accumulator."""
+    from reference import roi_pool_backward_ref
+
+    from roi_cupy._numpy import roi_pool as numpy_pool
+
+    rng = make_rng("pool accumulators", numpy.dtype(dtype).name, layout)
+    shape = (2, 5, 9, 11)
+    x = sprinkled(rng, shape, dtype)
+    rois = random_boxes(rng, 2, 30, 9, 11, quantum=0.25, dtype=compute_dtype(dtype))
+    rois[3, 0] = 7  # invalid: ignored
+    _, indices = roi_cupy.roi_pool(x, rois, (3, 2), validate=False, return_indices=True)
+    indices[0, 1, 0, 0] = 10**6  # out of range: ignored without validation
+    indices[5, 0, 2, 1] = -9
+    g = random_features(rng, indices.shape, dtype)
+    g[1, 2, 1, 1] = numpy.inf
+    expected = roi_pool_backward_ref(g, rois, indices, shape)
+    whole = roi_cupy.roi_pool_backward(g, rois, indices, shape, validate=False)
+    monkeypatch.setattr(numpy_pool, "_BACKWARD_CHUNK", 7)
+    monkeypatch.setattr(numpy_pool, "_SEGMENT", 30)
+    if layout == "ranges":
+        monkeypatch.setattr(numpy_pool, "_SEGMENT_PLANE", 13)
+    for a in (indices, indices.astype(numpy.int32), numpy.repeat(indices, 2, axis=1)[:, ::2]):
+        grad = roi_cupy.roi_pool_backward(g, rois, a, shape, validate=False)
+        assert_matches(grad, expected, dtype)
+        numpy.testing.assert_array_equal(grad.view(numpy.uint8), whole.view(numpy.uint8))
+
+
+def test_numpy_backward_float32_sums_stay_accurate():
+    """Thousands of gradients on the same pixels, summed in float32 in a fixed order: within
+    float32's tolerance of the float64 sums, and the same bits on every run."""
+    from reference import roi_pool_backward_ref
+
+    rng = make_rng("pool float32 sums")
+    shape = (1, 2, 6, 6)
+    x = numpy.zeros(shape, dtype=numpy.float32)
+    x[0, :, 2, 3] = 1.0  # every box picks this pixel in every bin that covers it
+    rois = numpy.tile(numpy.array([[0, 0, 0, 5, 5]], dtype=numpy.float32), (3000, 1))
+    rois[:, 1:] += rng.integers(-1, 2, (3000, 4))
+    _, indices = roi_cupy.roi_pool(x, rois, 2, return_indices=True)
+    g = rng.uniform(-1, 1, indices.shape).astype(numpy.float32)
+    grad = roi_cupy.roi_pool_backward(g, rois, indices, shape)
+    expected = roi_pool_backward_ref(g.astype(numpy.float64), rois, indices, shape)
+    assert_matches(grad, expected, numpy.float32)
+    again = roi_cupy.roi_pool_backward(g, rois, indices, shape)
+    numpy.testing.assert_array_equal(grad.view(numpy.uint32), again.view(numpy.uint32))
