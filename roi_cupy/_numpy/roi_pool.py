@@ -105,13 +105,35 @@ def _keys(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.ndar
     return keys
 
 
-def _decode(stage: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+class _Buffers:
+    """Arrays reused from one group of RoIs to the next (a fresh array per group costs more than
+    the arithmetic that fills it)."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype) -> numpy.ndarray:
+        size = 1
+        for n in shape:
+            size *= n
+        array = self.arrays.get(name)
+        if array is None or array.size < size or array.dtype != dtype:
+            array = self.arrays[name] = numpy.empty(size, dtype=dtype)
+        return array[:size].reshape(shape)
+
+
+def _decode(stage: numpy.ndarray, buffers: _Buffers) -> tuple[numpy.ndarray, numpy.ndarray]:
     """float32 keys -> (float32 value, int64 argmax); argmax -1 where nothing was picked."""
     halves = stage.view(numpy.int32).reshape(stage.shape + (2,))
     order = halves[..., _HIGH]
-    value = (order ^ ((order >> 31) & numpy.int32(0x7FFFFFFF))).view(numpy.float32)
-    argmax = numpy.subtract(_LOW, halves[..., 1 - _HIGH].view(numpy.uint32), dtype=numpy.int64)
-    argmax[value == numpy.float32(-_common.FLT_MAX)] = -1
+    bits = buffers("bits", stage.shape, numpy.int32)
+    numpy.right_shift(order, 31, out=bits)
+    numpy.bitwise_and(bits, numpy.int32(0x7FFFFFFF), out=bits)
+    numpy.bitwise_xor(order, bits, out=bits)
+    value = bits.view(numpy.float32)
+    argmax = buffers("argmax", stage.shape, numpy.int64)
+    numpy.subtract(_LOW, halves[..., 1 - _HIGH].view(numpy.uint32), out=argmax, dtype=numpy.int64)
+    numpy.copyto(argmax, -1, where=value == numpy.float32(-_common.FLT_MAX))
     return value, argmax
 
 
@@ -162,15 +184,16 @@ def _pool_direct(values, b, hs, he, ws, we, w, bins, out_v, out_i) -> None:
         )
 
 
-def _stage_float32(input, c0, keys, args, shape):
-    """float16/float32 bins of one group of RoIs: ``(value float32, argmax)`` [k, Cc, PH, PW].
+def _stage_float32(input, c0, keys, args, shape, buffers):
+    """float16/float32 bins of one group of RoIs: ``(value float32, argmax)`` [k, Cc, PH, PW],
+    in ``buffers``.
 
     ``args`` is ``(b, hs, he, ws, we)`` of the group; ``keys`` come from :func:`_keys`.
     """
     b, hs, he, ws, we = args
-    stage = numpy.empty(shape, dtype=numpy.int64)
+    stage = buffers("stage", shape, numpy.int64)
     _pool(keys, b, hs, he, ws, we, stage)
-    value, argmax = _decode(stage)
+    value, argmax = _decode(stage, buffers)
     _clear_empty(hs, he, ws, we, value, argmax)
     # Keys hold -0.0 as 0.0; the kernels store the value they read.
     zero = numpy.flatnonzero(value == 0)
@@ -303,6 +326,7 @@ def _forward(input, b, hs, he, ws, we, live, out, argmax, ct) -> None:
         if ct == numpy.float64 or not keyed:
             values = _values(input, c0, c1, numpy.dtype(numpy.float64))
         step = max(1, _STAGE_ELEMENTS // ((c1 - c0) * pooled_h * pooled_w))
+        buffers = _Buffers()
         for s in range(0, live.size, step):
             sel = live[s : s + step]
             # A run of consecutive RoIs is stored through a slice, cheaper than an index array.
@@ -310,7 +334,7 @@ def _forward(input, b, hs, he, ws, we, live, out, argmax, ct) -> None:
             args = (b[sel], hs[sel], he[sel], ws[sel], we[sel])
             shape = (sel.size, c1 - c0, pooled_h, pooled_w)
             if values is None:
-                value, index = _stage_float32(input, c0, keys, args, shape)
+                value, index = _stage_float32(input, c0, keys, args, shape, buffers)
             else:
                 value, index = _stage_float64(values, keys, args, w, shape)
             with numpy.errstate(over="ignore"):  # -FLT_MAX is -inf in float16
