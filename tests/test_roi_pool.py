@@ -392,3 +392,30 @@ def test_numpy_backward_float32_sums_stay_accurate():
     assert_matches(grad, expected, numpy.float32)
     again = roi_cupy.roi_pool_backward(g, rois, indices, shape)
     numpy.testing.assert_array_equal(grad.view(numpy.uint32), again.view(numpy.uint32))
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=str)
+def test_numpy_backward_in_place_gives_the_same_bits(monkeypatch, dtype):
+    """Few gradients per pixel are summed straight into grad_input (an index -1 adding +0.0 to
+    its plane's first pixel), many in padded accumulators: the same bits either way, -0.0 and
+    non-finite gradients included."""
+    from reference import roi_pool_backward_ref
+
+    from roi_cupy._numpy import roi_pool as numpy_pool
+
+    rng = make_rng("pool in place", numpy.dtype(dtype).name)
+    shape = (2, 4, 8, 10)
+    x = sprinkled(rng, shape, dtype)
+    x[:, :, 0, 0] = 5.0  # picked where covered: the pixel an index -1 adds +0.0 to
+    rois = random_boxes(rng, 2, 12, 8, 10, quantum=0.25, dtype=compute_dtype(dtype))
+    _, indices = roi_cupy.roi_pool(x, rois, (2, 3), return_indices=True)
+    assert (indices == -1).any() and (indices == 0).any(), "a vacuous case"
+    g = random_features(rng, indices.shape, dtype)
+    g[rng.random(g.shape) < 0.1] = -0.0
+    g[0, 0, 1, 1] = numpy.nan
+    results = []
+    for direct in (2.0**40, 0.0):
+        monkeypatch.setattr(numpy_pool, "_DIRECT", direct)
+        results.append(roi_cupy.roi_pool_backward(g, rois, indices, shape))
+    numpy.testing.assert_array_equal(results[0].view(numpy.uint8), results[1].view(numpy.uint8))
+    assert_matches(results[0], roi_pool_backward_ref(g, rois, indices, shape), dtype)

@@ -38,6 +38,8 @@ _BACKWARD_CHUNK = 1 << 15
 # Accumulator elements of one image's channels in the backward pass: small enough to stay in
 # cache while the gradients of that image's RoIs are added into it.
 _SEGMENT = 1 << 16
+# Gradients per pixel below which the backward sums straight into grad_input.
+_DIRECT = 1.0
 # Planes of more pixels are accumulated one channel and one range of at most this many pixels
 # at a time, only where indices fall: the memory then follows the indices, not the plane.
 _SEGMENT_PLANE = 1 << 20
@@ -393,24 +395,46 @@ class _Scatter:
             self.index = numpy.empty(size, dtype=numpy.int64)
             self.values = numpy.empty(size, dtype=self.ct)
         ix = self.index[:size].reshape(a.shape)
-        offset = self._offsets(c1 - c0, lo, hi)
+        values = self.values[:size].reshape(a.shape)
+        offset = self._offsets(c1 - c0, hi - lo + 2, 1 - lo)
         if self.in_range and lo == 0 and hi == self.plane:
             numpy.add(a, offset, out=ix)
         else:
             numpy.clip(a, lo - 1, hi, out=ix)
             ix += offset
-        self.values[:size].reshape(a.shape)[...] = self.grad[sel, c0:c1]
+        values[...] = self.grad[sel, c0:c1]
         # add.at adds in the order of the indices: deterministic.
         numpy.add.at(acc, self.index[:size], self.values[:size])
 
-    def _offsets(self, channels, lo, hi):
-        """``[channels, PH, PW]``: where each channel's range starts in the accumulator, less
-        ``lo - 1``. As large as one RoI's indices (not broadcast along PH and PW), so that the
-        addition runs over whole rows of channels x bins."""
-        key = (channels, lo, hi)
+    def direct(self, planes, sel, c0, c1) -> None:
+        """Add gradients of RoIs ``sel``, channels ``c0:c1``, whose indices are in range,
+        straight into ``planes``: their ``[c1 - c0, H * W]`` flat part of grad_input (in the
+        compute dtype, still zeros). An index -1 adds +0.0 to its channel's first pixel
+        instead, which changes no sum: sums start at +0.0, and ``x + 0.0 == x`` for all ``x``
+        but -0.0, which a sum that starts at +0.0 never is."""
+        a = self.argmax[sel, c0:c1]
+        size = a.size
+        if size > self.index.size:
+            self.index = numpy.empty(size, dtype=numpy.int64)
+            self.values = numpy.empty(size, dtype=self.ct)
+        ix = self.index[:size].reshape(a.shape)
+        values = self.values[:size].reshape(a.shape)
+        numpy.add(a, self._offsets(c1 - c0, self.plane, 0), out=ix)
+        values[...] = self.grad[sel, c0:c1]
+        empty = a < 0
+        if empty.any():
+            numpy.add(ix, 1, out=ix, where=empty)
+            numpy.copyto(values, 0, where=empty)
+        numpy.add.at(planes, self.index[:size], self.values[:size])
+
+    def _offsets(self, channels, stride, shift):
+        """``[channels, PH, PW]``: ``c * stride + shift`` for channel ``c``. As large as one
+        RoI's indices (not broadcast along PH and PW), so that adding it to them runs over whole
+        rows of channels x bins."""
+        key = (channels, stride, shift)
         if self.offset_key != key:
             self.offset_key = key
-            start = numpy.arange(channels) * (hi - lo + 2) + (1 - lo)
+            start = numpy.arange(channels) * stride + shift
             self.offset = numpy.repeat(start, self.bins).reshape(channels, *self.grad.shape[2:])
         return self.offset
 
@@ -430,12 +454,27 @@ class _Scatter:
 
 
 def _backward_planes(add, runs, grad_input) -> None:
-    """Sum each image's gradients channel chunk by channel chunk, whole planes at a time."""
+    """Sum each image's gradients channel chunk by channel chunk, whole planes at a time.
+
+    With fewer gradients than ``_DIRECT`` per pixel, in range, and grad_input in the compute
+    dtype, the sums run in grad_input itself; else in an accumulator with a slot on either side
+    of each plane, copied out once complete (cheaper than finding the indices -1 when they are
+    many)."""
     c, h, w = grad_input.shape[1:]
     plane, row = h * w, h * w + 2
     cc = max(1, min(c, _SEGMENT // row))
-    acc = numpy.empty(cc * row, dtype=add.ct)
     step = add.step(cc)
+    gradients = sum(add.bins * c * (len(range(ks.start, ks.stop)) if isinstance(ks, slice)
+                                    else ks.size) for _, ks in runs)
+    if add.in_range and add.ct == grad_input.dtype and gradients < _DIRECT * grad_input.size:
+        for c0 in range(0, c, cc):
+            c1 = min(c, c0 + cc)
+            for image, ks in runs:
+                planes = grad_input[image, c0:c1].reshape(-1)
+                for sel in _groups(ks, step):
+                    add.direct(planes, sel, c0, c1)
+        return
+    acc = numpy.empty(cc * row, dtype=add.ct)
     for c0 in range(0, c, cc):
         c1 = min(c, c0 + cc)
         seg = acc[: (c1 - c0) * row]
