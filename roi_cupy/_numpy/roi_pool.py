@@ -12,6 +12,11 @@ the largest key is the largest value at its first position in row-major order an
 float64 value keeps only its top 32 bits there, so values that share them tie and the first
 wins; a second pass takes each bin's exact float64 maximum, and a bin whose key picked a smaller
 value (which happens only when values that close compete) is scanned again directly.
+
+The copy covers the whole plane when the RoIs together read at least as much; otherwise each RoI
+is pooled from a copy of its own window, so that the memory follows what the RoIs read, not the
+plane. The backward pass scatters gradients with ``numpy.add.at`` into accumulators of a bounded
+size, in a fixed order.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ _STAGE_ELEMENTS = 1 << 18
 # What a RoI pooled from its own window costs beyond the pixels it reads, in pixel-channels of
 # a channels-last copy: RoIs that read less than the plane by this much take their windows.
 _ROI_COST = 1 << 14
-_ZERO = numpy.zeros(1, dtype=numpy.int64)
+_ZERO = numpy.zeros(1, dtype=numpy.int64)  # batch index and RoI of a window pooled alone
 # Gradient elements scattered together by the backward pass (its index and value buffers).
 _BACKWARD_CHUNK = 1 << 15
 # Accumulator elements of one image's channels in the backward pass: small enough to stay in
@@ -43,6 +48,8 @@ _DIRECT = 1.0
 # Planes of more pixels are accumulated one channel and one range of at most this many pixels
 # at a time, only where indices fall: the memory then follows the indices, not the plane.
 _SEGMENT_PLANE = 1 << 20
+
+
 def _round(v: numpy.ndarray) -> numpy.ndarray:
     """Round half away from zero (C ``round``), exactly: ``v - trunc(v)`` is exact."""
     t = numpy.trunc(v)
@@ -410,8 +417,8 @@ class _Scatter:
         """Add gradients of RoIs ``sel``, channels ``c0:c1``, whose indices are in range,
         straight into ``planes``: their ``[c1 - c0, H * W]`` flat part of grad_input (in the
         compute dtype, still zeros). An index -1 adds +0.0 to its channel's first pixel
-        instead, which changes no sum: sums start at +0.0, and ``x + 0.0 == x`` for all ``x``
-        but -0.0, which a sum that starts at +0.0 never is."""
+        instead, which changes no sum: adding +0.0 leaves every value but -0.0 as it is, and a
+        sum that starts at +0.0 is never -0.0."""
         a = self.argmax[sel, c0:c1]
         size = a.size
         if size > self.index.size:
@@ -464,8 +471,8 @@ def _backward_planes(add, runs, grad_input) -> None:
     plane, row = h * w, h * w + 2
     cc = max(1, min(c, _SEGMENT // row))
     step = add.step(cc)
-    gradients = sum(add.bins * c * (len(range(ks.start, ks.stop)) if isinstance(ks, slice)
-                                    else ks.size) for _, ks in runs)
+    rois = sum(ks.stop - ks.start if isinstance(ks, slice) else ks.size for _, ks in runs)
+    gradients = rois * c * add.bins
     if add.in_range and add.ct == grad_input.dtype and gradients < _DIRECT * grad_input.size:
         for c0 in range(0, c, cc):
             c1 = min(c, c0 + cc)
