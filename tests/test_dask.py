@@ -49,7 +49,7 @@ DTYPES = [numpy.dtype(d) for d in (numpy.float16, BFLOAT16, numpy.float32, numpy
 def cluster():
     """The CI cluster: two worker processes, one thread each."""
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as local:
+                                  dashboard_address=":0") as local:
         yield local
 
 
