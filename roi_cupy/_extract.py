@@ -39,7 +39,7 @@ from roi_cupy import _interop, ops
 
 # What the output group's attributes hold the settings under.
 RECORD = "roi_cupy_extract"
-# Default size of one output chunk (the unit written, marked done and redone after a failure).
+# Most crops in one output chunk by default (the unit written, marked done, redone after a failure).
 CHUNK_BYTES = 32 << 20
 
 
@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--aligned", action="store_true",
                         help="RoI Align with the half-pixel shift (Detectron2)")
     parser.add_argument("--chunk-boxes", type=int,
-                        help="boxes per output chunk (default: about 32 MiB of crops)")
+                        help="boxes per output chunk (default: the median number of boxes per "
+                        "feature chunk, at most 32 MiB of crops)")
     parser.add_argument("--images-per-chunk", type=int,
                         help="images per feature chunk (default: the store's chunks along N)")
     parser.add_argument("--scheduler", metavar="ADDRESS",
@@ -96,25 +97,35 @@ def load_boxes(path: str) -> numpy.ndarray:
 
 
 def _features(args: argparse.Namespace) -> Any:
-    """The features as a dask array chunked along N only (C, H and W merged per N-chunk)."""
+    """The features as a dask array chunked along N only: each task reads one N-chunk, all of
+    C, H and W, straight from the store (``--images-per-chunk`` images, else the store's chunk
+    along N)."""
     import dask.array as da
 
-    features = da.from_zarr(args.features, component=args.component)
-    chunks = {1: -1, 2: -1, 3: -1}
-    if args.images_per_chunk is not None:
-        if args.images_per_chunk < 1:
-            raise ValueError(
-                f"--images-per-chunk must be positive, got {args.images_per_chunk}"
-            )
-        chunks[0] = args.images_per_chunk
-    ops._check_features(features, "features")
-    features = features.rechunk(chunks)
+    if args.images_per_chunk is not None and args.images_per_chunk < 1:
+        raise ValueError(f"--images-per-chunk must be positive, got {args.images_per_chunk}")
+    stored = da.from_zarr(args.features, component=args.component)
+    ops._check_features(stored, "features")
+    images = args.images_per_chunk or stored.chunksize[0]
+    features = da.from_zarr(args.features, component=args.component,
+                            chunks=(images,) + stored.shape[1:])
     if args.device == "cuda":
         import cupy
 
         meta = cupy.empty((0, 0, 0, 0), dtype=features.dtype)
         features = features.map_blocks(cupy.asarray, dtype=features.dtype, meta=meta)
     return features
+
+
+def _chunk_boxes(crops: Any) -> int:
+    """The default output chunk: the median number of boxes per routed N-chunk (split evenly
+    where that is over :data:`CHUNK_BYTES` of crops). With sorted boxes and as many per chunk,
+    each output chunk is then one N-chunk's crops (or a part), written where they were
+    computed."""
+    sizes = [size for size in crops.chunks[0] if size] or [1]
+    block = max(1, math.ceil(numpy.median(sizes)))
+    per_box = math.prod(crops.shape[1:]) * crops.dtype.itemsize
+    return math.ceil(block / math.ceil(block * per_box / CHUNK_BYTES))
 
 
 def _output_size(args: argparse.Namespace) -> tuple[int, int]:
@@ -332,8 +343,7 @@ def plan(args: argparse.Namespace) -> Plan:
     features = _features(args)
     crops = _crops(args, features, boxes)  # checks every argument and box
     k = crops.shape[0]
-    per_box = math.prod(crops.shape[1:]) * crops.dtype.itemsize
-    chunk = args.chunk_boxes or max(1, min(k, CHUNK_BYTES // max(1, per_box)))
+    chunk = args.chunk_boxes or _chunk_boxes(crops)
     settings = _settings(args, features, boxes, chunk)
     done = prepare_output(args.out, settings, crops.shape, crops.dtype, args.overwrite)
     crops = crops.rechunk({0: chunk})
@@ -348,9 +358,10 @@ def plan(args: argparse.Namespace) -> Plan:
     return Plan(crops, done, writes, summary)
 
 
-def run(args: argparse.Namespace) -> int:
-    """:func:`plan`, then compute and write the chunks not yet done on a cluster (started only
-    when there is something to write); returns how many chunks were written."""
+def run(args: argparse.Namespace, client: Any = None) -> int:
+    """:func:`plan`, then compute and write the chunks not yet done on ``client``'s cluster, by
+    default on the one the arguments name (started only when there is something to write);
+    returns how many chunks were written."""
     from distributed import as_completed
 
     job = plan(args)
@@ -358,9 +369,10 @@ def run(args: argparse.Namespace) -> int:
     if not job.writes:
         return 0
     with contextlib.ExitStack() as stack:
-        client = _connect(args, stack)
+        if client is None:
+            client = _connect(args, stack)
         progress = _Progress(len(job.writes))
-        for future in as_completed(client.compute(job.writes)):
+        for future in as_completed(client.compute(job.writes), loop=client.loop):
             future.result()  # raises the task's error here
             progress.step()
     seconds = time.perf_counter() - progress.start

@@ -363,6 +363,22 @@ def test_extract_end_to_end_on_a_local_cluster(tmp_path):
     assert _extract.main(args) == 0  # all done: nothing to compute, no cluster started
 
 
+def test_extract_default_chunks_follow_the_routing(tmp_path):
+    x, _ = inputs("chunks", numpy.float32)
+    rng = make_rng("dask", "chunks")
+    boxes = random_boxes(rng, N, 4 * N, H, W, dtype=numpy.float32)
+    boxes[:, 0] = numpy.repeat(numpy.arange(N), 4)  # sorted, four per image
+    numpy.save(tmp_path / "boxes.npy", boxes)
+    features = store(tmp_path, x, (1, C, H, W))
+    args = [features, str(tmp_path / "boxes.npy"), str(tmp_path / "crops.zarr")]
+    one_image = _extract.plan(_extract._parser().parse_args(args))
+    assert one_image.crops.chunks[0] == (4,) * N  # one output chunk per image's crops
+    two_images = args + ["--images-per-chunk", "2", "--overwrite"]
+    two_images = _extract.plan(_extract._parser().parse_args(two_images))
+    assert two_images.crops.chunks[0] == (8, 8, 8, 4)
+    assert len(two_images.writes) == 4
+
+
 def test_extract_restarts_after_a_killed_worker_and_command(cluster, client, tmp_path,
                                                             capsys):
     x, boxes = inputs("kill", numpy.float32, n=24, k=240, shape=(4, 16, 16))
