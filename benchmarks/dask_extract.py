@@ -84,7 +84,7 @@ def extract(client, features, boxes, out, args):
     moved between processes)."""
     parsed = _extract._parser().parse_args([features, boxes, out, "--overwrite", *args])
     before = moved(client)
-    with contextlib.redirect_stdout(open(os.devnull, "w")) as sink, \
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), \
             contextlib.redirect_stderr(sink):
         start = time.perf_counter()
         _extract.run(parsed, client)

@@ -2,9 +2,12 @@
 
 Features come from a Zarr array ``[N, C, H, W]`` (read chunk by chunk by the workers), boxes
 from a file, and the crops ``[K, C, PH, PW]`` go to a Zarr group ``OUT``, row ``i`` the crop of
-box ``i``. :mod:`roi_cupy.dask` routes the boxes to the N-chunks that hold their images; the
-crops are rechunked along K into the output's chunks (``--chunk-boxes`` boxes each), and one task
-per output chunk writes it and then marks it done.
+box ``i``. Each feature task reads one N-chunk (``--images-per-chunk`` images, all of C, H and
+W, whatever the store's chunks along C, H and W); :mod:`roi_cupy.dask` routes the boxes to the
+N-chunks that hold their images; the crops are rechunked along K into the output's chunks
+(``--chunk-boxes`` boxes each; by default as many as an N-chunk's boxes, so that with boxes
+sorted by image each output chunk is one N-chunk's crops and no crop moves between workers), and
+one task per output chunk writes it and then marks it done.
 
 The output group holds ``crops``, ``done`` (one uint8 per output chunk, each its own Zarr chunk,
 set to 1 after the chunk's data is written) and, in its attributes, the record of the settings
