@@ -187,7 +187,8 @@ def _crops(features: da.Array, boxes: BoxesLike, crop: _Crop) -> da.Array:
     c = features.shape[1]
     meta = meta_from_array(features._meta, ndim=4, dtype=features.dtype)
     if not blocks:  # no box at all: nothing to read
-        return da.empty((0, c) + crop.output_size, dtype=features.dtype, chunks=-1, meta=meta)
+        empty = _interop.array_module(meta).empty((0, c) + crop.output_size, features.dtype)
+        return da.from_array(empty, chunks=-1, asarray=False)
     name = f"roi_{crop.op}-" + tokenize(
         features.name, crop, [(i, local.tobytes()) for i, local in blocks]
     )

@@ -288,23 +288,36 @@ def _gpu_unavailable() -> str:
     return ""
 
 
-@pytest.mark.skipif(bool(_gpu_unavailable()), reason=_gpu_unavailable() or "")
-def test_gpu_workers_match_the_in_memory_kernels():
+GPU_MISSING = _gpu_unavailable()
+
+
+@pytest.mark.skipif(bool(GPU_MISSING), reason=GPU_MISSING)
+def test_gpu_workers_match_the_in_memory_kernels(tmp_path):
     import cupy
     from dask_cuda import LocalCUDACluster
 
     x, boxes = inputs("gpu", numpy.float32)
+    gx, gb = cupy.asarray(x), cupy.asarray(boxes)
+    align_in_memory = roi_cupy.roi_align(gx, gb, 3, 0.5, 2, True).get()
     with LocalCUDACluster() as cluster, distributed.Client(cluster, set_as_default=False) as c:
         for chunks in CHUNKINGS:
             features = chunked(x, chunks).map_blocks(cupy.asarray)
-            align, pool = c.compute([rd.roi_align(features, boxes, 3, 0.5, 2, True),
-                                     rd.roi_pool(features, boxes, 3, 0.5)], sync=True)
-            assert isinstance(align, cupy.ndarray) and isinstance(pool, cupy.ndarray)
-            gx, gb = cupy.asarray(x), cupy.asarray(boxes)
-            assert_same(align.get(), roi_cupy.roi_align(gx, gb, 3, 0.5, 2, True).get())
+            align, pool, empty = c.compute([rd.roi_align(features, boxes, 3, 0.5, 2, True),
+                                            rd.roi_pool(features, boxes, 3, 0.5),
+                                            rd.roi_pool(features, boxes[:0], 3)], sync=True)
+            assert all(isinstance(a, cupy.ndarray) for a in (align, pool, empty))
+            assert_same(align.get(), align_in_memory)  # one kernel call per chunk: bitwise
             assert_same(pool.get(), roi_cupy.roi_pool(gx, gb, 3, 0.5).get())
-            assert_matches(align.get(), roi_cupy.roi_align(x, boxes, 3, 0.5, 2, True)
-                           .astype(numpy.float64), numpy.float32)
+            assert empty.shape == (0, C, 3, 3)
+        assert_matches(align.get(), roi_cupy.roi_align(x, boxes, 3, 0.5, 2, True)
+                       .astype(numpy.float64), numpy.float32)
+        numpy.save(tmp_path / "boxes.npy", boxes)
+        out = str(tmp_path / "crops.zarr")
+        args = [store(tmp_path, x, (2, C, H, W)), str(tmp_path / "boxes.npy"), out, "--device",
+                "cuda", "--output-size", "3", "--spatial-scale", "0.5", "--sampling-ratio", "2",
+                "--aligned", "--scheduler", c.scheduler.address]
+        assert _extract.main(args) == 0
+        assert_same(crops_of(out), align_in_memory)
 
 
 # ----------------------------------------------------------------------------- extract
