@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--component", help="the array inside FEATURES when that is a group")
     parser.add_argument("--op", choices=("align", "pool"), default="align",
                         help="RoI Align or RoI Pool (default: align)")
-    parser.add_argument("--output-size", type=int, nargs="+", default=[7], metavar="PH [PW]",
-                        help="crop size (default: 7)")
+    parser.add_argument("--output-size", type=int, nargs="+", default=[7], metavar="SIZE",
+                        help="crop size: PH, or PH PW (default: 7)")
     parser.add_argument("--spatial-scale", type=float, default=1.0,
                         help="box-to-feature coordinate scale, e.g. 0.0625 (default: 1.0)")
     parser.add_argument("--sampling-ratio", type=int, default=-1,
