@@ -40,9 +40,10 @@ import roi_cupy
 from roi_cupy import _extract
 
 
-def make(root, name, n, c, size, per_image, seed=0):
+def make(root, name, n, c, size, per_image, seed=0, shuffle=False):
     """A Zarr store of features [n, c, size, size] (one image per chunk) and a .npy file of
-    ``per_image`` boxes per image, sorted by image as a data set's box file would be."""
+    ``per_image`` boxes per image, sorted by image as a data set's box file would be (or, with
+    ``shuffle``, in random order)."""
     rng = np.random.default_rng(seed)
     path = os.path.join(root, f"{name}.zarr")
     store = zarr.open_array(store=path, mode="w", shape=(n, c, size, size),
@@ -53,6 +54,8 @@ def make(root, name, n, c, size, per_image, seed=0):
     lo = rng.uniform(0, 0.6, (k, 2)) * size
     hi = lo + rng.uniform(0.1, 0.4, (k, 2)) * size
     boxes = np.concatenate([np.repeat(np.arange(n), per_image)[:, None], lo, hi], 1)
+    if shuffle:
+        boxes = boxes[rng.permutation(k)]
     boxes_path = os.path.join(root, f"{name}.npy")
     np.save(boxes_path, boxes.astype(np.float32))
     return path, boxes_path
@@ -156,6 +159,8 @@ def main():
     parser.add_argument("--images-per-chunk", type=int, default=8,
                         help="extract's feature chunk (the store keeps one image per chunk)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shuffle", action="store_true",
+                        help="boxes in random order (the crops are put back in it by one take)")
     parser.add_argument("--tiny-images", type=int, default=400)
     opts = parser.parse_args()
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -163,7 +168,7 @@ def main():
     align = ["--output-size", "7", "--sampling-ratio", "2", "--aligned",
              "--images-per-chunk", str(opts.images_per_chunk)]
     with tempfile.TemporaryDirectory() as root:
-        features, boxes = make(root, "data", n, c, s, per)
+        features, boxes = make(root, "data", n, c, s, per, shuffle=opts.shuffle)
         tiny, tiny_boxes = make(root, "tiny", opts.tiny_images, 1, 4, 1, seed=1)
         tiny_args = ["--output-size", "1", "--sampling-ratio", "2", "--aligned",
                      "--chunk-boxes", "1"]
@@ -171,7 +176,8 @@ def main():
         crop_bytes = k * c * 49 * 4
         print(f"workload: features [{n}, {c}, {s}, {s}] float32 ({n * c * s * s * 4 / 2**20:.0f}"
               f" MiB, one image per Zarr chunk, {opts.images_per_chunk} per extract chunk), {k} "
-              f"boxes sorted by image ({per} per image), "
+              f"boxes {'in random order' if opts.shuffle else 'sorted by image'} ({per} per "
+              f"image), "
               f"RoI Align 7x7, sampling_ratio=2, aligned; crops {crop_bytes / 2**20:.0f} MiB; "
               f"{os.cpu_count()} cores; median s (IQR) over {opts.repeats} runs")
         clusters, clients = {}, {}
