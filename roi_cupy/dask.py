@@ -13,12 +13,14 @@ integer in ``[0, N)`` raises the usual ``ValueError`` naming it). They are sorte
 The graph has one task per N-chunk that holds boxes, which reads that chunk alone; chunks without
 boxes get no task, so their features are never read. The per-chunk crops are concatenated and one
 ``take`` puts them back in the boxes' order (no ``take`` when the boxes come sorted by image): the
-features never move between chunks, only the crops do.
+features never move between chunks, only the crops do. Sort large box sets by image: in random
+order the ``take`` moves most crops between workers once more.
 
 Chunking: features must be chunked along N only, one chunk along C, H and W; anything else is
 refused with a ``ValueError`` rather than rechunked here, since merging the C, H and W chunks of an
 N-chunk copies its features and may make chunks far larger than the caller chose. Rechunk with
-``features.rechunk({1: -1, 2: -1, 3: -1})`` (``python -m roi_cupy extract`` does so itself).
+``features.rechunk({1: -1, 2: -1, 3: -1})`` (``python -m roi_cupy extract`` reads whole N-chunks
+itself).
 
 Reproducibility: the result is the same, bit for bit, whatever the chunking of the features and
 the number of workers. CuPy chunks run the CUDA kernels once per N-chunk (each output element is
