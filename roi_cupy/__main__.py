@@ -1,4 +1,5 @@
-"""``python -m roi_cupy COMMAND``: the demo, the benchmark runner and the kernel compile check."""
+"""``python -m roi_cupy COMMAND``: the demo, the benchmark runner, the kernel compile check and
+the Dask extraction of RoI features from Zarr to Zarr."""
 from __future__ import annotations
 
 import importlib

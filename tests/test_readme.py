@@ -1,5 +1,5 @@
 """The README's Python examples run as printed, in order, in one namespace (as a reader pasting
-them into one session would). A block that needs what this machine lacks (a GPU, torch, jax) is
+them into one session would). A block that needs what this machine lacks (a GPU, torch, jax, dask) is
 skipped with the reason; the blocks after it still run."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _missing(block: str) -> str:
         ok, why = _cuda.available()
         if not ok:
             return f"the block runs on a GPU: {why}"
-    for framework in ("torch", "jax"):
+    for framework in ("torch", "jax", "dask", "distributed", "dask_cuda"):
         if re.search(rf"\bimport (roi_cupy\.)?{framework}\b|\bfrom {framework}\b", block) and (
             importlib.util.find_spec(framework) is None
         ):
