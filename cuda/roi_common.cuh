@@ -256,7 +256,9 @@ __host__ __device__ __forceinline__ roi_pool_axis<C> roi_pool_geometry(
     return a;
 }
 
-// Pixels [first, last) of bin p, clipped to [0, extent]; adjacent bins may overlap.
+// Pixels [first, last) of bin p, clipped to [0, extent]; adjacent bins may overlap. The clamp in
+// C keeps the casts in range; C(extent) may round up (float32 past 2**24), so the bound is applied
+// again in I, exactly.
 template <typename C, typename I>
 __host__ __device__ __forceinline__ void roi_pool_window(
     const roi_pool_axis<C>& a, I p, I extent, I& first, I& last)
@@ -264,4 +266,6 @@ __host__ __device__ __forceinline__ void roi_pool_window(
     const C hi = C(extent);
     first = static_cast<I>(roi_clamp(roi_floor(C(p) * a.bin) + a.start, C(0), hi));
     last = static_cast<I>(roi_clamp(roi_ceil(C(p + 1) * a.bin) + a.start, C(0), hi));
+    first = first < extent ? first : extent;
+    last = last < extent ? last : extent;
 }

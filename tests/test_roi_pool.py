@@ -419,3 +419,23 @@ def test_numpy_backward_in_place_gives_the_same_bits(monkeypatch, dtype):
         results.append(roi_cupy.roi_pool_backward(g, rois, indices, shape))
     numpy.testing.assert_array_equal(results[0].view(numpy.uint8), results[1].view(numpy.uint8))
     assert_matches(results[0], roi_pool_backward_ref(g, rois, indices, shape), dtype)
+
+
+@pytest.mark.parametrize("axis", ["height", "width"])
+def test_window_never_passes_an_extent_beyond_float32s_integers(backend, axis):
+    """A plane side of 2**24 + 3 is 2**24 + 4 in float32: the clip at the plane's edge must still
+    stop at the last pixel. The plane is a view whose next element holds 1e30, so a read one past
+    the end shows in the maximum and its index."""
+    side = 2**24 + 3
+    shape = (1, 1, side, 1) if axis == "height" else (1, 1, 1, side)
+    flat = numpy.zeros(side + 1, numpy.float32)
+    flat[:side] = numpy.arange(side, dtype=numpy.float32) % 7
+    flat[side] = 1e30
+    array = backend.asarray(flat)
+    plane = array[:side].reshape(shape)
+    box = [0, side - 9, 0, side, 0] if axis == "width" else [0, 0, side - 9, 0, side]
+    with backend.active():
+        out, idx = roi_cupy.roi_pool(plane, backend.asarray(numpy.array([box], numpy.float64)),
+                                     1, return_indices=True)
+    out, idx = backend.to_numpy((out, idx))
+    assert out.ravel()[0] == 6.0 and side - 9 <= idx.ravel()[0] < side, (out, idx)
