@@ -12,9 +12,11 @@ integer in ``[0, N)`` raises the usual ``ValueError`` naming it). They are sorte
 (stably), and each N-chunk gets the boxes of its images, with their batch index made chunk-local.
 The graph has one task per N-chunk that holds boxes, which reads that chunk alone; chunks without
 boxes get no task, so their features are never read. The per-chunk crops are concatenated and one
-``take`` puts them back in the boxes' order (no ``take`` when the boxes come sorted by image): the
-features never move between chunks, only the crops do. Sort large box sets by image: in random
-order the ``take`` moves most crops between workers once more.
+``take`` puts them back in the boxes' order (no ``take`` when the boxes come sorted by image).
+The graph has no shuffle of the features: each task reads one N-chunk, and only crops are moved
+between tasks. Sort large box sets by image: in random order the ``take`` moves most crops
+between workers once more. No box at all gives an empty array made by a task, of the chunks'
+kind, so that building the graph needs no GPU even for CuPy chunks.
 
 Chunking: features must be chunked along N only, one chunk along C, H and W; anything else is
 refused with a ``ValueError`` rather than rechunked here, since merging the C, H and W chunks of an
@@ -47,6 +49,7 @@ part of the task graph.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
 
 import dask
@@ -60,7 +63,7 @@ from roi_cupy import _backend, _interop, ops
 
 __all__ = ["roi_align", "roi_pool"]
 
-BoxesLike = Any  # an array [K, 5] (dask arrays included), or a sequence of N arrays [L_i, 4]
+BoxesLike = ops.BoxesLike  # dask arrays included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,12 @@ def _per_image(crop: _Crop, chunk: numpy.ndarray, rois: numpy.ndarray) -> numpy.
         local = rois[start:end].copy()
         local[:, 0] = 0
         parts.append(crop(chunk[image : image + 1], local))
-    return numpy.concatenate(parts) if parts else crop(chunk, rois)
+    return numpy.concatenate(parts)  # routed chunks hold at least one box
+
+
+def _empty(module: str, shape: tuple, dtype: numpy.dtype) -> Any:
+    """An empty array of ``module`` (``"numpy"`` or ``"cupy"``), made where the task runs."""
+    return importlib.import_module(module).empty(shape, dtype)
 
 
 # ----------------------------------------------------------------------------- graph
@@ -189,11 +197,12 @@ def _crops(features: da.Array, boxes: BoxesLike, crop: _Crop) -> da.Array:
     c = features.shape[1]
     meta = meta_from_array(features._meta, ndim=4, dtype=features.dtype)
     if not blocks:  # no box at all: nothing to read
-        empty = _interop.array_module(meta).empty((0, c) + crop.output_size, features.dtype)
-        return da.from_array(empty, chunks=-1, asarray=False)
-    name = f"roi_{crop.op}-" + tokenize(
-        features.name, crop, [(i, local.tobytes()) for i, local in blocks]
-    )
+        shape = (0, c) + crop.output_size
+        task = (_empty, _interop.array_module(meta).__name__, shape, features.dtype)
+        name = f"roi_{crop.op}-empty-" + tokenize(*task[1:])
+        graph = HighLevelGraph.from_collections(name, {(name, 0, 0, 0, 0): task})
+        return da.Array(graph, name, chunks=tuple((s,) for s in shape), meta=meta)
+    name = f"roi_{crop.op}-" + tokenize(features.name, crop, blocks)
     layer = {
         (name, j, 0, 0, 0): (_crop_block, crop, (features.name, i, 0, 0, 0), local)
         for j, (i, local) in enumerate(blocks)
