@@ -5,9 +5,9 @@ from a file, and the crops ``[K, C, PH, PW]`` go to a Zarr group ``OUT``, row ``
 box ``i``. Each feature task reads one N-chunk (``--images-per-chunk`` images, all of C, H and
 W, whatever the store's chunks along C, H and W); :mod:`roi_cupy.dask` routes the boxes to the
 N-chunks that hold their images; the crops are rechunked along K into the output's chunks
-(``--chunk-boxes`` boxes each; by default as many as an N-chunk's boxes, so that with boxes
-sorted by image each output chunk is one N-chunk's crops and no crop moves between workers), and
-one task per output chunk writes it and then marks it done.
+(``--chunk-boxes`` boxes each; by default those of the output being resumed, else as many as an
+N-chunk's boxes, so that with boxes sorted by image each output chunk is one N-chunk's crops and
+no crop moves between workers), and one task per output chunk writes it and then marks it done.
 
 The output group holds ``crops``, ``done`` (one uint8 per output chunk, each its own Zarr chunk,
 set to 1 after the chunk's data is written) and, in its attributes, the record of the settings
@@ -72,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--aligned", action="store_true",
                         help="RoI Align with the half-pixel shift (Detectron2)")
     parser.add_argument("--chunk-boxes", type=int,
-                        help="boxes per output chunk (default: the median number of boxes per "
-                        "feature chunk, at most 32 MiB of crops)")
+                        help="boxes per output chunk (default: OUT's when resuming, else the "
+                        "median number of boxes per feature chunk, at most 32 MiB of crops)")
     parser.add_argument("--images-per-chunk", type=int,
                         help="images per feature chunk (default: the store's chunks along N)")
     parser.add_argument("--scheduler", metavar="ADDRESS",
@@ -194,6 +194,19 @@ def _create(out: str, settings: dict, shape: tuple, dtype: numpy.dtype) -> None:
                     chunks=(1,), dtype=numpy.uint8, fill_value=0)
 
 
+def read_record(out: str) -> tuple[bool, dict | None]:
+    """Whether ``out`` exists, and the settings record it holds (None if it holds none)."""
+    import zarr
+    import zarr.errors
+
+    try:
+        return True, zarr.open_group(out, mode="r").attrs.get(RECORD)
+    except zarr.errors.ContainsArrayError:
+        return True, None
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False, None
+
+
 def prepare_output(
     out: str, settings: dict, shape: tuple, dtype: numpy.dtype, overwrite: bool
 ) -> numpy.ndarray:
@@ -212,13 +225,7 @@ def prepare_output(
     import zarr
     import zarr.errors
 
-    exists, record = True, None
-    try:
-        record = zarr.open_group(out, mode="r").attrs.get(RECORD)
-    except zarr.errors.ContainsArrayError:
-        pass
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        exists = False
+    exists, record = read_record(out)
     if exists and not overwrite:
         if record is None:
             raise ValueError(
@@ -346,7 +353,12 @@ def plan(args: argparse.Namespace) -> Plan:
     features = _features(args)
     crops = _crops(args, features, boxes)  # checks every argument and box
     k = crops.shape[0]
-    chunk = args.chunk_boxes or _chunk_boxes(crops)
+    chunk = args.chunk_boxes
+    if chunk is None and not args.overwrite:  # a resume keeps the output's chunks
+        record = read_record(args.out)[1]
+        recorded = record.get("chunk_boxes") if isinstance(record, dict) else None
+        chunk = recorded if type(recorded) is int and recorded > 0 else None
+    chunk = chunk or _chunk_boxes(crops)
     settings = _settings(args, features, boxes, chunk)
     done = prepare_output(args.out, settings, crops.shape, crops.dtype, args.overwrite)
     crops = crops.rechunk({0: chunk})

@@ -409,6 +409,24 @@ def test_extract_default_chunks_follow_the_routing(tmp_path):
     assert len(two_images.writes) == 4
 
 
+def test_extract_resumes_with_other_feature_chunks(tmp_path):
+    x, _ = inputs("rechunk", numpy.float32)
+    rng = make_rng("dask", "rechunk")
+    boxes = random_boxes(rng, N, 3 * N, H, W, dtype=numpy.float32)
+    boxes[:, 0] = numpy.repeat(numpy.arange(N), 3)
+    numpy.save(tmp_path / "boxes.npy", boxes)
+    out = str(tmp_path / "crops.zarr")
+    args = [store(tmp_path, x, (1, C, H, W)), str(tmp_path / "boxes.npy"), out]
+    first = _extract.plan(_extract._parser().parse_args(args))  # default: 3 boxes per chunk
+    dask.compute(first.writes[:2], scheduler="sync")  # interrupted after two chunks
+    again = _extract.plan(_extract._parser().parse_args(args + ["--images-per-chunk", "2"]))
+    assert again.crops.chunks[0] == (3,) * N, "the resume did not keep the output's chunks"
+    assert "2 done, 5 to write" in again.summary
+    dask.compute(again.writes, scheduler="sync")
+    assert done_of(out).tolist() == [1] * N
+    assert_same(crops_of(out), image_by_image(roi_cupy.roi_align, x, boxes, 7))
+
+
 def test_extract_restarts_after_a_killed_worker_and_command(cluster, client, tmp_path,
                                                             capsys):
     x, boxes = inputs("kill", numpy.float32, n=24, k=240, shape=(4, 16, 16))
