@@ -194,6 +194,13 @@ def _create(out: str, settings: dict, shape: tuple, dtype: numpy.dtype) -> None:
                     chunks=(1,), dtype=numpy.uint8, fill_value=0)
 
 
+def _array_not_found() -> type:
+    """Zarr's missing-array error (a ``ValueError`` in Zarr 2, a ``FileNotFoundError`` in 3.1)."""
+    import zarr.errors
+
+    return getattr(zarr.errors, "ArrayNotFoundError", FileNotFoundError)
+
+
 def read_record(out: str) -> tuple[bool, dict | None]:
     """Whether ``out`` exists, and the settings record it holds (None if it holds none)."""
     import zarr
@@ -243,7 +250,7 @@ def prepare_output(
             crops = zarr.open_array(store=out, path="crops", mode="r")
             complete = done.shape == (math.ceil(shape[0] / settings["chunk_boxes"]),)
             complete &= crops.shape == shape
-        except (FileNotFoundError, zarr.errors.ArrayNotFoundError):
+        except (FileNotFoundError, _array_not_found()):
             complete = False
         if complete:
             return done[:] == 1
@@ -402,10 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import dask  # noqa: F401
         import distributed  # noqa: F401
-        import zarr  # noqa: F401
+        import zarr
     except ImportError as exc:
         print(f"extract needs Dask, distributed and Zarr: pip install 'roi_cupy[dask]' ({exc})",
               file=sys.stderr)
+        return 2
+    if zarr.__version__.startswith("3.0."):
+        # Its LocalStore writes chunks in place: a killed write leaves a torn chunk.
+        print(f"extract needs Zarr 2.18+ or 3.1+, got {zarr.__version__}: pip install "
+              "'roi_cupy[dask]'", file=sys.stderr)
         return 2
     try:
         run(args)

@@ -526,3 +526,11 @@ def test_extract_refuses_other_settings_and_foreign_stores(client, tmp_path, cap
     assert _extract.main([features, str(tmp_path / "bad.npy"), str(tmp_path / "x.zarr")]) == 2
     assert "got 9.0 in row 4" in capsys.readouterr().err
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_extract_refuses_zarr_3_0(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(zarr, "__version__", "3.0.10")  # writes chunks in place: torn on a kill
+    out = tmp_path / "crops.zarr"
+    assert _extract.main([str(tmp_path / "features.zarr"), "boxes.npy", str(out)]) == 2
+    assert "needs Zarr 2.18+ or 3.1+, got 3.0.10" in capsys.readouterr().err
+    assert not out.exists()
