@@ -172,6 +172,29 @@ def _settings(args: argparse.Namespace, features: Any, boxes: numpy.ndarray, chu
 
 
 # ----------------------------------------------------------------------------- output
+def _real(location: str) -> tuple[str, str]:
+    """A location made comparable, and its separator: the real path of a local path or
+    ``file://`` URL, else the URL itself."""
+    if location.startswith("file://"):
+        location = location[len("file://") :]
+    elif "://" in location:
+        return location.rstrip("/"), "/"
+    return os.path.realpath(location), os.sep
+
+
+def check_apart(out: str, inputs: dict[str, str]) -> None:
+    """Refuse an output that is one of ``inputs`` (name: location), lies inside one or holds
+    one, with or without ``--overwrite``: writing it would destroy that input."""
+    for what, location in inputs.items():
+        (a, sep), (b, _) = _real(out), _real(location)
+        if a == b or a.startswith(b.rstrip(sep) + sep) or b.startswith(a.rstrip(sep) + sep):
+            raise ValueError(
+                f"OUT {out} and {what} {location} overlap (the same path, or one inside the "
+                "other): writing OUT would destroy the input, even with --overwrite; choose "
+                "another OUT"
+            )
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
@@ -356,6 +379,7 @@ def plan(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--workers must be positive, got {args.workers}")
     if args.chunk_boxes is not None and args.chunk_boxes < 1:
         raise ValueError(f"--chunk-boxes must be positive, got {args.chunk_boxes}")
+    check_apart(args.out, {"FEATURES": args.features, "BOXES": args.boxes})
     boxes = load_boxes(args.boxes)
     features = _features(args)
     crops = _crops(args, features, boxes)  # checks every argument and box

@@ -516,7 +516,9 @@ def test_extract_refuses_other_settings_and_foreign_stores(client, tmp_path, cap
     assert "output_size [2, 2] there, [3, 3] now" in capsys.readouterr().err
     assert _extract.main(base + ["--output-size", "3", "--overwrite"]) == 0
     assert_same(crops_of(out), image_by_image(roi_cupy.roi_align, x, boxes, 3))
-    foreign = [features, str(tmp_path / "boxes.npy"), features, "--scheduler",
+    other = str(tmp_path / "other.zarr")
+    zarr.open_array(store=other, mode="w", shape=(2,), dtype=numpy.float32)
+    foreign = [features, str(tmp_path / "boxes.npy"), other, "--scheduler",
                client.scheduler.address]
     assert _extract.main(foreign) == 2
     assert "holds no roi_cupy_extract record" in capsys.readouterr().err
@@ -534,3 +536,24 @@ def test_extract_refuses_zarr_3_0(monkeypatch, tmp_path, capsys):
     assert _extract.main([str(tmp_path / "features.zarr"), "boxes.npy", str(out)]) == 2
     assert "needs Zarr 2.18+ or 3.1+, got 3.0.10" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_extract_refuses_an_output_over_its_inputs(tmp_path, capsys):
+    x, boxes = inputs("apart", numpy.float32)
+    inside = tmp_path / "data"
+    inside.mkdir()
+    features = store(inside, x, (7, C, H, W))
+    boxes_file = str(inside / "boxes.npy")
+    numpy.save(boxes_file, boxes)
+    (tmp_path / "link.zarr").symlink_to(features)
+    for out, what in [(features, "FEATURES"), (str(tmp_path / "link.zarr"), "FEATURES"),
+                      (features + "/crops.zarr", "FEATURES"), (str(inside), "FEATURES"),
+                      ("file://" + features, "FEATURES")]:
+        assert _extract.main([features, boxes_file, out, "--overwrite"]) == 2, out
+        assert f"OUT {out} and {what} " in capsys.readouterr().err
+    elsewhere = tmp_path / "features.zarr"
+    store(tmp_path, x, (7, C, H, W))
+    assert _extract.main([str(elsewhere), boxes_file, str(inside), "--overwrite"]) == 2
+    assert f"OUT {inside} and BOXES {boxes_file} overlap" in capsys.readouterr().err
+    assert_same(zarr.open_array(store=features, mode="r")[:], x)  # untouched
+    assert sorted(os.listdir(features)) == sorted(os.listdir(elsewhere))
