@@ -20,7 +20,8 @@ they are (see :mod:`roi_cupy.dask`).
 
 Progress: one line on stderr, redrawn in place on a terminal and printed at every tenth of the
 chunks otherwise. Write tasks are released as soon as they finish, so a worker lost later never
-makes the cluster redo a chunk already written.
+makes the cluster redo a chunk already written; and a write task run again all the same (its
+worker lost before the scheduler heard it finish) finds its chunk marked done and leaves it.
 """
 from __future__ import annotations
 
@@ -286,15 +287,19 @@ def prepare_output(
 
 def write_chunk(block: Any, out: str, index: int) -> int:
     """Write output chunk ``index`` (``block`` [k, C, PH, PW], NumPy or CuPy) of ``out``, then
-    mark it done; returns ``index``."""
+    mark it done, unless it is marked done already (a task run again after its worker was lost);
+    returns ``index``."""
     import zarr
 
+    done = zarr.open_array(store=out, path="done", mode="r+")
+    if done[index]:
+        return index
     if _interop.is_cupy_array(block):
         block = block.get()
     crops = zarr.open_array(store=out, path="crops", mode="r+")
     start = index * crops.chunks[0]
     crops[start : start + block.shape[0]] = block
-    zarr.open_array(store=out, path="done", mode="r+")[index] = 1
+    done[index] = 1
     return index
 
 

@@ -505,6 +505,18 @@ def test_extract_rewrites_unfinished_chunks_only(client, tmp_path, capsys):
     assert (result[24:32] == 123.0).all()
 
 
+def test_extract_never_rewrites_a_chunk_marked_done(tmp_path):
+    out = str(tmp_path / "crops.zarr")
+    _extract.prepare_output(out, {"chunk_boxes": 4}, (8, 2, 3, 3), numpy.dtype("float32"), False)
+    first = make_rng("dask", "rewrite").uniform(-1, 1, (4, 2, 3, 3)).astype(numpy.float32)
+    assert _extract.write_chunk(first, out, 1) == 1
+    before = stamp(chunk_file(out, 1))
+    assert _extract.write_chunk(first + 1, out, 1) == 1  # the task run again: a lost worker
+    assert stamp(chunk_file(out, 1)) == before
+    assert_same(crops_of(out)[4:], first)
+    assert done_of(out).tolist() == [0, 1]
+
+
 def test_extract_refuses_other_settings_and_foreign_stores(client, tmp_path, capsys):
     x, boxes = inputs("refuse", numpy.float32)
     features = store(tmp_path, x, (7, C, H, W))
