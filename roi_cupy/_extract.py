@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import numpy
@@ -93,11 +94,15 @@ def _parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- inputs
 def load_boxes(path: str) -> numpy.ndarray:
-    """The ``[K, 5]`` boxes of a .npy file or a text file (comma-separated for .csv)."""
+    """The ``[K, 5]`` boxes of a .npy file or a text file (comma-separated for .csv; an empty
+    one holds no box)."""
     if path.endswith(".npy"):
         return numpy.load(path, allow_pickle=False)
     delimiter = "," if path.endswith(".csv") else None
-    return numpy.loadtxt(path, delimiter=delimiter, ndmin=2, dtype=numpy.float64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+        boxes = numpy.loadtxt(path, delimiter=delimiter, ndmin=2, dtype=numpy.float64)
+    return boxes.reshape(0, 5) if boxes.size == 0 else boxes  # loadtxt gives (0, 1)
 
 
 def _features(args: argparse.Namespace) -> Any:

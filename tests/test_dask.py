@@ -393,6 +393,18 @@ def test_extract_end_to_end_on_a_local_cluster(tmp_path):
     assert _extract.main(args) == 0  # all done: nothing to compute, no cluster started
 
 
+def test_extract_no_boxes_from_an_empty_text_file(tmp_path, capsys):
+    x, _ = inputs("no boxes", numpy.float32)
+    features = store(tmp_path, x, (2, C, H, W))
+    for name in ("boxes.csv", "boxes.txt"):
+        (tmp_path / name).write_text("")
+        assert _extract.load_boxes(str(tmp_path / name)).shape == (0, 5)
+    out = str(tmp_path / "crops.zarr")
+    assert _extract.main([features, str(tmp_path / "boxes.csv"), out, "--output-size", "3"]) == 0
+    assert "0 boxes" in capsys.readouterr().out  # nothing to write: no cluster started
+    assert crops_of(out).shape == (0, C, 3, 3) and done_of(out).shape == (0,)
+
+
 def test_extract_default_chunks_follow_the_routing(tmp_path):
     x, _ = inputs("chunks", numpy.float32)
     rng = make_rng("dask", "chunks")
