@@ -11,12 +11,17 @@ no crop moves between workers), and one task per output chunk writes it and then
 
 The output group holds ``crops``, ``done`` (one uint8 per output chunk, each its own Zarr chunk,
 set to 1 after the chunk's data is written) and, in its attributes, the record of the settings
-the crops were made with. A run that is interrupted (a killed worker, a killed command) leaves
-some chunks marked done; run again with the same arguments and only the others are computed and
-written, so a done chunk is never redone and a partly written one is written again in full. A
-restart with other settings is refused unless ``--overwrite`` starts again. The chunking of the
-features and the cluster may change between runs: the crops are the same bit for bit whatever
-they are (see :mod:`roi_cupy.dask`).
+the crops were made with, the roi_cupy and NumPy versions of the process that runs the command
+included. A run that is interrupted (a killed worker, a killed command) leaves some chunks marked
+done; run again with the same arguments and only the others are written: a done chunk is never
+written again, and a partly written one is written again in full. That saves the done chunks'
+writes; it limits the features read and the crops computed to the remaining chunks only when
+the boxes are sorted by image (in another order, the ``take`` that puts the crops back in the
+boxes' order makes any output chunk need the crops of many N-chunks, often of all). A restart
+with other settings, or under other roi_cupy or NumPy versions (whose crops could differ in the
+last bits), is refused unless ``--overwrite`` starts again. The chunking of the features and the
+cluster may change between runs: the crops are the same bit for bit, on workers of the same CPU
+kind and library versions (BLAS picks its kernels by CPU; see :mod:`roi_cupy.dask`).
 
 Progress: one line on stderr, redrawn in place on a terminal and printed at every tenth of the
 chunks otherwise. Write tasks are released as soon as they finish, so a worker lost later never
@@ -87,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="cuda: CuPy chunks on GPU workers, a dask_cuda LocalCUDACluster "
                         "(one worker per GPU) unless --scheduler is given (default: cpu)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start again when OUT holds crops of other settings (or is no "
-                        "extract output)")
+                        help="start again when OUT holds crops of other settings or roi_cupy "
+                        "and NumPy versions (or is no extract output)")
     return parser
 
 
@@ -154,6 +159,8 @@ def _crops(args: argparse.Namespace, features: Any, boxes: numpy.ndarray) -> Any
 
 def _settings(args: argparse.Namespace, features: Any, boxes: numpy.ndarray, chunk: int) -> dict:
     """What the crops depend on, as JSON: a restart must match it."""
+    import roi_cupy
+
     settings = {
         "op": args.op,
         "output_size": list(_output_size(args)),
@@ -171,6 +178,7 @@ def _settings(args: argparse.Namespace, features: Any, boxes: numpy.ndarray, chu
             "sha256": hashlib.sha256(numpy.ascontiguousarray(boxes).tobytes()).hexdigest(),
         },
         "chunk_boxes": chunk,
+        "versions": {"roi_cupy": roi_cupy.__version__, "numpy": numpy.__version__},
     }
     if args.op == "align":
         settings.update(sampling_ratio=args.sampling_ratio, aligned=args.aligned)

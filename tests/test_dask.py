@@ -581,3 +581,18 @@ def test_extract_refuses_an_output_over_its_inputs(tmp_path, capsys):
     assert f"OUT {inside} and BOXES {boxes_file} overlap" in capsys.readouterr().err
     assert_same(zarr.open_array(store=features, mode="r")[:], x)  # untouched
     assert sorted(os.listdir(features)) == sorted(os.listdir(elsewhere))
+
+
+def test_extract_refuses_to_resume_under_other_versions(tmp_path, monkeypatch):
+    x, boxes = inputs("versions", numpy.float32)
+    numpy.save(tmp_path / "boxes.npy", boxes)
+    out = str(tmp_path / "crops.zarr")
+    args = [store(tmp_path, x, (7, C, H, W)), str(tmp_path / "boxes.npy"), out]
+    _extract.plan(_extract._parser().parse_args(args))
+    record = zarr.open_group(out, mode="r").attrs[_extract.RECORD]
+    assert record["versions"] == {"roi_cupy": roi_cupy.__version__, "numpy": numpy.__version__}
+    there = roi_cupy.__version__
+    monkeypatch.setattr(roi_cupy, "__version__", "0.0.0")
+    with pytest.raises(ValueError, match=rf"versions.roi_cupy '{there}' there, '0.0.0' now"):
+        _extract.plan(_extract._parser().parse_args(args))
+    _extract.plan(_extract._parser().parse_args(args + ["--overwrite"]))
