@@ -16,12 +16,12 @@ included. A run that is interrupted (a killed worker, a killed command) leaves s
 done; run again with the same arguments and only the others are written: a done chunk is never
 written again, and a partly written one is written again in full. That saves the done chunks'
 writes; it limits the features read and the crops computed to the remaining chunks only when
-the boxes are sorted by image (in another order, the ``take`` that puts the crops back in the
-boxes' order makes any output chunk need the crops of many N-chunks, often of all). A restart
-with other settings, or under other roi_cupy or NumPy versions (whose crops could differ in the
-last bits), is refused unless ``--overwrite`` starts again. The chunking of the features and the
-cluster may change between runs: the crops are the same bit for bit, on workers of the same CPU
-kind and library versions (BLAS picks its kernels by CPU; see :mod:`roi_cupy.dask`).
+the boxes are sorted by image (in another order, a remaining output chunk needs the crops of
+every N-chunk its boxes come from, all the crops of each). A restart with other settings, or
+under other roi_cupy or NumPy versions (whose crops could differ in the last bits), is refused
+unless ``--overwrite`` starts again. The chunking of the features and the cluster may change
+between runs: the crops are the same bit for bit, on workers of the same CPU kind and library
+versions (BLAS picks its kernels by CPU; see :mod:`roi_cupy.dask`).
 
 Progress: one line on stderr, redrawn in place on a terminal and printed at every tenth of the
 chunks otherwise. Write tasks are released as soon as they finish, so a worker lost later never
