@@ -167,7 +167,7 @@ def _settings(args: argparse.Namespace, features: Any, boxes: numpy.ndarray, chu
         "spatial_scale": args.spatial_scale,
         "backend": "cuda" if args.device == "cuda" else "numpy",
         "features": {
-            "source": args.features,
+            "source": args.features if "://" in args.features else os.path.abspath(args.features),
             "component": args.component,
             "shape": list(features.shape),
             "dtype": features.dtype.name,

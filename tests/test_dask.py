@@ -596,3 +596,17 @@ def test_extract_refuses_to_resume_under_other_versions(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=rf"versions.roi_cupy '{there}' there, '0.0.0' now"):
         _extract.plan(_extract._parser().parse_args(args))
     _extract.plan(_extract._parser().parse_args(args + ["--overwrite"]))
+
+
+def test_extract_records_the_features_path_absolute(tmp_path, monkeypatch):
+    x, boxes = inputs("absolute", numpy.float32)
+    store(tmp_path, x, (7, C, H, W))
+    numpy.save(tmp_path / "boxes.npy", boxes)
+    monkeypatch.chdir(tmp_path)
+    _extract.plan(_extract._parser().parse_args(["features.zarr", "boxes.npy", "crops.zarr"]))
+    source = zarr.open_group("crops.zarr", mode="r").attrs[_extract.RECORD]["features"]["source"]
+    assert os.path.isabs(source) and os.path.samefile(source, tmp_path / "features.zarr")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the same store, spelt otherwise: resumed
+    args = ["../features.zarr", "../boxes.npy", "../crops.zarr"]
+    assert "0 done, 1 to write" in _extract.plan(_extract._parser().parse_args(args)).summary
