@@ -445,9 +445,8 @@ def test_extract_restarts_after_a_killed_worker_and_command(cluster, client, tmp
     features = store(tmp_path, x, (1, 4, 16, 16))
     numpy.save(tmp_path / "boxes.npy", boxes)
     out = str(tmp_path / "crops.zarr")
-    address = client.scheduler.address
     args = [features, str(tmp_path / "boxes.npy"), out, "--chunk-boxes", "6",
-            "--scheduler", address]
+            "--scheduler", client.scheduler.address]
 
     class Throttle(distributed.WorkerPlugin):
         """Slows every task down, so that the run is still going when it is killed."""
@@ -464,8 +463,8 @@ def test_extract_restarts_after_a_killed_worker_and_command(cluster, client, tmp
         for line in run.stderr:  # progress: a line per tenth of the 40 chunks
             if "chunks written" in line:
                 break
-        address, worker = next(iter(client.run(os.getpid).items()))
-        os.kill(worker, signal.SIGKILL)
+        killed, pid = next(iter(client.run(os.getpid).items()))
+        os.kill(pid, signal.SIGKILL)
         run.send_signal(signal.SIGKILL)
         run.communicate(timeout=30)
         assert run.returncode == -signal.SIGKILL, "the command ended before it was killed"
@@ -474,11 +473,14 @@ def test_extract_restarts_after_a_killed_worker_and_command(cluster, client, tmp
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             workers = set(client.scheduler_info()["workers"])
-            settled = len(workers) == 2 and address not in workers
+            settled = len(workers) == 2 and killed not in workers
             settled &= set(cluster.scheduler_info["workers"]) == workers
             if settled and not any(client.processing().values()):
                 break
             time.sleep(0.05)
+        else:
+            pytest.fail(f"the cluster did not settle within 60 s of the kill: workers {workers}, "
+                        f"processing {client.processing()}")
     finally:
         client.unregister_worker_plugin(Throttle.name)
     done = done_of(out) == 1
