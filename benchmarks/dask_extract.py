@@ -105,24 +105,26 @@ def connect(address):
 def in_memory(features, boxes, out, args, mode):
     """The in-memory call: ``compute`` (one call), ``per-image``, or ``read+compute+write``;
     timed on its second run, so that the process's first large allocations stay out."""
-    size, ratio = int(args[1]), int(args[3])
+    parsed = _extract._parser().parse_args([features, boxes, out, *args])
+    op = dict(output_size=_extract._output_size(parsed), spatial_scale=parsed.spatial_scale,
+              sampling_ratio=parsed.sampling_ratio, aligned=parsed.aligned)
     b = np.load(boxes)
     x = zarr.open_array(store=features, mode="r")[:]
 
     def once():
         if mode == "read+compute+write":
             read = zarr.open_array(store=features, mode="r")[:]
-            crops = roi_cupy.roi_align(read, b, size, 1.0, ratio, True)
+            crops = roi_cupy.roi_align(read, b, **op)
             chunk = max(1, (32 << 20) // crops[0].nbytes)
             zarr.open_array(store=out, mode="w", shape=crops.shape, dtype=crops.dtype,
                             chunks=(chunk,) + crops.shape[1:])[:] = crops
         elif mode == "compute":
-            roi_cupy.roi_align(x, b, size, 1.0, ratio, True)
+            roi_cupy.roi_align(x, b, **op)
         else:
             for i in range(x.shape[0]):
                 rows = b[b[:, 0] == i].copy()
                 rows[:, 0] = 0
-                roi_cupy.roi_align(x[i : i + 1], rows, size, 1.0, ratio, True)
+                roi_cupy.roi_align(x[i : i + 1], rows, **op)
 
     once()
     start = time.perf_counter()
@@ -206,7 +208,8 @@ def main():
                     results[f"extract {workers}"].append(seconds)
                     transfer[workers].append(nbytes)
             expected = roi_cupy.roi_align(zarr.open_array(store=features, mode="r")[:],
-                                          np.load(boxes), 7, 1.0, 2, True)
+                                          np.load(boxes), output_size=7, spatial_scale=1.0,
+                                          sampling_ratio=2, aligned=True)
             got = zarr.open_array(store=out, path="crops", mode="r")[:]
             print(f"the command's own client: connect and close in "
                   f"{statistics.median(connect(clients[1].scheduler.address) for _ in range(3)):.2f}"
