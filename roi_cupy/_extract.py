@@ -267,7 +267,6 @@ def prepare_output(
             output, and ``overwrite`` is False.
     """
     import zarr
-    import zarr.errors
 
     exists, record = read_record(out)
     if exists and not overwrite:
