@@ -15,8 +15,9 @@ boxes get no task, so their features are never read. The per-chunk crops are con
 ``take`` puts them back in the boxes' order (no ``take`` when the boxes come sorted by image).
 The graph has no shuffle of the features: each task reads one N-chunk, and only crops are moved
 between tasks. Sort large box sets by image: in random order the ``take`` moves most crops
-between workers once more. No box at all gives an empty array made by a task, of the chunks'
-kind, so that building the graph needs no GPU even for CuPy chunks.
+between workers once more. No box at all gives an empty array of the chunks' kind made by a task
+where it runs, so that the graph carries no CuPy array and the scheduler, which unpickles it,
+needs no GPU.
 
 Chunking: features must be chunked along N only, one chunk along C, H and W; anything else is
 refused with a ``ValueError`` rather than rechunked here, since merging the C, H and W chunks of an

@@ -179,8 +179,8 @@ def test_no_boxes_and_chunks_without_boxes():
     x, boxes = inputs("empty", numpy.float32)
     out = rd.roi_pool(chunked(x, (1,) * N), boxes[:0], 2)
     assert out.shape == (0, C, 2, 2) and out.dtype == x.dtype
-    graph = dict(out.__dask_graph__())  # one task makes the empty array where it runs, so that
-    assert len(graph) == 1 and b"ndarray" not in pickle.dumps(graph)  # CuPy's needs no client GPU
+    graph = dict(out.__dask_graph__())  # a task makes the empty array where it runs: the graph
+    assert len(graph) == 1 and b"ndarray" not in pickle.dumps(graph)  # holds no (CuPy) array
     assert out.compute(scheduler="sync").shape == (0, C, 2, 2)
     one = boxes[boxes[:, 0] == 4][:1]
     assert_same(rd.roi_pool(chunked(x, (1,) * N), one, 2).compute(scheduler="sync"),
