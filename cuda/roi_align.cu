@@ -28,7 +28,7 @@ __global__ void roi_align_forward(
             sampling_ratio);
 
         const T* plane = input + (b * channels + o.c) * height * width;
-        C sum = C(0);
+        roi_sum<C> sum;
         for (int iy = s.y_first; iy < s.y_last; ++iy) {
             roi_lerp<C, I> wy;
             if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
@@ -37,15 +37,15 @@ __global__ void roi_align_forward(
             for (int ix = s.x_first; ix < s.x_last; ++ix) {
                 roi_lerp<C, I> wx;
                 if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
-                sum += wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) +
-                       wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
-                       wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) +
-                       wy.whi * wx.whi * roi_load(row_hi[wx.hi]);
+                sum.add(wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) +
+                        wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
+                        wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) +
+                        wy.whi * wx.whi * roi_load(row_hi[wx.hi]));
             }
         }
         // Samples outside the map count too: they dilute the mean.
         const C count = roi_max(C(s.y.grid) * C(s.x.grid), C(1));
-        roi_store(output + index, sum / count);
+        roi_store(output + index, sum.total / count);
     }
 }
 

@@ -35,6 +35,26 @@ __host__ __device__ __forceinline__ float roi_max(float a, float b) { return fma
 __host__ __device__ __forceinline__ double roi_max(double a, double b) { return fmax(a, b); }
 
 // fmin/fmax drop a NaN, so a NaN lands on lo: the result always converts to an integer safely.
+// A compensated (Kahan) sum. A plain float32 sum stops taking in small terms once it has grown
+// (2**24 samples of 0.5 add nothing more), so a bin's mean would depend on how many samples it
+// takes; this one stays within a few ulp of the exact sum whatever their number. Non-finite terms
+// sum as they would plainly (the carry is dropped once the total is not finite).
+template <typename C>
+struct roi_sum {
+    C total;
+    C carry;
+
+    __host__ __device__ __forceinline__ roi_sum() : total(C(0)), carry(C(0)) {}
+
+    __host__ __device__ __forceinline__ void add(C v)
+    {
+        const C y = v - carry;
+        const C t = total + y;
+        carry = isfinite(t) ? (t - total) - y : C(0);
+        total = t;
+    }
+};
+
 template <typename C>
 __host__ __device__ __forceinline__ C roi_clamp(C v, C lo, C hi)
 {

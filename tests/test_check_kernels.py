@@ -111,7 +111,7 @@ def test_warning_fails():
 
 
 def test_double_arithmetic_in_a_float_kernel_fails():
-    src = kernels.source().replace("sum / count", "sum / (count * 1.000001)", 1)
+    src = kernels.source().replace("sum.total / count", "sum.total / (count * 1.000001)", 1)
     assert src != kernels.source()
     (r,) = check.check(["sm_80"], source=src)
     assert "roi_align_forward<float, int> uses double-precision arithmetic" in r.problems

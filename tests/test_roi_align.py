@@ -391,3 +391,20 @@ def test_property_matches_reference(backend, case):
     out = run(backend, x, case["rois"], case["output_size"], **params)
     expected = roi_align_ref(x, case["rois"], case["output_size"], **params)
     assert_matches(out, expected, numpy.float64, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float16, numpy.float32], ids=lambda d: numpy.dtype(d).name)
+def test_the_mean_of_millions_of_samples_keeps_float32_precision(backend, dtype):
+    """A full-map box on an 8192 x 8192 map, one bin, adaptive, aligned: 2**26 samples, each
+    exactly a pixel. A plain float32 sum stops taking in samples of about 0.5 once it reaches
+    2**24 and gives 0.25 for a mean of 0.5; the bin's sum must stay within float32's tolerance
+    of the exact mean."""
+    side = 8192
+    rng = make_rng("millions", numpy.dtype(dtype).name)
+    x = rng.uniform(0, 1, (1, 1, side, side)).astype(dtype)
+    exact = x.mean(dtype=numpy.float64)
+    boxes = numpy.array([[0, 0, 0, side, side]], numpy.float32)
+    with backend.active():
+        out = backend.to_numpy(roi_cupy.roi_align(backend.asarray(x), backend.asarray(boxes), 1,
+                                                  1.0, -1, True))
+    assert abs(float(out.ravel()[0]) - exact) <= TOLERANCE[numpy.dtype(dtype)], (out, exact)
