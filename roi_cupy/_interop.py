@@ -197,7 +197,10 @@ def unwrap(obj: Any, what: str) -> tuple[Any, Kind]:
         return _from_dlpack(obj, what), Kind("dlpack", library=library)
     hint = ""
     if isinstance(obj, (list, tuple, numbers.Number)):
-        hint = " (Python numbers and lists are not taken: pass numpy.asarray(..., dtype=numpy.float32))"
+        hint = (
+            " (Python numbers and lists are not taken: "
+            "pass numpy.asarray(..., dtype=numpy.float32))"
+        )
     raise TypeError(
         f"{what} must be a NumPy or CuPy array, a roi_cupy.Tensor or a DLPack tensor, "
         f"got {_describe(obj)}{hint}"

@@ -254,7 +254,7 @@ _roi_pool.register_autograd(_roi_pool_grad, setup_context=_roi_pool_setup)
 
 # ----------------------------------------------------------------------------- functional
 def _boxes(boxes: Any) -> tuple[list[Tensor], bool]:
-    """``(tensors, per_image)``: ``[boxes]`` for a ``Tensor[K, 5]``, the list for per-image boxes."""
+    """``(tensors, per_image)``: ``[boxes]`` for a ``Tensor[K, 5]``, else the per-image list."""
     if isinstance(boxes, Tensor):
         return [boxes], False
     if isinstance(boxes, (list, tuple)):
@@ -311,7 +311,8 @@ def roi_align(
     pooled_h, pooled_w = ops._pair(output_size)
     return _roi_align(
         input, tensors, per_image, pooled_h, pooled_w, ops._scale(spatial_scale),
-        ops._sampling(sampling_ratio), ops._flag(aligned, "aligned"), ops._flag(validate, "validate"),
+        ops._sampling(sampling_ratio), ops._flag(aligned, "aligned"),
+        ops._flag(validate, "validate"),
     )
 
 
@@ -491,7 +492,9 @@ def _chosen_maps(x: dict[str, Tensor], featmap_names: Sequence[str]) -> list[Ten
     """The maps of ``x`` named in ``featmap_names``, in ``x``'s order."""
     features = [v for k, v in x.items() if k in featmap_names]
     if not features:
-        raise ValueError(f"x must hold at least one of the maps {featmap_names}, got keys {list(x)}")
+        raise ValueError(
+            f"x must hold at least one of the maps {featmap_names}, got keys {list(x)}"
+        )
     return features
 
 
