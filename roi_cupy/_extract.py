@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy
 
-from roi_cupy import _interop, ops
+from roi_cupy import _args, _interop
 
 # What the output group's attributes hold the settings under.
 RECORD = "roi_cupy_extract"
@@ -119,7 +119,7 @@ def _features(args: argparse.Namespace) -> Any:
     if args.images_per_chunk is not None and args.images_per_chunk < 1:
         raise ValueError(f"--images-per-chunk must be positive, got {args.images_per_chunk}")
     stored = da.from_zarr(args.features, component=args.component)
-    ops._check_features(stored, "features")
+    _args.check_features(stored, "features")
     images = args.images_per_chunk or stored.chunksize[0]
     features = da.from_zarr(args.features, component=args.component,
                             chunks=(images,) + stored.shape[1:])
@@ -145,7 +145,7 @@ def _chunk_boxes(crops: Any) -> int:
 def _output_size(args: argparse.Namespace) -> tuple[int, int]:
     if len(args.output_size) > 2:
         raise ValueError(f"--output-size takes PH [PW], got {args.output_size}")
-    return ops._pair(args.output_size[0] if len(args.output_size) == 1 else args.output_size)
+    return _args.output_size_pair(args.output_size[0] if len(args.output_size) == 1 else args.output_size)
 
 
 def _crops(args: argparse.Namespace, features: Any, boxes: numpy.ndarray) -> Any:

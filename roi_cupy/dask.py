@@ -60,7 +60,7 @@ from dask.array.utils import meta_from_array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from roi_cupy import _backend, _interop, ops
+from roi_cupy import _args, _backend, _interop, ops
 
 __all__ = ["roi_align", "roi_pool"]
 
@@ -129,7 +129,7 @@ def _check_features(features: Any) -> da.Array:
             f"{type(features).__module__}.{type(features).__qualname__}: wrap it with "
             "dask.array.from_array(x, chunks=(n, -1, -1, -1)), or call roi_cupy.roi_align"
         )
-    ops._check_features(features, "features")
+    _args.check_features(features, "features")
     if any(numpy.isnan(size) for size in features.chunks[0]):
         raise ValueError(
             "features must have known chunk sizes along N to route boxes to them, got unknown "
@@ -145,7 +145,7 @@ def _check_features(features: Any) -> da.Array:
 
 
 def _scale(spatial_scale: Any, features: da.Array) -> float:
-    return ops._scale(spatial_scale, ops._compute_dtype(features.dtype))
+    return _args.spatial_scale_of(spatial_scale, _args.compute_dtype(features.dtype))
 
 
 def _host(boxes: Any) -> Any:
@@ -175,7 +175,7 @@ def _route(boxes: BoxesLike, features: da.Array) -> tuple[numpy.ndarray, list]:
         in the compute dtype, with the batch index made chunk-local.
     """
     n = features.shape[0]
-    prepared = ops._rois(_concrete(boxes), n, "cpu", ops._compute_dtype(features.dtype))
+    prepared = _args.normalise_boxes(_concrete(boxes), n, "cpu", _args.compute_dtype(features.dtype))
     prepared.check(_backend.backend_for(numpy), n)
     rois = prepared.array
     image = rois[:, 0].astype(numpy.int64)  # integers in [0, N): checked
@@ -252,8 +252,8 @@ def roi_align(
     """
     features = _check_features(features)
     crop = _Crop(
-        "align", ops._pair(output_size), _scale(spatial_scale, features),
-        ops._sampling(sampling_ratio), ops._flag(aligned, "aligned"), _backend.current_backend(),
+        "align", _args.output_size_pair(output_size), _scale(spatial_scale, features),
+        _args.sampling_of(sampling_ratio), _args.flag(aligned, "aligned"), _backend.current_backend(),
     )
     return _crops(features, boxes, crop)
 
@@ -281,7 +281,7 @@ def roi_pool(
     """
     features = _check_features(features)
     crop = _Crop(
-        "pool", ops._pair(output_size), _scale(spatial_scale, features),
+        "pool", _args.output_size_pair(output_size), _scale(spatial_scale, features),
         backend=_backend.current_backend(),
     )
     return _crops(features, boxes, crop)

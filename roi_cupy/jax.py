@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy
 
-from roi_cupy import _backend, ops
+from roi_cupy import _args, _backend, ops
 from roi_cupy._numpy._common import batch_index
 
 try:  # experimental in jax 0.10; without it every platform takes jax.pure_callback
@@ -105,7 +105,7 @@ def _features(input: Any) -> jax.Array:
         array = jnp.asarray(input)
     except TypeError as exc:
         raise TypeError(f"input must be a JAX array, got {type(input).__qualname__}") from exc
-    ops._check_features(array, "input")
+    _args.check_features(array, "input")
     return array
 
 
@@ -118,10 +118,10 @@ def _placeholder(array: Any) -> numpy.ndarray:
 def _rois(boxes: BoxesLike, features: jax.Array, validate: bool) -> jax.Array:
     """``boxes`` as a ``[K, 5]`` jax array, checked as :mod:`roi_cupy.ops` checks them."""
     n = features.shape[0]
-    compute = ops._compute_dtype(features.dtype)
+    compute = _args.compute_dtype(features.dtype)
     if isinstance(boxes, (list, tuple)):
         per_image = [jnp.asarray(b) for b in boxes]
-        ops._rois([_placeholder(b) for b in per_image], n, "cpu", compute)
+        _args.normalise_boxes([_placeholder(b) for b in per_image], n, "cpu", compute)
         # The index column in a dtype that holds every image index exactly (not bfloat16's).
         wide = jnp.promote_types(per_image[0].dtype, compute) if per_image else compute
         columns = [
@@ -131,9 +131,9 @@ def _rois(boxes: BoxesLike, features: jax.Array, validate: bool) -> jax.Array:
         rois = jnp.concatenate(columns) if columns else jnp.zeros((0, 5), compute)
     else:
         rois = jnp.asarray(boxes)
-        ops._rois(_placeholder(rois), n, "cpu", compute)
+        _args.normalise_boxes(_placeholder(rois), n, "cpu", compute)
     if validate and not isinstance(rois, jax.core.Tracer):
-        ops._rois(numpy.asarray(rois), n, "cpu", compute).check(_backend.backend_for(numpy), n)
+        _args.normalise_boxes(numpy.asarray(rois), n, "cpu", compute).check(_backend.backend_for(numpy), n)
     if not jnp.issubdtype(rois.dtype, jnp.floating):
         # Integer boxes have no cotangent space; the ops read them in the compute dtype anyway.
         rois = rois.astype(compute)
@@ -143,8 +143,8 @@ def _rois(boxes: BoxesLike, features: jax.Array, validate: bool) -> jax.Array:
 def _static(features: jax.Array, output_size: Any, spatial_scale: Any, **kwargs: Any) -> _Static:
     return _Static(
         shape=tuple(int(v) for v in features.shape),
-        output_size=ops._pair(output_size),
-        spatial_scale=ops._scale(spatial_scale, ops._compute_dtype(features.dtype)),
+        output_size=_args.output_size_pair(output_size),
+        spatial_scale=_args.spatial_scale_of(spatial_scale, _args.compute_dtype(features.dtype)),
         backend=_backend.current_backend(),
         **kwargs,
     )
@@ -196,7 +196,7 @@ def _fold_forward(
     if math.prod(x.shape[:-4]) == 1:
         # The same features for every element: no copy, no offsets.
         return x.reshape(static.shape), _flat(rois, lead, 2), lead
-    compute = ops._compute_dtype(x.dtype)
+    compute = _args.compute_dtype(x.dtype)
     return _flat(x, lead, 4), _fold_rois(rois, lead, static.shape[0], compute), lead
 
 
@@ -213,7 +213,7 @@ def _align_forward(static: _Static, x: numpy.ndarray, rois: numpy.ndarray) -> nu
 def _align_backward(static: _Static, g: numpy.ndarray, rois: numpy.ndarray) -> numpy.ndarray:
     n, c, h, w = static.shape
     lead = _lead((g, 4), (rois, 2))
-    rois = _fold_rois(rois, lead, n, ops._compute_dtype(g.dtype))
+    rois = _fold_rois(rois, lead, n, _args.compute_dtype(g.dtype))
     grad = ops.roi_align_backward(
         _flat(g, lead, 4), rois, (math.prod(lead) * n, c, h, w), static.output_size,
         static.spatial_scale, static.sampling_ratio, static.aligned, validate=False,
@@ -238,7 +238,7 @@ def _pool_backward(
 ) -> numpy.ndarray:
     n, c, h, w = static.shape
     lead = _lead((g, 4), (rois, 2), (argmax, 4))
-    rois = _fold_rois(rois, lead, n, ops._compute_dtype(g.dtype))
+    rois = _fold_rois(rois, lead, n, _args.compute_dtype(g.dtype))
     grad = ops.roi_pool_backward(
         _flat(g, lead, 4), rois, _flat(argmax, lead, 4), (math.prod(lead) * n, c, h, w),
         validate=False,
@@ -386,10 +386,10 @@ def roi_align(
     features = _features(input)
     static = _static(
         features, output_size, spatial_scale,
-        sampling_ratio=ops._sampling(sampling_ratio), aligned=ops._flag(aligned, "aligned"),
+        sampling_ratio=_args.sampling_of(sampling_ratio), aligned=_args.flag(aligned, "aligned"),
     )
     return _roi_align_jit(
-        static, features, _rois(boxes, features, ops._flag(validate, "validate"))
+        static, features, _rois(boxes, features, _args.flag(validate, "validate"))
     )
 
 
@@ -420,4 +420,4 @@ def roi_pool(
     static = _static(
         features, output_size, spatial_scale, index_dtype=_index_dtype(*features.shape[2:])
     )
-    return _roi_pool_jit(static, features, _rois(boxes, features, ops._flag(validate, "validate")))
+    return _roi_pool_jit(static, features, _rois(boxes, features, _args.flag(validate, "validate")))

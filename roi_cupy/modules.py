@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from roi_cupy import _interop, ops
+from roi_cupy import _args, _interop, ops
 from roi_cupy._module import ModuleNative, _is_array_like
 
 
@@ -18,8 +18,8 @@ class _RoiLayer(ModuleNative):
 
     def __init__(self, output_size: ops.SizeLike, spatial_scale: float = 1.0):
         super().__init__()
-        self.output_size = ops._pair(output_size)
-        self.spatial_scale = ops._scale(spatial_scale)
+        self.output_size = _args.output_size_pair(output_size)
+        self.spatial_scale = _args.spatial_scale_of(spatial_scale)
 
     def _op(self, ops_module: Any, features: Any, boxes: Any) -> Any:
         """The layer's op from ``ops_module`` (roi_cupy.ops or an adapter) on ``[K, 5]`` boxes
@@ -48,7 +48,7 @@ class _RoiLayer(ModuleNative):
         return out.reshape((n, k) + tuple(out.shape[1:]))
 
     def _forward(self, features: Any, rois: Any) -> Any:
-        ops._check_features(features, "features")
+        _args.check_features(features, "features")
         self._check_rois(features, rois)
         return self._per_image(self._op(ops, features, ops.convert_boxes_to_roi_format(rois)), rois)
 
@@ -111,8 +111,8 @@ class RoiAlign(_RoiLayer):
         aligned: bool = True,
     ):
         super().__init__(output_size, spatial_scale)
-        self.sampling_ratio = ops._sampling(sampling_ratio)
-        self.aligned = ops._flag(aligned, "aligned")
+        self.sampling_ratio = _args.sampling_of(sampling_ratio)
+        self.aligned = _args.flag(aligned, "aligned")
 
     def _op(self, ops_module: Any, features: Any, boxes: Any) -> Any:
         return ops_module.roi_align(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from roi_cupy import ops
+from roi_cupy import _args, ops
 
 __all__ = [
     "MultiScaleRoIAlign",
@@ -308,11 +308,11 @@ def roi_align(
     """
     _check_input(input)
     tensors, per_image = _boxes(boxes)
-    pooled_h, pooled_w = ops._pair(output_size)
+    pooled_h, pooled_w = _args.output_size_pair(output_size)
     return _roi_align(
-        input, tensors, per_image, pooled_h, pooled_w, ops._scale(spatial_scale),
-        ops._sampling(sampling_ratio), ops._flag(aligned, "aligned"),
-        ops._flag(validate, "validate"),
+        input, tensors, per_image, pooled_h, pooled_w, _args.spatial_scale_of(spatial_scale),
+        _args.sampling_of(sampling_ratio), _args.flag(aligned, "aligned"),
+        _args.flag(validate, "validate"),
     )
 
 
@@ -338,10 +338,10 @@ def roi_pool(
     """
     _check_input(input)
     tensors, per_image = _boxes(boxes)
-    pooled_h, pooled_w = ops._pair(output_size)
+    pooled_h, pooled_w = _args.output_size_pair(output_size)
     output, _ = _roi_pool(
-        input, tensors, per_image, pooled_h, pooled_w, ops._scale(spatial_scale),
-        ops._flag(validate, "validate"),
+        input, tensors, per_image, pooled_h, pooled_w, _args.spatial_scale_of(spatial_scale),
+        _args.flag(validate, "validate"),
     )
     return output
 
@@ -449,8 +449,8 @@ class MultiScaleRoIAlign(nn.Module):
     ):
         super().__init__()
         self.featmap_names = featmap_names
-        self.output_size = ops._pair(output_size)
-        self.sampling_ratio = ops._sampling(sampling_ratio)
+        self.output_size = _args.output_size_pair(output_size)
+        self.sampling_ratio = _args.sampling_of(sampling_ratio)
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
         self.validate = validate

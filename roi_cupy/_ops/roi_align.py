@@ -1,0 +1,98 @@
+"""RoI Align's functional entry points: check, normalise, dispatch to a backend."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from roi_cupy import _args
+from roi_cupy._args import BoxesLike, SizeLike
+
+
+def roi_align(
+    input: Any,
+    boxes: BoxesLike,
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    validate: bool = True,
+) -> Any:
+    """RoI Align (Mask R-CNN): bilinearly sampled, averaged crops of each box.
+
+    Args:
+        input (Tensor[N, C, H, W]): features, float16, bfloat16, float32 or float64.
+        boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): ``(batch_index, x1, y1, x2, y2)`` rows,
+            or each image's ``(x1, y1, x2, y2)`` boxes, in input-image coordinates.
+        output_size (int or (int, int)): ``PH, PW`` of each crop.
+        spatial_scale (float): multiplies box coordinates to reach feature coordinates (e.g.
+            1/16 for a stride-16 map). Default: 1.0.
+        sampling_ratio (int): samples per bin along each axis; ``<= 0`` picks
+            ``ceil(roi_size / output_size)`` per RoI (adaptive). Either way at most 2**20 per
+            axis: beyond that (a bin over a million pixels wide) the numbers differ from
+            torchvision's, which has no cap. Default: -1.
+        aligned (bool): shift box coordinates by -0.5 so that pixel centres are sampled exactly;
+            ``False`` keeps the original Mask R-CNN behaviour (and clamps RoI size to >= 1).
+            Default: False.
+        validate (bool): check that boxes are finite with integral in-range batch indices (one
+            device synchronisation on a GPU). With ``False`` an invalid RoI gives zeros and no
+            check synchronises. Default: True.
+
+    Returns:
+        Tensor[K, C, PH, PW]: in the input's dtype and array kind.
+    """
+    call = _args.Call(input, "input")
+    _args.check_features(call.array, "input")
+    pooled_h, pooled_w = _args.output_size_pair(output_size)
+    compute = _args.compute_dtype(call.array.dtype)
+    scale, ratio = _args.spatial_scale_of(spatial_scale, compute), _args.sampling_of(sampling_ratio)
+    aligned, validate = _args.flag(aligned, "aligned"), _args.flag(validate, "validate")
+    prepared = _args.normalise_boxes(boxes, call.array.shape[0], call.device, compute)
+    rois = prepared.array
+    with call.scope():
+        if validate:
+            prepared.check(call.backend, call.array.shape[0])
+        out = call.backend.roi_align_forward(
+            call.native(), rois, pooled_h, pooled_w, scale, ratio, aligned
+        )
+    return call.give_back(out)
+
+
+def roi_align_backward(
+    grad_output: Any,
+    boxes: BoxesLike,
+    input_shape: Sequence[int],
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    *,
+    validate: bool = True,
+) -> Any:
+    """Gradient of :func:`roi_align` with respect to its input (boxes get none).
+
+    Args:
+        grad_output (Tensor[K, C, PH, PW]): gradient of the loss with respect to the output.
+        boxes, output_size, spatial_scale, sampling_ratio, aligned, validate: as passed to
+            :func:`roi_align`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
+
+    Returns:
+        Tensor[N, C, H, W]: in grad_output's dtype and array kind. Deterministic on NumPy.
+    """
+    call = _args.Call(grad_output, "grad_output")
+    shape = _args.input_shape_of(input_shape)
+    size = _args.output_size_pair(output_size)
+    compute = _args.compute_dtype(call.array.dtype)
+    scale, ratio = _args.spatial_scale_of(spatial_scale, compute), _args.sampling_of(sampling_ratio)
+    aligned, validate = _args.flag(aligned, "aligned"), _args.flag(validate, "validate")
+    prepared = _args.normalise_boxes(boxes, shape[0], call.device, compute)
+    rois = prepared.array
+    _args.check_grad_output(call.array, rois.shape[0], shape[1], size)
+    with call.scope():
+        if validate:
+            prepared.check(call.backend, shape[0])
+        grad_input = call.backend.roi_align_backward(
+            call.native(), rois, shape, scale, ratio, aligned
+        )
+    return call.give_back(grad_input)
