@@ -7,12 +7,14 @@
 //
 // Parameters: const T* input [N, C, H, W], const C* rois [K, 5], T* output [K, C, PH, PW],
 // I total (= K * C * PH * PW), I channels, I height, I width, I batch, I pooled_h, I pooled_w,
-// C spatial_scale, int sampling_ratio (<= 0: adaptive), bool aligned.
+// C spatial_scale, int sampling_h, int sampling_w (samples per bin along y and x; <= 0:
+// adaptive along that axis), bool aligned.
 template <typename T, typename I>
 __global__ void roi_align_forward(
     const T* __restrict__ input, const typename roi_compute<T>::type* __restrict__ rois,
     T* __restrict__ output, I total, I channels, I height, I width, I batch, I pooled_h,
-    I pooled_w, typename roi_compute<T>::type spatial_scale, int sampling_ratio, bool aligned)
+    I pooled_w, typename roi_compute<T>::type spatial_scale, int sampling_h, int sampling_w,
+    bool aligned)
 {
     typedef typename roi_compute<T>::type C;
     for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
@@ -25,7 +27,7 @@ __global__ void roi_align_forward(
         }
         const roi_align_bin<C> s = roi_align_locate(
             roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
-            sampling_ratio);
+            sampling_h, sampling_w);
 
         const T* plane = input + (b * channels + o.c) * height * width;
         roi_sum<C> sum;
@@ -55,13 +57,13 @@ __global__ void roi_align_forward(
 //
 // Parameters: const T* grad_output [K, C, PH, PW], const C* rois [K, 5], C* grad_input
 // [N, C, H, W], I total (= K * C * PH * PW), I channels, I height, I width, I batch,
-// I pooled_h, I pooled_w, C spatial_scale, int sampling_ratio, bool aligned.
+// I pooled_h, I pooled_w, C spatial_scale, int sampling_h, int sampling_w, bool aligned.
 template <typename T, typename I>
 __global__ void roi_align_backward(
     const T* __restrict__ grad_output, const typename roi_compute<T>::type* __restrict__ rois,
     typename roi_compute<T>::type* __restrict__ grad_input, I total, I channels, I height,
     I width, I batch, I pooled_h, I pooled_w, typename roi_compute<T>::type spatial_scale,
-    int sampling_ratio, bool aligned)
+    int sampling_h, int sampling_w, bool aligned)
 {
     typedef typename roi_compute<T>::type C;
     for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
@@ -71,7 +73,7 @@ __global__ void roi_align_backward(
         if (b < 0) continue;
         const roi_align_bin<C> s = roi_align_locate(
             roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
-            sampling_ratio);
+            sampling_h, sampling_w);
         if (s.y_first >= s.y_last || s.x_first >= s.x_last) continue;
 
         // No max(., 1) here: a bin without samples has no sample to pass gradient to.

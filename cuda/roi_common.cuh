@@ -214,15 +214,16 @@ struct roi_align_bin {
     int y_first, y_last, x_first, x_last;
 };
 
-// The bin (ph, pw) of a RoI row (batch_index, x1, y1, x2, y2).
+// The bin (ph, pw) of a RoI row (batch_index, x1, y1, x2, y2); sampling_h and sampling_w are the
+// samples per bin along y and x (<= 0: adaptive along that axis).
 template <typename C, typename I>
 __host__ __device__ __forceinline__ roi_align_bin<C> roi_align_locate(
     const C* roi, I ph, I pw, I height, I width, I pooled_h, I pooled_w, C scale, bool aligned,
-    int sampling_ratio)
+    int sampling_h, int sampling_w)
 {
     roi_align_bin<C> s;
-    s.y = roi_align_geometry(roi[2], roi[4], scale, aligned, pooled_h, sampling_ratio);
-    s.x = roi_align_geometry(roi[1], roi[3], scale, aligned, pooled_w, sampling_ratio);
+    s.y = roi_align_geometry(roi[2], roi[4], scale, aligned, pooled_h, sampling_h);
+    s.x = roi_align_geometry(roi[1], roi[3], scale, aligned, pooled_w, sampling_w);
     roi_align_window(s.y, ph, height, s.y_first, s.y_last);
     roi_align_window(s.x, pw, width, s.x_first, s.x_last);
     return s;

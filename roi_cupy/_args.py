@@ -17,6 +17,7 @@ from roi_cupy import _backend, _interop
 
 BoxesLike = Any  # an array [K, 5], or a sequence of N arrays [L_i, 4]
 SizeLike = int | tuple[int, int]
+SamplingLike = int | tuple[int, int]  # one for both axes, or (sampling_h, sampling_w)
 
 _FEATURE_DTYPES = ("float16", "float32", "float64", "bfloat16")
 _INT32_MAX = 2**31 - 1
@@ -69,10 +70,26 @@ def spatial_scale_of(spatial_scale: Any, compute: Any = None) -> float:
     return value
 
 
-def sampling_of(sampling_ratio: Any) -> int:
-    if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
-        raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
-    return int(sampling_ratio)
+def sampling_of(sampling_ratio: Any) -> tuple[int, int]:
+    """``sampling_ratio`` (an int, or a pair ``(sampling_h, sampling_w)``) as a pair of ints;
+    a value ``<= 0`` makes that axis adaptive."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if is_int(sampling_ratio):
+        return int(sampling_ratio), int(sampling_ratio)
+    if (
+        isinstance(sampling_ratio, Sequence)
+        and not isinstance(sampling_ratio, str)
+        and len(sampling_ratio) == 2
+        and all(is_int(v) for v in sampling_ratio)
+    ):
+        return int(sampling_ratio[0]), int(sampling_ratio[1])
+    raise TypeError(
+        "sampling_ratio must be an int or a pair of ints (sampling_h, sampling_w), <= 0 for "
+        f"adaptive, got {sampling_ratio!r}"
+    )
 
 
 def flag(value: Any, what: str) -> bool:

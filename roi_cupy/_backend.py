@@ -16,7 +16,8 @@ everything before calling them, so a backend may rely on the following:
   through (a batch index outside ``[0, N)`` or a non-finite value anywhere in the row): a backend
   must give such a RoI zeros, zero gradient and argmax -1, and never index out of bounds with it.
   The batch index is read by truncation toward zero.
-- ``pooled_h``, ``pooled_w``, ``sampling_ratio`` are Python ints (pooled sizes >= 1),
+- ``pooled_h``, ``pooled_w`` are Python ints >= 1, ``sampling_ratio`` a pair of Python ints
+  ``(sampling_h, sampling_w)`` (``<= 0``: that axis adaptive),
   ``spatial_scale`` a positive finite Python float, ``aligned`` a bool, ``input_shape`` a tuple of
   four Python ints ``(N, C, H, W)``.
 - ``argmax`` is a C-contiguous int64 array ``[K, C, PH, PW]`` (flat index in the H x W plane, -1

@@ -371,8 +371,9 @@ def roi_align(
         output_size (int or (int, int)): ``PH, PW`` of each crop.
         spatial_scale (float): multiplies box coordinates to reach feature coordinates.
             Default: 1.0.
-        sampling_ratio (int): samples per bin along each axis; ``<= 0`` picks
-            ``ceil(roi_size / output_size)`` per RoI (adaptive). Default: -1.
+        sampling_ratio (int or (int, int)): samples per bin along each axis, or a pair
+            ``(sampling_h, sampling_w)``; ``<= 0`` picks ``ceil(roi_size / output_size)``
+            along that axis per RoI (adaptive). Default: -1.
         aligned (bool): shift box coordinates by -0.5 (Detectron2). Default: False.
         validate (bool): check concrete boxes (eager calls) and raise ``ValueError`` naming a
             row that is not finite or whose batch index is not an integer in ``[0, N)``. Traced

@@ -99,7 +99,8 @@ class RoiAlign(_RoiLayer):
     Args:
         output_size (int or (int, int)): ``(PH, PW)`` of each crop.
         spatial_scale (float): maps box coordinates to feature coordinates. Default: 1.0.
-        sampling_ratio (int): samples per bin and axis, ``<= 0`` for adaptive. Default: -1.
+        sampling_ratio (int or (int, int)): samples per bin along both axes, or per axis
+            ``(sampling_h, sampling_w)``; ``<= 0`` for adaptive. Default: -1.
         aligned (bool): half-pixel shift of the box coordinates. Default: True.
     """
 
@@ -111,7 +112,8 @@ class RoiAlign(_RoiLayer):
         aligned: bool = True,
     ):
         super().__init__(output_size, spatial_scale)
-        self.sampling_ratio = _args.sampling_of(sampling_ratio)
+        _args.sampling_of(sampling_ratio)  # checked here, kept as given
+        self.sampling_ratio = sampling_ratio
         self.aligned = _args.flag(aligned, "aligned")
 
     def _op(self, ops_module: Any, features: Any, boxes: Any) -> Any:

@@ -111,7 +111,7 @@ def _roi_align(
     pooled_h: int,
     pooled_w: int,
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: Sequence[int],
     aligned: bool,
     validate: bool,
 ) -> Tensor:
@@ -136,7 +136,7 @@ def _roi_align_backward(
     per_image: bool,
     input_shape: Sequence[int],
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: Sequence[int],
     aligned: bool,
 ) -> Tensor:
     pooled = tuple(grad_output.shape[2:])
@@ -283,7 +283,7 @@ def roi_align(
     boxes: Tensor | list[Tensor],
     output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
-    sampling_ratio: int = -1,
+    sampling_ratio: int | tuple[int, int] = -1,
     aligned: bool = False,
     *,
     validate: bool = True,
@@ -297,7 +297,8 @@ def roi_align(
             or each image's ``(x1, y1, x2, y2)`` boxes, on the input's device.
         output_size (int or (int, int)): ``PH, PW``.
         spatial_scale (float): box-to-feature coordinate factor. Default: 1.0.
-        sampling_ratio (int): samples per bin and axis, ``<= 0`` adaptive. Default: -1.
+        sampling_ratio (int or (int, int)): samples per bin along both axes, or
+            ``(sampling_h, sampling_w)``; ``<= 0`` adaptive. Default: -1.
         aligned (bool): half-pixel shift of the boxes. Default: False.
         validate (bool): reject non-finite boxes and batch indices outside ``[0, N)`` (on a GPU
             one synchronisation, which a CUDA graph capture does not allow); with ``False``
@@ -353,7 +354,8 @@ class RoIAlign(nn.Module):
     Args:
         output_size (int or (int, int)): ``PH, PW``.
         spatial_scale (float): box-to-feature coordinate factor.
-        sampling_ratio (int): samples per bin and axis, ``<= 0`` adaptive.
+        sampling_ratio (int or (int, int)): samples per bin along both axes or per axis,
+            ``<= 0`` adaptive.
         aligned (bool): half-pixel shift of the boxes. Default: False.
         validate (bool): as for :func:`roi_align`; ``False`` inside a CUDA graph capture.
             Default: True.
@@ -429,7 +431,8 @@ class MultiScaleRoIAlign(nn.Module):
         featmap_names (list[str]): the keys of the feature maps to pool from; maps are taken in
             the order of the dict given to :meth:`forward`.
         output_size (int or (int, int)): ``PH, PW``.
-        sampling_ratio (int): samples per bin and axis, ``<= 0`` adaptive.
+        sampling_ratio (int or (int, int)): samples per bin along both axes or per axis,
+            ``<= 0`` adaptive.
         canonical_scale (int): box size that maps to ``canonical_level``. Default: 224.
         canonical_level (int): the level a box of side ``canonical_scale`` is pooled from (the
             FPN paper's k0). Default: 4.
@@ -450,7 +453,8 @@ class MultiScaleRoIAlign(nn.Module):
         super().__init__()
         self.featmap_names = featmap_names
         self.output_size = _args.output_size_pair(output_size)
-        self.sampling_ratio = _args.sampling_of(sampling_ratio)
+        _args.sampling_of(sampling_ratio)  # checked here, kept as given
+        self.sampling_ratio = sampling_ratio
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
         self.validate = validate

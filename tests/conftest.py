@@ -29,7 +29,8 @@ except ImportError as exc:
 DTYPES = (numpy.float16, numpy.float32, numpy.float64) + ((BFLOAT16,) if BFLOAT16 else ())
 # Two bytes, rounded once from the float32 compute type.
 NARROW = tuple(d for d in (numpy.dtype(numpy.float16), BFLOAT16) if d is not None)
-SAMPLING_RATIOS = (-1, 0, 1, 2, 3)
+# Pairs are (sampling_h, sampling_w): one axis fixed and the other adaptive, or both fixed apart.
+SAMPLING_RATIOS = (-1, 0, 1, 2, 3, (1, 3), (0, 2), (4, -1))
 SPATIAL_SCALES = (1.0, 0.5, 0.25)
 
 # Max abs error against the float64 reference, relative to the data scale (docs/semantics.md). The

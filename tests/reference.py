@@ -79,7 +79,7 @@ def roi_align_geometry(
     pooled_h: int,
     pooled_w: int,
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: int | tuple[int, int],
     aligned: bool,
 ) -> tuple[float, float, float, float, int, int]:
     """``(y0, x0, bin_h, bin_w, grid_h, grid_w)`` of one RoI row (grid sizes may be <= 0)."""
@@ -92,8 +92,11 @@ def roi_align_geometry(
     if not aligned:
         roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
     bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
-    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled_h)
-    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled_w)
+    sampling_h, sampling_w = (
+        (sampling_ratio, sampling_ratio) if isinstance(sampling_ratio, int) else sampling_ratio
+    )
+    grid_h = sampling_h if sampling_h > 0 else math.ceil(roi_h / pooled_h)
+    grid_w = sampling_w if sampling_w > 0 else math.ceil(roi_w / pooled_w)
     return y0, x0, bin_h, bin_w, grid_h, grid_w
 
 
@@ -117,7 +120,7 @@ def roi_align_ref(
         rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` rows.
         output_size (int or (int, int)): ``PH, PW``.
         spatial_scale (float): Default: 1.0.
-        sampling_ratio (int): ``<= 0`` for adaptive. Default: -1.
+        sampling_ratio (int or (int, int)): per axis or both, ``<= 0`` adaptive. Default: -1.
         aligned (bool): Default: False.
 
     Returns:

@@ -106,7 +106,7 @@ def test_integer_boxes_differentiate():
 # ----------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("dtype", FEATURE_DTYPES, ids=str)
 @pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
-@pytest.mark.parametrize("sampling_ratio", [-1, 2], ids=str)
+@pytest.mark.parametrize("sampling_ratio", [-1, 2, (3, -1)], ids=str)
 def test_align_vjp(dtype, aligned, sampling_ratio):
     x, boxes = inputs(("align vjp", aligned, sampling_ratio), dtype)
     g = random_features(make_rng("g", aligned, sampling_ratio), (K, C, 3, 2), dtype)

@@ -115,7 +115,7 @@ def test_expanded_gradients_are_read_through_their_strides():
 
 # ----------------------------------------------------------------------------- torch's own checks
 @pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2, (1, 3)], ids=str)
 def test_gradcheck_roi_align(aligned, sampling_ratio):
     x, boxes = _features(shape=(N, 2, 8, 9)).requires_grad_(), _boxes(4)
     fn = lambda x: rt.roi_align(x, boxes, (3, 2), 0.5, sampling_ratio, aligned)  # noqa: E731
@@ -138,9 +138,10 @@ def test_opcheck_every_operator():
     g = torch.randn(5, C, 3, 2, dtype=torch.float64)
     _, indices = ops.roi_pool(x.detach(), [boxes], False, 3, 2, 0.5, True)
     cases = [
-        (ops.roi_align, (x, [boxes], False, 3, 2, 0.5, 2, True, True)),
-        (ops.roi_align, (x, per_image, True, 2, 2, 1.0, -1, False, False)),
-        (ops.roi_align_backward, (g.requires_grad_(), [boxes], False, [N, C, H, W], 0.5, 2, True)),
+        (ops.roi_align, (x, [boxes], False, 3, 2, 0.5, [2, 2], True, True)),
+        (ops.roi_align, (x, per_image, True, 2, 2, 1.0, [-1, 3], False, False)),
+        (ops.roi_align_backward,
+         (g.requires_grad_(), [boxes], False, [N, C, H, W], 0.5, [2, 1], True)),
         (ops.roi_pool, (x, [boxes], False, 3, 2, 0.5, True)),
         (ops.roi_pool_backward, (g.detach(), [boxes], False, indices, [N, C, H, W])),
     ]

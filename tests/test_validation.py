@@ -272,7 +272,9 @@ def test_spatial_scale_type(op, scale):
         forward(op, spatial_scale=scale)
 
 
-@pytest.mark.parametrize("ratio", [1.5, "2", 2.0, None, True], ids=repr)
+@pytest.mark.parametrize(
+    "ratio", [1.5, "2", 2.0, None, True, (2,), (1, 2, 3), (1, 2.0), (True, 1), "22"], ids=repr
+)
 def test_sampling_ratio_type(ratio):
     with pytest.raises(TypeError, match=r"sampling_ratio must be an int .*got " + got(repr(ratio))):
         forward("roi_align", sampling_ratio=ratio)
@@ -285,6 +287,12 @@ def test_numpy_scalars_are_accepted(op):
         kwargs["sampling_ratio"] = numpy.int64(2)
     out = forward(op, output_size=(numpy.int32(2), numpy.int64(3)), **kwargs)
     assert out.shape == (3, C, 2, 3) and out.dtype == numpy.float32
+
+
+def test_sampling_ratio_pair_of_equal_values_is_the_int():
+    same = forward("roi_align", sampling_ratio=(numpy.int32(3), 3))
+    numpy.testing.assert_array_equal(same, forward("roi_align", sampling_ratio=3))
+    assert not numpy.array_equal(same, forward("roi_align", sampling_ratio=(3, 1)))
 
 
 @pytest.mark.parametrize(

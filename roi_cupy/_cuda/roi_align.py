@@ -11,12 +11,12 @@ import numpy
 
 from roi_cupy._cuda import launch
 
-# The kernels take sampling_ratio as an int and cap any grid at 2**20 samples per axis anyway.
+# The kernels take each axis's sampling as an int and cap any grid at 2**20 samples per axis.
 _INT32_MAX = 2**31 - 1
 
 
-def _sampling(sampling_ratio: int) -> numpy.int32:
-    return numpy.int32(max(min(sampling_ratio, _INT32_MAX), -1))
+def _sampling(sampling_ratio: tuple[int, int]) -> tuple[numpy.int32, numpy.int32]:
+    return tuple(numpy.int32(max(min(s, _INT32_MAX), -1)) for s in sampling_ratio)
 
 
 def forward(
@@ -37,7 +37,7 @@ def forward(
         rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` in the compute dtype.
         pooled_h, pooled_w (int): bins per RoI, >= 1.
         spatial_scale (float): box-to-feature coordinate factor.
-        sampling_ratio (int): samples per bin and axis; <= 0 for adaptive.
+        sampling_ratio ((int, int)): samples per bin along y and x; <= 0 for adaptive.
         aligned (bool): shift boxes by -0.5 pixel.
 
     Returns:
@@ -61,7 +61,7 @@ def forward(
         (
             input, rois, output,
             i(output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-            real(spatial_scale), _sampling(sampling_ratio), numpy.bool_(aligned),
+            real(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
         ),
     )
     return output
@@ -103,7 +103,7 @@ def backward(
             (
                 grad_output, rois, grad_input,
                 i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-                real.type(spatial_scale), _sampling(sampling_ratio), numpy.bool_(aligned),
+                real.type(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
             ),
         )
     return grad_input.astype(grad_output.dtype, copy=False)

@@ -179,11 +179,14 @@ def _axes(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligne
             rh = numpy.maximum(rh, ct.type(1))
         bw = rw / ct.type(pooled_w)
         bh = rh / ct.type(pooled_h)
-        if sampling_ratio > 0:
-            gh = numpy.full(rois.shape[0], float(sampling_ratio))
-            gw = gh
+        sampling_h, sampling_w = sampling_ratio
+        if sampling_h > 0:
+            gh = numpy.full(rois.shape[0], float(sampling_h))
         else:
             gh = numpy.ceil(bh).astype(numpy.float64)
+        if sampling_w > 0:
+            gw = numpy.full(rois.shape[0], float(sampling_w))
+        else:
             gw = numpy.ceil(bw).astype(numpy.float64)
     # NaN and non-positive grids sample nothing.
     gh = numpy.where(gh >= 1, numpy.minimum(gh, _MAX_GRID), 0.0)
@@ -364,7 +367,7 @@ def roi_align_forward(
     pooled_h: int,
     pooled_w: int,
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: tuple[int, int],
     aligned: bool,
 ) -> numpy.ndarray:
     """RoI Align forward.
@@ -377,7 +380,7 @@ def roi_align_forward(
         pooled_h (int): PH.
         pooled_w (int): PW.
         spatial_scale (float): box-to-feature coordinate scale.
-        sampling_ratio (int): samples per bin and axis; ``<= 0`` for adaptive.
+        sampling_ratio ((int, int)): samples per bin along y and x; ``<= 0`` for adaptive.
         aligned (bool): shift boxes by -0.5 pixel (and do not clamp their size to 1).
 
     Returns:
@@ -425,7 +428,7 @@ def roi_align_backward(
     rois: numpy.ndarray,
     input_shape: tuple[int, int, int, int],
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: tuple[int, int],
     aligned: bool,
 ) -> numpy.ndarray:
     """Gradient of RoI Align with respect to its input; deterministic.
@@ -438,7 +441,7 @@ def roi_align_backward(
         rois (ndarray[K, 5]): as for :func:`roi_align_forward`.
         input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
         spatial_scale (float): box-to-feature coordinate scale.
-        sampling_ratio (int): samples per bin and axis; ``<= 0`` for adaptive.
+        sampling_ratio ((int, int)): samples per bin along y and x; ``<= 0`` for adaptive.
         aligned (bool): as in the forward pass.
 
     Returns:

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from roi_cupy import _args
-from roi_cupy._args import BoxesLike, SizeLike
+from roi_cupy._args import BoxesLike, SamplingLike, SizeLike
 
 
 def roi_align(
@@ -13,7 +13,7 @@ def roi_align(
     boxes: BoxesLike,
     output_size: SizeLike,
     spatial_scale: float = 1.0,
-    sampling_ratio: int = -1,
+    sampling_ratio: SamplingLike = -1,
     aligned: bool = False,
     *,
     validate: bool = True,
@@ -27,8 +27,9 @@ def roi_align(
         output_size (int or (int, int)): ``PH, PW`` of each crop.
         spatial_scale (float): multiplies box coordinates to reach feature coordinates (e.g.
             1/16 for a stride-16 map). Default: 1.0.
-        sampling_ratio (int): samples per bin along each axis; ``<= 0`` picks
-            ``ceil(roi_size / output_size)`` per RoI (adaptive). Either way at most 2**20 per
+        sampling_ratio (int or (int, int)): samples per bin along each axis, or a pair
+            ``(sampling_h, sampling_w)``; ``<= 0`` picks ``ceil(roi_size / output_size)`` along
+            that axis per RoI (adaptive). Either way at most 2**20 per
             axis: beyond that (a bin over a million pixels wide) the numbers differ from
             torchvision's, which has no cap. Default: -1.
         aligned (bool): shift box coordinates by -0.5 so that pixel centres are sampled exactly;
@@ -64,7 +65,7 @@ def roi_align_backward(
     input_shape: Sequence[int],
     output_size: SizeLike,
     spatial_scale: float = 1.0,
-    sampling_ratio: int = -1,
+    sampling_ratio: SamplingLike = -1,
     aligned: bool = False,
     *,
     validate: bool = True,
