@@ -3,12 +3,12 @@
 #include "roi_common.cuh"
 
 // output[k, c, ph, pw] = max of input[b, c] over the bin's window, argmax its flat index h * W + w
-// in the plane. Scan row-major with a strict '>' from -FLT_MAX: the first maximum wins, NaN is
+// in the plane (argmax may be null: then only the output is written). Scan row-major with a strict '>' from -FLT_MAX: the first maximum wins, NaN is
 // never picked, and a window of values <= -FLT_MAX keeps -FLT_MAX with argmax -1. An empty window
 // or an invalid RoI gives 0 and -1. One thread per output element.
 //
 // Parameters: const T* input [N, C, H, W], const C* rois [K, 5], T* output [K, C, PH, PW],
-// long long* argmax [K, C, PH, PW], I total (= K * C * PH * PW), I channels, I height, I width,
+// long long* argmax [K, C, PH, PW] or null, I total (= K * C * PH * PW), I channels, I height, I width,
 // I batch, I pooled_h, I pooled_w, C spatial_scale.
 template <typename T, typename I>
 __global__ void roi_pool_forward(
@@ -30,7 +30,7 @@ __global__ void roi_pool_forward(
         }
         if (h_last <= h_first || w_last <= w_first) {
             roi_store(output + index, C(0));
-            argmax[index] = -1;
+            if (argmax) argmax[index] = -1;
             continue;
         }
         const T* plane = input + (b * channels + o.c) * height * width;
@@ -47,7 +47,7 @@ __global__ void roi_pool_forward(
             }
         }
         roi_store(output + index, best);
-        argmax[index] = best_at;
+        if (argmax) argmax[index] = best_at;
     }
 }
 

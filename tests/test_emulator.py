@@ -290,6 +290,7 @@ def test_matching_arguments_launch(lib):
          "float16, got an array of uint16"),
         (0, numpy.float32(1), "argument 0: the kernel parameter is a pointer to float32, "
          "got numpy.float32"),
+        (4, None, "argument 4: the kernel parameter is float32, got None"),
     ],
     ids=str,
 )
@@ -310,6 +311,12 @@ def test_read_only_array_behind_a_writable_pointer_is_refused(lib):
         lib.function("takes")((1, 1, 1), (1, 1, 1), tuple(args))
 
 
+def test_none_is_a_null_pointer_as_on_cupy(lib):
+    args = _takes_args()
+    args[0], args[1] = None, None  # any pointer parameter, const or not
+    lib.function("takes")((1, 1, 1), (1, 1, 1), tuple(args))
+
+
 def test_argument_count_is_checked(lib):
     with pytest.raises(RuntimeError, match=r"^takes: the kernel takes 7 arguments, got 6$"):
         lib.function("takes")((1, 1, 1), (1, 1, 1), tuple(_takes_args()[:6]))
@@ -318,7 +325,7 @@ def test_argument_count_is_checked(lib):
 def test_python_scalars_and_strided_arrays_are_refused(lib):
     args = _takes_args()
     args[2] = 1
-    with pytest.raises(TypeError, match="^takes: argument 2 must be a NumPy array or a NumPy"):
+    with pytest.raises(TypeError, match="^takes: argument 2 must be a NumPy array, a NumPy scalar"):
         lib.function("takes")((1, 1, 1), (1, 1, 1), tuple(args))
     args = _takes_args()
     args[0] = numpy.zeros(6, numpy.float32)[::2]

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from reference import FLT_MAX, c_round, roi_pool_ref, roi_pool_window
 
 import roi_cupy
+from roi_cupy import _backend, _interop
 
 
 def run(backend, x, boxes, output_size, contiguous=True, **kwargs):
@@ -439,3 +440,21 @@ def test_window_never_passes_an_extent_beyond_float32s_integers(backend, axis):
                                      1, return_indices=True)
     out, idx = backend.to_numpy((out, idx))
     assert out.ravel()[0] == 6.0 and side - 9 <= idx.ravel()[0] < side, (out, idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_without_indices_no_argmax_is_made(backend, dtype):
+    """The backend computes the output alone when the indices are not wanted (on a GPU the kernel
+    gets a null argmax pointer and writes no int64 array), with the same numbers."""
+    rng = make_rng("pool without indices", numpy.dtype(dtype).name)
+    x = random_features(rng, (2, 3, 9, 8), dtype)
+    rois = random_boxes(rng, 2, 6, 9, 8, dtype=compute_dtype(dtype))
+    x_b, rois_b = backend.asarray(x), backend.asarray(rois)
+    with backend.active():
+        module = _backend.backend_for(_interop.array_module(x_b))
+        out, argmax = module.roi_pool_forward(x_b, rois_b, 3, 2, 1.0, indices=False)
+        full, full_argmax = module.roi_pool_forward(x_b, rois_b, 3, 2, 1.0, indices=True)
+        public = roi_cupy.roi_pool(x_b, rois_b, (3, 2))
+    assert argmax is None and full_argmax is not None
+    numpy.testing.assert_array_equal(backend.to_numpy(out), backend.to_numpy(full))
+    numpy.testing.assert_array_equal(backend.to_numpy(public), backend.to_numpy(full))

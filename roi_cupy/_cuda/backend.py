@@ -59,9 +59,11 @@ def roi_pool_forward(
 ) -> tuple[Any, Any]:
     """RoI Pool: ``input`` [N, C, H, W], ``rois`` [K, 5] -> (output, argmax) [K, C, PH, PW].
 
-    The kernel writes the argmax whether or not ``indices`` asks for it.
+    ``argmax`` is None without ``indices``: the kernel then writes the output only.
     """
-    return roi_pool.forward(_runtime(input), input, rois, pooled_h, pooled_w, spatial_scale)
+    return roi_pool.forward(
+        _runtime(input), input, rois, pooled_h, pooled_w, spatial_scale, indices
+    )
 
 
 def roi_pool_backward(

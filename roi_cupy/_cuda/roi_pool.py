@@ -13,7 +13,13 @@ from roi_cupy._cuda import launch
 
 
 def forward(
-    rt: Any, input: Any, rois: Any, pooled_h: int, pooled_w: int, spatial_scale: float
+    rt: Any,
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    indices: bool = True,
 ) -> tuple[Any, Any]:
     """RoI Pool of every RoI.
 
@@ -23,19 +29,23 @@ def forward(
         rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` in the compute dtype.
         pooled_h, pooled_w (int): bins per RoI, >= 1.
         spatial_scale (float): box-to-feature coordinate factor.
+        indices (bool): also compute the argmax; without it the kernel writes the output only
+            (no int64 array of the output's size is allocated or written). Default: True.
 
     Returns:
-        (ndarray[K, C, PH, PW] in the input's dtype, int64 argmax ndarray[K, C, PH, PW]).
+        (ndarray[K, C, PH, PW] in the input's dtype, int64 argmax ndarray[K, C, PH, PW] or None
+        without ``indices``).
     """
     n, c, h, w = input.shape
     k = rois.shape[0]
     output = rt.xp.empty((k, c, pooled_h, pooled_w), dtype=input.dtype)
-    argmax = rt.xp.empty((k, c, pooled_h, pooled_w), dtype=numpy.int64)
+    argmax = rt.xp.empty((k, c, pooled_h, pooled_w), dtype=numpy.int64) if indices else None
     if output.size == 0:
         return output, argmax
     if input.size == 0:  # every bin is empty
         output[...] = 0
-        argmax[...] = -1
+        if indices:
+            argmax[...] = -1
         return output, argmax
     index64 = launch.use_index64(input.size, output.size, rois.size)
     i = launch.index_scalar(index64)

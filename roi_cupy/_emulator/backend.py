@@ -52,10 +52,12 @@ def roi_pool_forward(
     """RoI Pool of ``input [N, C, H, W]`` over ``rois [K, 5]``.
 
     Returns:
-        (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]): the kernel writes the argmax
-        whether or not ``indices`` asks for it.
+        (output [K, C, PH, PW], argmax int64 [K, C, PH, PW] or None without ``indices``, when
+        the kernel writes the output only).
     """
-    return roi_pool.forward(emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale)
+    return roi_pool.forward(
+        emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale, indices
+    )
 
 
 def roi_pool_backward(

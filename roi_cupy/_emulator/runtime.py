@@ -364,7 +364,8 @@ class Kernel:
 
         Raises:
             ValueError: for an invalid grid or block, or an array that is not C-contiguous.
-            TypeError: for an argument that is neither a NumPy array nor a NumPy scalar.
+            TypeError: for an argument that is neither a NumPy array, a NumPy scalar nor None
+                (a null pointer).
             RuntimeError: when the arguments do not match the kernel's parameters, or the kernel
                 deadlocks at ``__syncthreads``; the message starts with the kernel's name.
         """
@@ -397,6 +398,11 @@ class Kernel:
                 sizes[i] = slot
                 element_kinds[i] = ord(_kind(arg.dtype))
                 element_sizes[i] = arg.dtype.itemsize
+            elif arg is None:  # a null pointer, as CuPy passes None
+                pointers[i] = None
+                argv[i] = ctypes.addressof(pointers) + i * slot
+                kinds[i] = ord("n")
+                sizes[i] = slot
             elif isinstance(arg, numpy.generic):
                 value = numpy.array(arg)
                 scalars.append(value)
@@ -405,8 +411,8 @@ class Kernel:
                 sizes[i] = value.dtype.itemsize
             else:
                 raise TypeError(
-                    f"{self.name}: argument {i} must be a NumPy array or a NumPy scalar "
-                    f"(numpy.int32, numpy.float32, ...), got {type(arg).__name__}"
+                    f"{self.name}: argument {i} must be a NumPy array, a NumPy scalar "
+                    f"(numpy.int32, numpy.float32, ...) or None, got {type(arg).__name__}"
                 )
         error = ctypes.create_string_buffer(_ERROR_BYTES)
         status = self._entry(

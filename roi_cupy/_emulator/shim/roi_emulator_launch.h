@@ -271,15 +271,17 @@ struct TypeName {
   }
 };
 
-// Python describes argument i as kinds[i] ('p' for an array, 'r' for a read-only one, else the
-// NumPy kind of the scalar) and sizes[i] (8 for an array, else the scalar's byte size); for an
-// array, element_kinds[i] and element_sizes[i] describe its dtype.
+// Python describes argument i as kinds[i] ('p' for an array, 'r' for a read-only one, 'n' for
+// None, a null pointer as CuPy passes it, else the NumPy kind of the scalar) and sizes[i] (8 for
+// an array or None, else the scalar's byte size); for an array, element_kinds[i] and
+// element_sizes[i] describe its dtype.
 template <class A>
 bool check_argument(int i, const char* kinds, const size_t* sizes, const char* element_kinds,
                     const size_t* element_sizes, char* error, size_t error_size) {
   if constexpr (std::is_pointer_v<A>) {
     using E = std::remove_cv_t<std::remove_pointer_t<A>>;
     const TypeName expected(kind_of<E>(), sizeof(E));
+    if (kinds[i] == 'n') return true;  // a null pointer fits any pointer parameter
     if (kinds[i] != 'p' && kinds[i] != 'r') {
       std::snprintf(error, error_size,
                     "argument %d: the kernel parameter is a pointer to %s, got numpy.%s", i,
@@ -305,6 +307,9 @@ bool check_argument(int i, const char* kinds, const size_t* sizes, const char* e
       std::snprintf(error, error_size,
                     "argument %d: the kernel parameter is %s, got an array of %s", i,
                     expected.text, TypeName(element_kinds[i], element_sizes[i]).text);
+    } else if (kinds[i] == 'n') {
+      std::snprintf(error, error_size, "argument %d: the kernel parameter is %s, got None", i,
+                    expected.text);
     } else {
       std::snprintf(error, error_size, "argument %d: the kernel parameter is %s, got numpy.%s", i,
                     expected.text, TypeName(kinds[i], sizes[i]).text);
