@@ -109,3 +109,24 @@ def test_import_is_light():
     seconds, loaded = out.stdout.splitlines()
     assert loaded == "[]"
     assert float(seconds) < 2.0  # generous: catches a compile or a heavy import, not jitter
+
+
+def test_cuda_runtime_looks_each_kernel_up_once(monkeypatch):
+    """Launch objects are cached per runtime (one per device): no RawModule.get_function call
+    per launch."""
+    pytest.importorskip("cupy", reason="CuPy is not installed (the cuda12/cuda13 extras)")
+    from roi_cupy._cuda import kernels, launch
+
+    looked_up = []
+
+    class Module:
+        def get_function(self, name):
+            looked_up.append(name)
+            return object()
+
+    monkeypatch.setattr(kernels, "module", lambda device_id: Module())
+    runtime = launch.CupyRuntime(0)
+    first = runtime.function("roi_align_forward<float, int>")
+    assert runtime.function("roi_align_forward<float, int>") is first
+    runtime.function("roi_pool_forward<float, int>")
+    assert looked_up == ["roi_align_forward<float, int>", "roi_pool_forward<float, int>"]

@@ -61,7 +61,13 @@ class CupyRuntime:
 
         self.xp: ModuleType = cupy
         self.device_id = device_id
+        self._functions: dict[str, Callable[..., None]] = {}
 
     def function(self, name_expression: str) -> Callable[..., None]:
-        # A cupy.RawFunction is called as (grid, block, args) and launches on the current stream.
-        return kernels.module(self.device_id).get_function(name_expression)
+        """The kernel's launch object, looked up once per runtime (so once per device): a
+        ``cupy.RawFunction``, called as ``(grid, block, args)``, launches on the current stream."""
+        found = self._functions.get(name_expression)
+        if found is None:
+            found = kernels.module(self.device_id).get_function(name_expression)
+            self._functions[name_expression] = found
+        return found
