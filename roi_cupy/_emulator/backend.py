@@ -65,9 +65,13 @@ def roi_pool_backward(
     rois: numpy.ndarray,
     argmax: numpy.ndarray,
     input_shape: tuple[int, int, int, int],
+    deterministic: bool = False,
 ) -> numpy.ndarray:
-    """Input gradient of RoI Pool for ``grad_output [K, C, PH, PW]``; returns ``[N, C, H, W]``."""
-    return roi_pool.backward(emulator.runtime(), grad_output, rois, argmax, input_shape)
+    """Input gradient of RoI Pool for ``grad_output [K, C, PH, PW]``; returns ``[N, C, H, W]``,
+    summed in fixed point with ``deterministic``."""
+    return roi_pool.backward(
+        emulator.runtime(), grad_output, rois, argmax, input_shape, deterministic
+    )
 
 
 def first_invalid(

@@ -20,6 +20,7 @@ be loaded first: ``LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=de
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import operator
@@ -30,7 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy
@@ -38,7 +39,7 @@ import numpy
 SHIM_DIR = pathlib.Path(__file__).resolve().with_name("shim")
 _PRELUDE = "roi_emulator.h"
 _LAUNCHER = "roi_emulator_launch.h"
-_FORMAT = "roi_cupy-emulator-1"  # bump when the generated code changes shape
+_FORMAT = "roi_cupy-emulator-2"  # bump when the generated code changes shape
 
 _COMMON_FLAGS = (
     "-std=c++20",
@@ -316,6 +317,20 @@ class Library:
                 ctypes.c_size_t,
             ]
             self._kernels[name] = Kernel(name, entry)
+        self._set_block_order = self._cdll.roi_emu_set_block_order
+        self._set_block_order.restype = None
+        self._set_block_order.argtypes = [ctypes.c_ulonglong]
+
+    @contextlib.contextmanager
+    def block_order(self, seed: int) -> Iterator[None]:
+        """Run the blocks of every launch inside the ``with`` block in a shuffled order (seeded by
+        ``seed``; 0 keeps index order), as a GPU may run them, for tests that a result does not
+        depend on that order. Process-wide while it lasts: for tests only."""
+        self._set_block_order(seed)
+        try:
+            yield
+        finally:
+            self._set_block_order(0)
 
     def function(self, name_expression: str) -> Kernel:
         """The launcher of one kernel instantiation.

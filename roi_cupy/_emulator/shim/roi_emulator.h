@@ -70,6 +70,21 @@ inline T roi_emu_atomic_min(T* address, T value) {
 }
 inline int atomicMin(int* a, int v) { return roi_emu_atomic_min(a, v); }
 inline long long atomicMin(long long* a, long long v) { return roi_emu_atomic_min(a, v); }
+template <class T>
+inline T roi_emu_atomic_max(T* address, T value) {
+  T old = *address;
+  if (value > old) *address = value;
+  return old;
+}
+inline unsigned int atomicMax(unsigned int* a, unsigned int v) { return roi_emu_atomic_max(a, v); }
+inline unsigned long long atomicMax(unsigned long long* a, unsigned long long v) {
+  return roi_emu_atomic_max(a, v);
+}
+inline unsigned int atomicOr(unsigned int* a, unsigned int v) {
+  unsigned int old = *a;
+  *a = old | v;
+  return old;
+}
 inline __half atomicAdd(__half* a, __half v) {
   __half old = *a;
   *a = __half(static_cast<float>(old) + static_cast<float>(v));
@@ -97,6 +112,13 @@ inline int __float2int_ru(float a) { return static_cast<int>(ceilf(a)); }
 inline int __float2int_rn(float a) { return static_cast<int>(nearbyintf(a)); }
 inline int __double2int_rz(double a) { return static_cast<int>(a); }
 inline float __int2float_rn(int a) { return static_cast<float>(a); }
+// Round to nearest even, as CUDA's _rn conversions (the host's default rounding mode).
+inline long long __float2ll_rn(float a) { return llrintf(a); }
+inline long long __double2ll_rn(double a) { return llrint(a); }
+inline unsigned int __float_as_uint(float a) { return __builtin_bit_cast(unsigned int, a); }
+inline long long __double_as_longlong(double a) { return __builtin_bit_cast(long long, a); }
+inline float __int_as_float(int a) { return __builtin_bit_cast(float, a); }
+inline double __longlong_as_double(long long a) { return __builtin_bit_cast(double, a); }
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -222,6 +223,9 @@ inline bool run_block(Launch& launch, dim3 block) {
   }
 }
 
+// 0: blocks run in index order (x fastest); otherwise the seed of a shuffle of them.
+inline unsigned long long block_order_seed = 0;
+
 inline int run_grid(void (*invoke)(const void*), const void* kernel, dim3 grid, dim3 block,
                     char* error, size_t error_size) {
   Launch launch;
@@ -234,12 +238,39 @@ inline int run_grid(void (*invoke)(const void*), const void* kernel, dim3 grid, 
   gridDim = grid;
   blockDim = block;
   bool ok = true;
-  for (unsigned int z = 0; ok && z < grid.z; ++z) {
-    for (unsigned int y = 0; ok && y < grid.y; ++y) {
-      for (unsigned int x = 0; ok && x < grid.x; ++x) {
-        blockIdx = uint3{x, y, z};
-        ok = run_block(launch, block);
+  if (block_order_seed == 0) {
+    for (unsigned int z = 0; ok && z < grid.z; ++z) {
+      for (unsigned int y = 0; ok && y < grid.y; ++y) {
+        for (unsigned int x = 0; ok && x < grid.x; ++x) {
+          blockIdx = uint3{x, y, z};
+          ok = run_block(launch, block);
+        }
       }
+    }
+  } else {
+    // A GPU runs blocks in no set order: a seeded shuffle of them, for tests that a result
+    // does not depend on that order.
+    const unsigned long long count = 1ull * grid.x * grid.y * grid.z;
+    std::vector<unsigned long long> order(count);
+    for (unsigned long long j = 0; j < count; ++j) order[j] = j;
+    unsigned long long state = block_order_seed;
+    for (unsigned long long j = count; j > 1; --j) {  // Fisher-Yates with splitmix64
+      state += 0x9E3779B97F4A7C15ull;
+      unsigned long long r = state;
+      r = (r ^ (r >> 30)) * 0xBF58476D1CE4E5B9ull;
+      r = (r ^ (r >> 27)) * 0x94D049BB133111EBull;
+      r ^= r >> 31;
+      const unsigned long long pick = r % j;
+      const unsigned long long swap = order[j - 1];
+      order[j - 1] = order[pick];
+      order[pick] = swap;
+    }
+    for (unsigned long long j = 0; ok && j < count; ++j) {
+      const unsigned long long b = order[j];
+      blockIdx = uint3{static_cast<unsigned int>(b % grid.x),
+                       static_cast<unsigned int>((b / grid.x) % grid.y),
+                       static_cast<unsigned int>(b / (1ull * grid.x * grid.y))};
+      ok = run_block(launch, block);
     }
   }
   release_fibers(launch);
@@ -357,5 +388,9 @@ int launch(void (*kernel)(A...), const unsigned int* grid, const unsigned int* b
 }  // namespace roi_emu
 
 #define ROI_EMU_EXPORT extern "C" __attribute__((visibility("default")))
+
+ROI_EMU_EXPORT void roi_emu_set_block_order(unsigned long long seed) {
+  roi_emu::block_order_seed = seed;
+}
 
 #endif  // ROI_EMULATOR_LAUNCH_H
