@@ -145,7 +145,8 @@ def _chunk_boxes(crops: Any) -> int:
 def _output_size(args: argparse.Namespace) -> tuple[int, int]:
     if len(args.output_size) > 2:
         raise ValueError(f"--output-size takes PH [PW], got {args.output_size}")
-    return _args.output_size_pair(args.output_size[0] if len(args.output_size) == 1 else args.output_size)
+    size = args.output_size[0] if len(args.output_size) == 1 else args.output_size
+    return _args.output_size_pair(size)
 
 
 def _crops(args: argparse.Namespace, features: Any, boxes: numpy.ndarray) -> Any:

@@ -175,7 +175,8 @@ def _route(boxes: BoxesLike, features: da.Array) -> tuple[numpy.ndarray, list]:
         in the compute dtype, with the batch index made chunk-local.
     """
     n = features.shape[0]
-    prepared = _args.normalise_boxes(_concrete(boxes), n, "cpu", _args.compute_dtype(features.dtype))
+    compute = _args.compute_dtype(features.dtype)
+    prepared = _args.normalise_boxes(_concrete(boxes), n, "cpu", compute)
     prepared.check(_backend.backend_for(numpy), n)
     rois = prepared.array
     image = rois[:, 0].astype(numpy.int64)  # integers in [0, N): checked
@@ -254,7 +255,8 @@ def roi_align(
     features = _check_features(features)
     crop = _Crop(
         "align", _args.output_size_pair(output_size), _scale(spatial_scale, features),
-        _args.sampling_of(sampling_ratio), _args.flag(aligned, "aligned"), _backend.current_backend(),
+        _args.sampling_of(sampling_ratio), _args.flag(aligned, "aligned"),
+        _backend.current_backend(),
     )
     return _crops(features, boxes, crop)
 

@@ -133,7 +133,8 @@ def _rois(boxes: BoxesLike, features: jax.Array, validate: bool) -> jax.Array:
         rois = jnp.asarray(boxes)
         _args.normalise_boxes(_placeholder(rois), n, "cpu", compute)
     if validate and not isinstance(rois, jax.core.Tracer):
-        _args.normalise_boxes(numpy.asarray(rois), n, "cpu", compute).check(_backend.backend_for(numpy), n)
+        prepared = _args.normalise_boxes(numpy.asarray(rois), n, "cpu", compute)
+        prepared.check(_backend.backend_for(numpy), n)
     if not jnp.issubdtype(rois.dtype, jnp.floating):
         # Integer boxes have no cotangent space; the ops read them in the compute dtype anyway.
         rois = rois.astype(compute)
