@@ -89,6 +89,73 @@ __device__ __forceinline__ I roi_next(I i, I total)
     return total - i > stride ? i + stride : total;
 }
 
+// ----------------------------------------------------------------------------- gradient sums
+// A backward kernel hands every term of a gradient element to a sink. roi_atomic_sink adds it in
+// the compute type with atomicAdd: fast, but float addition is not associative, so the last bits
+// of a sum depend on the order in which threads and blocks happen to run. roi_fixed_sink
+// (deterministic=True) adds it as a 64-bit fixed-point integer: integer addition is associative,
+// so every run and every launch configuration gives the same bits.
+//
+// The scale: |term| <= max_abs = max |grad_output| (finite values), and no gradient element takes
+// terms of more than 2^count_bits grad_output elements, each of total weight <= 1, so with
+// exponent = 61 - e(max_abs) - count_bits (max_abs < 2^e(max_abs)) every partial sum of terms *
+// 2^exponent stays below 2^61 in magnitude, also after rounding. A term is rounded to the nearest
+// multiple of 2^-exponent. For float64 a second word keeps the rounding residue of each term,
+// scaled by 2^low_bits (the host picks low_bits so that its sum cannot overflow either), which
+// gives float64 sums more bits than a float64 atomicAdd keeps. Non-finite terms set flags instead:
+// two bits per element (+inf seen, -inf seen; both for NaN), so the result is the one IEEE
+// addition gives: NaN, or an infinity, whatever the finite terms.
+template <typename C, typename I>
+struct roi_atomic_sink {
+    C* grad;
+
+    __device__ __forceinline__ void add(I at, C v) const { atomicAdd(grad + at, v); }
+};
+
+__host__ __device__ __forceinline__ long long roi_llrint(float v) { return __float2ll_rn(v); }
+__host__ __device__ __forceinline__ long long roi_llrint(double v) { return __double2ll_rn(v); }
+__host__ __device__ __forceinline__ float roi_ldexp(float v, int e) { return ldexpf(v, e); }
+__host__ __device__ __forceinline__ double roi_ldexp(double v, int e) { return ldexp(v, e); }
+__host__ __device__ __forceinline__ float roi_frexp(float v, int* e) { return frexpf(v, e); }
+__host__ __device__ __forceinline__ double roi_frexp(double v, int* e) { return frexp(v, e); }
+
+// The exponent of the fixed point: terms are multiplied by 2^roi_fixed_exponent before rounding.
+template <typename C>
+__host__ __device__ __forceinline__ int roi_fixed_exponent(C max_abs, int count_bits)
+{
+    int e = 0;
+    roi_frexp(max_abs, &e);  // max_abs < 2^e; 0 gives e = 0
+    return 61 - e - count_bits;
+}
+
+template <typename C, typename I>
+struct roi_fixed_sink {
+    unsigned long long* hi;  // one word per gradient element
+    unsigned long long* lo;  // float64 only (else null): the residues, times 2^low_bits
+    unsigned int* flags;     // two bits per gradient element, 16 elements a word
+    int exponent;
+    int low_bits;
+
+    __device__ __forceinline__ void add(I at, C v) const
+    {
+        if (!isfinite(v)) {
+            const unsigned int bits = v > C(0) ? 1u : (v < C(0) ? 2u : 3u);
+            atomicOr(flags + at / 16, bits << (2 * static_cast<int>(at % 16)));
+            return;
+        }
+        const C scaled = roi_ldexp(v, exponent);
+        const long long q = roi_llrint(scaled);
+        atomicAdd(hi + at, static_cast<unsigned long long>(q));
+        if constexpr (sizeof(C) == 8) {
+            if (lo != nullptr) {
+                const C residue = scaled - C(q);  // exact: |scaled| < 2^61, q its nearest integer
+                atomicAdd(lo + at, static_cast<unsigned long long>(
+                                       roi_llrint(roi_ldexp(residue, low_bits))));
+            }
+        }
+    }
+};
+
 // Coordinates (k, c, ph, pw) of a flat index into a [K, C, PH, PW] array.
 template <typename I>
 struct roi_bin {

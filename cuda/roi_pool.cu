@@ -52,8 +52,27 @@ __global__ void roi_pool_forward(
 }
 
 // grad_input[b, c].flat[argmax[k, c, ph, pw]] += grad_output[k, c, ph, pw], skipping an argmax
-// outside [0, H * W) and an invalid RoI. One thread per grad_output element, atomicAdd into an
-// accumulator of the compute type C (zero-filled by the caller; half is rounded once afterwards).
+// outside [0, H * W) and an invalid RoI: one thread per grad_output element, each term handed to
+// the sink (roi_common.cuh).
+template <typename T, typename I, typename Sink>
+__device__ __forceinline__ void roi_pool_backward_terms(
+    const T* __restrict__ grad_output, const typename roi_compute<T>::type* __restrict__ rois,
+    const long long* __restrict__ argmax, const Sink& sink, I total, I channels, I height,
+    I width, I batch, I pooled_h, I pooled_w)
+{
+    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+        const long long at = argmax[index];
+        if (at < 0 || at >= height * width) continue;
+        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
+        const I b = roi_batch(rois + o.k * 5, batch, height, width);
+        if (b < 0) continue;
+        sink.add((b * channels + o.c) * height * width + static_cast<I>(at),
+                 roi_load(grad_output[index]));
+    }
+}
+
+// The gradient with atomicAdd into an accumulator of the compute type C (zero-filled by the
+// caller; half is rounded once afterwards).
 //
 // Parameters: const T* grad_output [K, C, PH, PW], const C* rois [K, 5],
 // const long long* argmax [K, C, PH, PW], C* grad_input [N, C, H, W], I total
@@ -65,13 +84,32 @@ __global__ void roi_pool_backward(
     I total, I channels, I height, I width, I batch, I pooled_h, I pooled_w)
 {
     typedef typename roi_compute<T>::type C;
-    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
-        const long long at = argmax[index];
-        if (at < 0 || at >= height * width) continue;
-        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
-        const I b = roi_batch(rois + o.k * 5, batch, height, width);
-        if (b < 0) continue;
-        atomicAdd(grad_input + (b * channels + o.c) * height * width + static_cast<I>(at),
-                  roi_load(grad_output[index]));
-    }
+    const roi_atomic_sink<C, I> sink{grad_input};
+    roi_pool_backward_terms(grad_output, rois, argmax, sink, total, channels, height, width, batch,
+                            pooled_h, pooled_w);
+}
+
+// The same gradient summed in fixed point (deterministic=True): bitwise the same whatever the
+// launch configuration and the order blocks run in. hi, lo and flags zero-filled by the caller
+// (lo null but for float64), max_abs the largest finite |grad_output| (roi_abs_max), count_bits
+// and low_bits as roi_fixed_sink needs them; roi_fixed_finish turns the sums into the gradient.
+//
+// Parameters: const T* grad_output [K, C, PH, PW], const C* rois [K, 5],
+// const long long* argmax [K, C, PH, PW], unsigned long long* hi [N, C, H, W],
+// unsigned long long* lo [N, C, H, W] or null, unsigned int* flags [ceil(N * C * H * W / 16)],
+// const C* max_abs [1], int count_bits, int low_bits, I total (= K * C * PH * PW), I channels,
+// I height, I width, I batch, I pooled_h, I pooled_w.
+template <typename T, typename I>
+__global__ void roi_pool_backward_deterministic(
+    const T* __restrict__ grad_output, const typename roi_compute<T>::type* __restrict__ rois,
+    const long long* __restrict__ argmax, unsigned long long* __restrict__ hi,
+    unsigned long long* __restrict__ lo, unsigned int* __restrict__ flags,
+    const typename roi_compute<T>::type* __restrict__ max_abs, int count_bits, int low_bits,
+    I total, I channels, I height, I width, I batch, I pooled_h, I pooled_w)
+{
+    typedef typename roi_compute<T>::type C;
+    const roi_fixed_sink<C, I> sink{
+        hi, lo, flags, roi_fixed_exponent(*max_abs, count_bits), low_bits};
+    roi_pool_backward_terms(grad_output, rois, argmax, sink, total, channels, height, width, batch,
+                            pooled_h, pooled_w);
 }

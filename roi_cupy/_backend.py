@@ -31,8 +31,9 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
         -> grad_input [N, C, H, W]
     roi_pool_forward(input, rois, pooled_h, pooled_w, spatial_scale, indices=True)
         -> (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]; may be None when not indices)
-    roi_pool_backward(grad_output, rois, argmax, input_shape)
-        -> grad_input [N, C, H, W]
+    roi_pool_backward(grad_output, rois, argmax, input_shape, deterministic=False)
+        -> grad_input [N, C, H, W]; with ``deterministic`` the same bits on every run and
+           launch configuration (a backend that always gives them ignores the flag)
     first_invalid(rois, batch, limit=inf, indices=None, plane=0)
         -> (int, int): the first row with a value of magnitude above ``limit`` (NaN and
            infinities included) or a batch index that is not an integer in [0, batch), and the

@@ -67,10 +67,17 @@ def roi_pool_forward(
 
 
 def roi_pool_backward(
-    grad_output: Any, rois: Any, argmax: Any, input_shape: tuple[int, int, int, int]
+    grad_output: Any,
+    rois: Any,
+    argmax: Any,
+    input_shape: tuple[int, int, int, int],
+    deterministic: bool = False,
 ) -> Any:
-    """Input gradient of RoI Pool: ``grad_output`` [K, C, PH, PW] -> [N, C, H, W]."""
-    return roi_pool.backward(_runtime(grad_output), grad_output, rois, argmax, input_shape)
+    """Input gradient of RoI Pool: ``grad_output`` [K, C, PH, PW] -> [N, C, H, W]; summed in
+    fixed point, bitwise the same on every run, with ``deterministic``."""
+    return roi_pool.backward(
+        _runtime(grad_output), grad_output, rois, argmax, input_shape, deterministic
+    )
 
 
 def first_invalid(

@@ -5,11 +5,12 @@ Arguments arrive as ``roi_cupy._backend`` promises: C-contiguous arrays of ``rt.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy
 
-from roi_cupy._cuda import launch
+from roi_cupy._cuda import fixed, launch
 
 
 def forward(
@@ -64,7 +65,12 @@ def forward(
 
 
 def backward(
-    rt: Any, grad_output: Any, rois: Any, argmax: Any, input_shape: tuple[int, int, int, int]
+    rt: Any,
+    grad_output: Any,
+    rois: Any,
+    argmax: Any,
+    input_shape: tuple[int, int, int, int],
+    deterministic: bool = False,
 ) -> Any:
     """Gradient of :func:`forward` with respect to its input.
 
@@ -75,24 +81,38 @@ def backward(
         argmax (ndarray[K, C, PH, PW]): int64 flat indices into the H x W plane; values outside
             ``[0, H * W)`` are skipped.
         input_shape ((int, int, int, int)): ``(N, C, H, W)``.
+        deterministic (bool): sum in fixed point (``roi_cupy._cuda.fixed``), bitwise the same on
+            every run, instead of with floating-point atomicAdd. Default: False.
 
     Returns:
         ndarray[N, C, H, W] in grad_output's dtype.
     """
     n, c, h, w = input_shape
-    _, _, pooled_h, pooled_w = grad_output.shape
+    k, _, pooled_h, pooled_w = grad_output.shape
+    real = launch.compute_dtype(grad_output.dtype)
+    work = grad_output.size and math.prod(input_shape)
+    index64 = launch.use_index64(math.prod(input_shape), grad_output.size, rois.size)
+    i = launch.index_scalar(index64)
+    geometry = (
+        i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+    )
+    if deterministic:
+        # A gradient element takes at most one term from each of the K * PH * PW bins of its
+        # channel.
+        bins = k * pooled_h * pooled_w
+        sums = fixed.FixedSum(rt, input_shape, real, sources=bins, terms=bins)
+        if work:
+            sums.measure(grad_output)
+            grid, block = launch.grid(grad_output.size)
+            rt.function(
+                launch.kernel_name("roi_pool_backward_deterministic", grad_output.dtype, index64)
+            )(grid, block, (grad_output, rois, argmax, *sums.sink_args(), *geometry))
+        return sums.finish(grad_output.dtype)
     # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
-    grad_input = rt.xp.zeros(input_shape, dtype=launch.compute_dtype(grad_output.dtype))
-    if grad_output.size and grad_input.size:
-        index64 = launch.use_index64(grad_input.size, grad_output.size, rois.size)
-        i = launch.index_scalar(index64)
+    grad_input = rt.xp.zeros(input_shape, dtype=real)
+    if work:
         grid, block = launch.grid(grad_output.size)
         rt.function(launch.kernel_name("roi_pool_backward", grad_output.dtype, index64))(
-            grid,
-            block,
-            (
-                grad_output, rois, argmax, grad_input,
-                i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-            ),
+            grid, block, (grad_output, rois, argmax, grad_input, *geometry)
         )
     return grad_input.astype(grad_output.dtype, copy=False)

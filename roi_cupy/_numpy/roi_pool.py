@@ -526,6 +526,7 @@ def roi_pool_backward(
     argmax: numpy.ndarray,
     input_shape: tuple[int, int, int, int],
     check_indices: bool = False,
+    deterministic: bool = False,
 ) -> numpy.ndarray:
     """Gradient of RoI Pool with respect to its input; deterministic.
 
@@ -546,6 +547,8 @@ def roi_pool_backward(
         check_indices (bool): raise for an index of ``argmax`` outside ``[-1, H * W)``. The
             indices are read once for that in blocks, in their own order, whether or not it is
             asked: when all lie in range they need no clipping later. Default: False.
+        deterministic (bool): accepted for the backend contract; this path always is.
+            Default: False.
 
     Returns:
         ndarray[N, C, H, W]: in grad_output's dtype.

@@ -64,6 +64,7 @@ def roi_pool_backward(
     input_shape: Sequence[int],
     *,
     validate: bool = True,
+    deterministic: bool = False,
 ) -> Any:
     """Gradient of :func:`roi_pool` with respect to its input.
 
@@ -74,6 +75,9 @@ def roi_pool_backward(
         input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
         validate (bool): also check that every index lies in ``[-1, H * W)`` (with ``False`` an
             index outside that range is ignored). Default: True.
+        deterministic (bool): the same bits on every run: on a GPU the sums are kept in 64-bit
+            fixed point instead of floating-point atomics (docs/semantics.md says how exact they
+            are); NumPy always sums in a fixed order. Default: False.
 
     Returns:
         Tensor[N, C, H, W]: in grad_output's dtype and array kind.
@@ -81,7 +85,9 @@ def roi_pool_backward(
     call = _args.Call(grad_output, "grad_output")
     shape = _args.input_shape_of(input_shape)
     validate = _args.flag(validate, "validate")
-    prepared = _args.normalise_boxes(boxes, shape[0], call.device, _args.compute_dtype(call.array.dtype))
+    deterministic = _args.flag(deterministic, "deterministic")
+    compute = _args.compute_dtype(call.array.dtype)
+    prepared = _args.normalise_boxes(boxes, shape[0], call.device, compute)
     rois = prepared.array
     _args.check_grad_output(call.array, rois.shape[0], shape[1], None)
     argmax = _interop.unwrap_like(indices, "indices", call.device, "grad_output")
@@ -107,10 +113,13 @@ def roi_pool_backward(
         try:
             if fused:
                 grad_input = call.backend.roi_pool_backward(
-                    call.native(), rois, argmax, shape, check_indices=True
+                    call.native(), rois, argmax, shape, check_indices=True,
+                    deterministic=deterministic,
                 )
             else:
-                grad_input = call.backend.roi_pool_backward(call.native(), rois, argmax, shape)
+                grad_input = call.backend.roi_pool_backward(
+                    call.native(), rois, argmax, shape, deterministic=deterministic
+                )
         except _backend.IndexOutOfRange as bad:
             _args.reject_index(given, bad.position, shape)
     return call.give_back(grad_input)

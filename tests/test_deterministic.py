@@ -1,0 +1,142 @@
+"""``deterministic=True`` backward passes: the same bits on every run, whatever the launch
+configuration and the order in which blocks run, with errors no larger than atomicAdd's.
+
+The emulator runs the CUDA kernels; blocks of 32 to 1024 threads, grids of 1 to 4096 blocks and
+shuffled block orders stand in for the scheduling freedom of a GPU. The floating-point atomic path
+is run the same way to show that the configurations do reorder the sums (else these tests could
+not fail).
+"""
+from __future__ import annotations
+
+import numpy
+import pytest
+from conftest import DTYPES, availability, compute_dtype, make_rng, random_features
+
+import roi_cupy
+from roi_cupy._cuda import launch
+
+# (threads per block, most blocks, block order seed; 0 = in order)
+CONFIGS = [(256, 4096, 0), (32, 3, 0), (64, 1, 0), (1024, 5, 7), (128, 2, 11), (256, 4096, 3)]
+
+
+@pytest.fixture
+def emulator():
+    ok, why = availability("emulator")
+    if not ok:
+        pytest.skip(f"the emulator is not available: {why}")
+    import roi_cupy._emulator as emulator
+
+    return emulator.runtime()
+
+
+def overlapping_rois(rng, n, count, h, w, dtype):
+    """RoIs crowded on one region of each image, so that every pixel there takes many terms."""
+    rois = numpy.empty((count, 5))
+    rois[:, 0] = rng.integers(0, n, count)
+    rois[:, 1] = rng.uniform(0, w / 4, count)
+    rois[:, 2] = rng.uniform(0, h / 4, count)
+    rois[:, 3] = rois[:, 1] + rng.uniform(w / 4, w / 2, count)
+    rois[:, 4] = rois[:, 2] + rng.uniform(h / 4, h / 2, count)
+    return rois.astype(dtype)
+
+
+def each_config(monkeypatch, emulator, run):
+    """``run()`` under every configuration of CONFIGS."""
+    results = []
+    for block, grid, seed in CONFIGS:
+        monkeypatch.setattr(launch, "BLOCK", block)
+        monkeypatch.setattr(launch, "MAX_GRID", grid)
+        with emulator.library.block_order(seed):
+            results.append(run())
+    return results
+
+
+def bits(array):
+    return numpy.ascontiguousarray(array).view(numpy.uint8)
+
+
+def pool_case(dtype, nonfinite=False):
+    rng = make_rng("deterministic pool", numpy.dtype(dtype).name, nonfinite)
+    n, c, h, w = 2, 3, 12, 14
+    x = random_features(rng, (n, c, h, w), dtype)
+    rois = overlapping_rois(rng, n, 40, h, w, compute_dtype(dtype))
+    _, indices = roi_cupy.roi_pool(x, rois, (3, 4), return_indices=True)
+    g = random_features(rng, (len(rois), c, 3, 4), dtype) * 1000  # wide range of magnitudes
+    g = (g * rng.uniform(0, 1, g.shape) ** 8).astype(dtype)
+    if nonfinite:
+        flat = g.reshape(-1)
+        flat[[3, 50, 51, 400]] = [numpy.nan, numpy.inf, -numpy.inf, numpy.inf]
+    return g, rois, indices, (n, c, h, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_roi_pool_backward_has_the_same_bits_in_every_configuration(monkeypatch, emulator, dtype):
+    g, rois, indices, shape = pool_case(dtype)
+
+    def backward(deterministic):
+        with roi_cupy.use_backend("emulator"):
+            return roi_cupy.roi_pool_backward(
+                g, rois, indices, shape, deterministic=deterministic
+            )
+
+    fixed = each_config(monkeypatch, emulator, lambda: backward(True))
+    atomic = each_config(monkeypatch, emulator, lambda: backward(False))
+    assert all(numpy.array_equal(bits(r), bits(fixed[0])) for r in fixed[1:])
+    if numpy.dtype(dtype).itemsize >= 4:  # narrow dtypes may round the differences away
+        assert any(not numpy.array_equal(bits(r), bits(atomic[0])) for r in atomic[1:])
+    # No less exact than the atomic sums, against float64 sums of the same terms.
+    exact = roi_cupy.roi_pool_backward(g.astype(numpy.float64), rois, indices, shape)
+    fixed_error = numpy.abs(fixed[0].astype(numpy.float64) - exact).max()
+    atomic_error = max(numpy.abs(r.astype(numpy.float64) - exact).max() for r in atomic)
+    assert fixed[0].dtype == numpy.dtype(dtype) and fixed[0].shape == shape
+    assert fixed_error <= atomic_error
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+def test_non_finite_gradients_reach_the_same_pixels(emulator, dtype):
+    g, rois, indices, shape = pool_case(dtype, nonfinite=True)
+    with roi_cupy.use_backend("emulator"):
+        fixed = roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=True)
+        atomic = roi_cupy.roi_pool_backward(g, rois, indices, shape)
+    assert numpy.isnan(fixed).any() and numpy.isinf(fixed).any()
+    numpy.testing.assert_array_equal(numpy.isnan(fixed), numpy.isnan(atomic))
+    numpy.testing.assert_array_equal(numpy.isposinf(fixed), numpy.isposinf(atomic))
+    numpy.testing.assert_array_equal(numpy.isneginf(fixed), numpy.isneginf(atomic))
+    finite = numpy.isfinite(atomic)
+    numpy.testing.assert_allclose(fixed[finite], atomic[finite], rtol=1e-5, atol=1e-3)
+
+
+def test_all_zero_and_empty_gradients(emulator):
+    g, rois, indices, shape = pool_case(numpy.float32)
+    with roi_cupy.use_backend("emulator"):
+        zero = roi_cupy.roi_pool_backward(
+            numpy.zeros_like(g), rois, indices, shape, deterministic=True
+        )
+        empty = roi_cupy.roi_pool_backward(
+            g[:0], rois[:0], indices[:0], shape, deterministic=True
+        )
+    assert not zero.any() and zero.shape == shape
+    assert not empty.any() and empty.shape == shape
+
+
+def test_numpy_is_deterministic_with_or_without_the_flag():
+    g, rois, indices, shape = pool_case(numpy.float32)
+    plain = roi_cupy.roi_pool_backward(g, rois, indices, shape)
+    flagged = roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=True)
+    numpy.testing.assert_array_equal(bits(plain), bits(flagged))
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None], ids=repr)
+def test_the_flag_must_be_a_bool(value):
+    g, rois, indices, shape = pool_case(numpy.float32)
+    with pytest.raises(TypeError, match=f"deterministic must be a bool, got {value!r}"):
+        roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=value)
+
+
+def test_the_64_bit_index_path_gives_the_same_bits(monkeypatch, emulator):
+    g, rois, indices, shape = pool_case(numpy.float32)
+    with roi_cupy.use_backend("emulator"):
+        narrow = roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=True)
+        monkeypatch.setattr(launch, "INDEX32_LIMIT", 16)
+        wide = roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=True)
+    numpy.testing.assert_array_equal(bits(narrow), bits(wide))
