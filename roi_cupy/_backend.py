@@ -27,8 +27,9 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
 
     roi_align_forward(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
         -> output [K, C, PH, PW]
-    roi_align_backward(grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned)
-        -> grad_input [N, C, H, W]
+    roi_align_backward(grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned,
+                       deterministic=False)
+        -> grad_input [N, C, H, W]; ``deterministic`` as for roi_pool_backward
     roi_pool_forward(input, rois, pooled_h, pooled_w, spatial_scale, indices=True)
         -> (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]; may be None when not indices)
     roi_pool_backward(grad_output, rois, argmax, input_shape, deterministic=False)

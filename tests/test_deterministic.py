@@ -69,35 +69,74 @@ def pool_case(dtype, nonfinite=False):
     return g, rois, indices, (n, c, h, w)
 
 
+def align_case(dtype, sampling_ratio=2, nonfinite=False):
+    rng = make_rng("deterministic align", numpy.dtype(dtype).name, sampling_ratio, nonfinite)
+    n, c, h, w = 2, 3, 12, 14
+    rois = overlapping_rois(rng, n, 40, h, w, compute_dtype(dtype))
+    g = random_features(rng, (len(rois), c, 3, 4), numpy.float64) * 1000
+    g = (g * rng.uniform(0, 1, g.shape) ** 8).astype(dtype)
+    if nonfinite:
+        flat = g.reshape(-1)
+        flat[[3, 50, 51, 400]] = [numpy.nan, numpy.inf, -numpy.inf, numpy.inf]
+    return g, rois, (n, c, h, w)
+
+
+def align_backward(case, sampling_ratio=2, **kwargs):
+    g, rois, shape = case
+    return roi_cupy.roi_align_backward(g, rois, shape, (3, 4), 1.0, sampling_ratio, True, **kwargs)
+
+
+def pool_backward(case, **kwargs):
+    return roi_cupy.roi_pool_backward(*case, **kwargs)
+
+
+OPS = {
+    "roi_align": (align_case, align_backward),
+    "roi_pool": (pool_case, pool_backward),
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
-def test_roi_pool_backward_has_the_same_bits_in_every_configuration(monkeypatch, emulator, dtype):
-    g, rois, indices, shape = pool_case(dtype)
+@pytest.mark.parametrize("op", OPS)
+def test_backward_has_the_same_bits_in_every_configuration(monkeypatch, emulator, op, dtype):
+    make, backward = OPS[op]
+    case = make(dtype)
 
-    def backward(deterministic):
+    def run(deterministic):
         with roi_cupy.use_backend("emulator"):
-            return roi_cupy.roi_pool_backward(
-                g, rois, indices, shape, deterministic=deterministic
-            )
+            return backward(case, deterministic=deterministic)
 
-    fixed = each_config(monkeypatch, emulator, lambda: backward(True))
-    atomic = each_config(monkeypatch, emulator, lambda: backward(False))
+    fixed = each_config(monkeypatch, emulator, lambda: run(True))
+    atomic = each_config(monkeypatch, emulator, lambda: run(False))
     assert all(numpy.array_equal(bits(r), bits(fixed[0])) for r in fixed[1:])
     if numpy.dtype(dtype).itemsize >= 4:  # narrow dtypes may round the differences away
         assert any(not numpy.array_equal(bits(r), bits(atomic[0])) for r in atomic[1:])
     # No less exact than the atomic sums, against float64 sums of the same terms.
-    exact = roi_cupy.roi_pool_backward(g.astype(numpy.float64), rois, indices, shape)
+    wide = (case[0].astype(numpy.float64),) + tuple(case[1:])
+    exact = backward(wide)
     fixed_error = numpy.abs(fixed[0].astype(numpy.float64) - exact).max()
     atomic_error = max(numpy.abs(r.astype(numpy.float64) - exact).max() for r in atomic)
-    assert fixed[0].dtype == numpy.dtype(dtype) and fixed[0].shape == shape
+    assert fixed[0].dtype == numpy.dtype(dtype) and fixed[0].shape == case[-1]
     assert fixed_error <= atomic_error
 
 
-@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
-def test_non_finite_gradients_reach_the_same_pixels(emulator, dtype):
-    g, rois, indices, shape = pool_case(dtype, nonfinite=True)
+@pytest.mark.parametrize("sampling_ratio", [0, 1, (7, 3), (-1, 64)], ids=str)
+def test_roi_align_fixed_point_holds_every_sampling(emulator, sampling_ratio):
+    case = align_case(numpy.float64, sampling_ratio)
     with roi_cupy.use_backend("emulator"):
-        fixed = roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=True)
-        atomic = roi_cupy.roi_pool_backward(g, rois, indices, shape)
+        fixed = align_backward(case, sampling_ratio, deterministic=True)
+    exact = align_backward(case, sampling_ratio)  # NumPy, float64
+    numpy.testing.assert_allclose(fixed, exact, rtol=0, atol=1e-12 * numpy.abs(exact).max())
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+@pytest.mark.parametrize("op", OPS)
+def test_non_finite_gradients_reach_the_same_pixels(emulator, op, dtype):
+    make, backward = OPS[op]
+    case = make(dtype, nonfinite=True)
+    with roi_cupy.use_backend("emulator"):
+        fixed = backward(case, deterministic=True)
+        atomic = backward(case)
     assert numpy.isnan(fixed).any() and numpy.isinf(fixed).any()
     numpy.testing.assert_array_equal(numpy.isnan(fixed), numpy.isnan(atomic))
     numpy.testing.assert_array_equal(numpy.isposinf(fixed), numpy.isposinf(atomic))
@@ -119,24 +158,29 @@ def test_all_zero_and_empty_gradients(emulator):
     assert not empty.any() and empty.shape == shape
 
 
-def test_numpy_is_deterministic_with_or_without_the_flag():
-    g, rois, indices, shape = pool_case(numpy.float32)
-    plain = roi_cupy.roi_pool_backward(g, rois, indices, shape)
-    flagged = roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=True)
-    numpy.testing.assert_array_equal(bits(plain), bits(flagged))
+@pytest.mark.parametrize("op", OPS)
+def test_numpy_is_deterministic_with_or_without_the_flag(op):
+    make, backward = OPS[op]
+    case = make(numpy.float32)
+    numpy.testing.assert_array_equal(
+        bits(backward(case)), bits(backward(case, deterministic=True))
+    )
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None], ids=repr)
-def test_the_flag_must_be_a_bool(value):
-    g, rois, indices, shape = pool_case(numpy.float32)
+@pytest.mark.parametrize("op", OPS)
+def test_the_flag_must_be_a_bool(op, value):
+    make, backward = OPS[op]
     with pytest.raises(TypeError, match=f"deterministic must be a bool, got {value!r}"):
-        roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=value)
+        backward(make(numpy.float32), deterministic=value)
 
 
-def test_the_64_bit_index_path_gives_the_same_bits(monkeypatch, emulator):
-    g, rois, indices, shape = pool_case(numpy.float32)
+@pytest.mark.parametrize("op", OPS)
+def test_the_64_bit_index_path_gives_the_same_bits(monkeypatch, emulator, op):
+    make, backward = OPS[op]
+    case = make(numpy.float32)
     with roi_cupy.use_backend("emulator"):
-        narrow = roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=True)
+        narrow = backward(case, deterministic=True)
         monkeypatch.setattr(launch, "INDEX32_LIMIT", 16)
-        wide = roi_cupy.roi_pool_backward(g, rois, indices, shape, deterministic=True)
+        wide = backward(case, deterministic=True)
     numpy.testing.assert_array_equal(bits(narrow), bits(wide))

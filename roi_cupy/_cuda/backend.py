@@ -30,7 +30,7 @@ def roi_align_forward(
     pooled_h: int,
     pooled_w: int,
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: tuple[int, int],
     aligned: bool,
 ) -> Any:
     """RoI Align: ``input`` [N, C, H, W], ``rois`` [K, 5] -> output [K, C, PH, PW]."""
@@ -44,13 +44,15 @@ def roi_align_backward(
     rois: Any,
     input_shape: tuple[int, int, int, int],
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: tuple[int, int],
     aligned: bool,
+    deterministic: bool = False,
 ) -> Any:
-    """Input gradient of RoI Align: ``grad_output`` [K, C, PH, PW] -> [N, C, H, W]."""
+    """Input gradient of RoI Align: ``grad_output`` [K, C, PH, PW] -> [N, C, H, W]; summed in
+    fixed point, bitwise the same on every run, with ``deterministic``."""
     return roi_align.backward(
         _runtime(grad_output), grad_output, rois, input_shape, spatial_scale, sampling_ratio,
-        aligned,
+        aligned, deterministic,
     )
 
 

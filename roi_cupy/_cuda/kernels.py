@@ -17,6 +17,7 @@ _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"roi_common\.cuh"\s*$', re.MULTI
 KERNELS = (
     "roi_align_forward",
     "roi_align_backward",
+    "roi_align_backward_deterministic",
     "roi_pool_forward",
     "roi_pool_backward",
     "roi_pool_backward_deterministic",

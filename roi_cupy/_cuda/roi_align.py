@@ -5,14 +5,16 @@ Arguments arrive as ``roi_cupy._backend`` promises: C-contiguous arrays of ``rt.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy
 
-from roi_cupy._cuda import launch
+from roi_cupy._cuda import fixed, launch
 
 # The kernels take each axis's sampling as an int and cap any grid at 2**20 samples per axis.
 _INT32_MAX = 2**31 - 1
+_MAX_GRID = 2**20
 
 
 def _sampling(sampling_ratio: tuple[int, int]) -> tuple[numpy.int32, numpy.int32]:
@@ -73,8 +75,9 @@ def backward(
     rois: Any,
     input_shape: tuple[int, int, int, int],
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: tuple[int, int],
     aligned: bool,
+    deterministic: bool = False,
 ) -> Any:
     """Gradient of :func:`forward` with respect to its input.
 
@@ -84,26 +87,47 @@ def backward(
         rois (ndarray[K, 5]): as for :func:`forward`.
         input_shape ((int, int, int, int)): ``(N, C, H, W)``.
         spatial_scale, sampling_ratio, aligned: as for :func:`forward`.
+        deterministic (bool): sum in fixed point (``roi_cupy._cuda.fixed``), bitwise the same on
+            every run, instead of with floating-point atomicAdd. Default: False.
 
     Returns:
         ndarray[N, C, H, W] in grad_output's dtype.
     """
     n, c, h, w = input_shape
-    _, _, pooled_h, pooled_w = grad_output.shape
+    k, _, pooled_h, pooled_w = grad_output.shape
     real = launch.compute_dtype(grad_output.dtype)
+    work = grad_output.size and math.prod(input_shape)
+    index64 = launch.use_index64(math.prod(input_shape), grad_output.size, rois.size)
+    i = launch.index_scalar(index64)
+    geometry = (
+        i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+        real.type(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
+    )
+    if deterministic:
+        bins = k * pooled_h * pooled_w
+        sums = fixed.FixedSum(
+            rt, input_shape, real, sources=bins, terms=bins * _terms_per_bin(sampling_ratio)
+        )
+        if work:
+            sums.measure(grad_output)
+            grid, block = launch.grid(grad_output.size)
+            rt.function(
+                launch.kernel_name("roi_align_backward_deterministic", grad_output.dtype, index64)
+            )(grid, block, (grad_output, rois, *sums.sink_args(), *geometry))
+        return sums.finish(grad_output.dtype)
     # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
     grad_input = rt.xp.zeros(input_shape, dtype=real)
-    if grad_output.size and grad_input.size:
-        index64 = launch.use_index64(grad_input.size, grad_output.size, rois.size)
-        i = launch.index_scalar(index64)
+    if work:
         grid, block = launch.grid(grad_output.size)
         rt.function(launch.kernel_name("roi_align_backward", grad_output.dtype, index64))(
-            grid,
-            block,
-            (
-                grad_output, rois, grad_input,
-                i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-                real.type(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
-            ),
+            grid, block, (grad_output, rois, grad_input, *geometry)
         )
     return grad_input.astype(grad_output.dtype, copy=False)
+
+
+def _terms_per_bin(sampling_ratio: tuple[int, int]) -> int:
+    """The most terms one bin can add to one gradient element: four corners of each sample near
+    it, with at most ``sampling`` samples per axis (fixed) or 5 (adaptive: samples are at least
+    half a pixel apart, and a pixel takes samples from less than two pixels around it)."""
+    near = [min(s, _MAX_GRID) if s > 0 else 5 for s in sampling_ratio]
+    return 4 * near[0] * near[1]

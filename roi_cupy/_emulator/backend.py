@@ -18,7 +18,7 @@ def roi_align_forward(
     pooled_h: int,
     pooled_w: int,
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: tuple[int, int],
     aligned: bool,
 ) -> numpy.ndarray:
     """RoI Align of ``input [N, C, H, W]`` over ``rois [K, 5]``; returns ``[K, C, PH, PW]``."""
@@ -32,12 +32,15 @@ def roi_align_backward(
     rois: numpy.ndarray,
     input_shape: tuple[int, int, int, int],
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: tuple[int, int],
     aligned: bool,
+    deterministic: bool = False,
 ) -> numpy.ndarray:
-    """Input gradient of RoI Align for ``grad_output [K, C, PH, PW]``; returns ``[N, C, H, W]``."""
+    """Input gradient of RoI Align for ``grad_output [K, C, PH, PW]``; returns ``[N, C, H, W]``,
+    summed in fixed point with ``deterministic``."""
     return roi_align.backward(
-        emulator.runtime(), grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned
+        emulator.runtime(), grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned,
+        deterministic,
     )
 
 

@@ -430,6 +430,7 @@ def roi_align_backward(
     spatial_scale: float,
     sampling_ratio: tuple[int, int],
     aligned: bool,
+    deterministic: bool = False,
 ) -> numpy.ndarray:
     """Gradient of RoI Align with respect to its input; deterministic.
 
@@ -443,6 +444,8 @@ def roi_align_backward(
         spatial_scale (float): box-to-feature coordinate scale.
         sampling_ratio ((int, int)): samples per bin along y and x; ``<= 0`` for adaptive.
         aligned (bool): as in the forward pass.
+        deterministic (bool): accepted for the backend contract; this path always is.
+            Default: False.
 
     Returns:
         ndarray[N, C, H, W]: in grad_output's dtype. A NaN or infinite gradient reaches

@@ -69,6 +69,7 @@ def roi_align_backward(
     aligned: bool = False,
     *,
     validate: bool = True,
+    deterministic: bool = False,
 ) -> Any:
     """Gradient of :func:`roi_align` with respect to its input (boxes get none).
 
@@ -77,16 +78,21 @@ def roi_align_backward(
         boxes, output_size, spatial_scale, sampling_ratio, aligned, validate: as passed to
             :func:`roi_align`.
         input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
+        deterministic (bool): the same bits on every run: on a GPU the sums are kept in 64-bit
+            fixed point instead of floating-point atomics (docs/semantics.md says how exact they
+            are); NumPy always sums in a fixed order. Default: False.
 
     Returns:
-        Tensor[N, C, H, W]: in grad_output's dtype and array kind. Deterministic on NumPy.
+        Tensor[N, C, H, W]: in grad_output's dtype and array kind.
     """
     call = _args.Call(grad_output, "grad_output")
     shape = _args.input_shape_of(input_shape)
     size = _args.output_size_pair(output_size)
     compute = _args.compute_dtype(call.array.dtype)
-    scale, ratio = _args.spatial_scale_of(spatial_scale, compute), _args.sampling_of(sampling_ratio)
+    scale = _args.spatial_scale_of(spatial_scale, compute)
+    ratio = _args.sampling_of(sampling_ratio)
     aligned, validate = _args.flag(aligned, "aligned"), _args.flag(validate, "validate")
+    deterministic = _args.flag(deterministic, "deterministic")
     prepared = _args.normalise_boxes(boxes, shape[0], call.device, compute)
     rois = prepared.array
     _args.check_grad_output(call.array, rois.shape[0], shape[1], size)
@@ -94,6 +100,6 @@ def roi_align_backward(
         if validate:
             prepared.check(call.backend, shape[0])
         grad_input = call.backend.roi_align_backward(
-            call.native(), rois, shape, scale, ratio, aligned
+            call.native(), rois, shape, scale, ratio, aligned, deterministic=deterministic
         )
     return call.give_back(grad_input)
