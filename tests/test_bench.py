@@ -200,6 +200,9 @@ def test_backend_names_devices_and_validate():
     assert list(by_name) == list(backends.NAMES)
     assert by_name["roi_cupy-cuda"].device == "cuda" and by_name["roi_cupy-cuda"].validate
     assert by_name["roi_cupy-numpy(validate=False)"].validate is False
+    det = by_name["roi_cupy-cuda(validate=False,deterministic=True)"]
+    assert det.deterministic and det.validate is False and det.device == "cuda"
+    assert not by_name["roi_cupy-cuda(validate=False)"].deterministic
     tv = by_name["torchvision-cpu"]
     assert tv.device == "cpu" and tv.validate is None
     assert backends.peer_of(by_name["roi_cupy-cuda"]) == "torchvision-cuda"

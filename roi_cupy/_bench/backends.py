@@ -23,6 +23,7 @@ from roi_cupy._cuda import NO_GPU
 NAMES = (
     "roi_cupy-cuda",
     "roi_cupy-cuda(validate=False)",
+    "roi_cupy-cuda(validate=False,deterministic=True)",
     "torchvision-cuda",
     "roi_cupy-numpy",
     "roi_cupy-numpy(validate=False)",
@@ -150,10 +151,19 @@ class Runner:
 class RoiCupyRunner(Runner):
     """roi_cupy's public ops on NumPy (the NumPy backend) or CuPy (the CUDA backend) arrays."""
 
-    def __init__(self, xp: Any, workload: Workload, inputs: Inputs, copies: int, validate: bool):
+    def __init__(
+        self,
+        xp: Any,
+        workload: Workload,
+        inputs: Inputs,
+        copies: int,
+        validate: bool,
+        deterministic: bool = False,
+    ):
         from roi_cupy import ops
 
         self.ops, self.xp, self.w, self.validate, self.copies = ops, xp, workload, validate, copies
+        self.deterministic = deterministic
         self.x = [xp.array(inputs.features) for _ in range(copies)]
         self.g = [xp.array(inputs.grad_output) for _ in range(copies)]
         self.rois = xp.asarray(inputs.rois)
@@ -175,11 +185,13 @@ class RoiCupyRunner(Runner):
         w = self.w
         return self.ops.roi_align_backward(g, self.rois, w.input_shape, w.output_size,
                                            w.spatial_scale, w.sampling_ratio, w.aligned,
-                                           validate=self.validate)
+                                           validate=self.validate,
+                                           deterministic=self.deterministic)
 
     def _pool_backward(self, g: Any, argmax: Any) -> Any:
         return self.ops.roi_pool_backward(g, self.rois, argmax, self.w.input_shape,
-                                          validate=self.validate)
+                                          validate=self.validate,
+                                          deterministic=self.deterministic)
 
     def forward(self, i: int) -> Any:
         x = self.x[i % self.copies]
@@ -255,12 +267,14 @@ class Backend:
         library (str): ``"roi_cupy"`` or ``"torchvision"``.
         device (str): ``"cuda"`` or ``"cpu"``.
         validate (bool or None): roi_cupy's ``validate`` argument; None for torchvision.
+        deterministic (bool): roi_cupy's backward passes with ``deterministic=True``.
     """
 
     name: str
     library: str
     device: str
     validate: bool | None
+    deterministic: bool = False
 
     def probe(self) -> str | None:
         """None when this backend can run here, else why not."""
@@ -281,7 +295,9 @@ class Backend:
         if self.device == "cuda":
             import cupy
 
-            return RoiCupyRunner(cupy, workload, inputs, copies, bool(self.validate))
+            return RoiCupyRunner(
+                cupy, workload, inputs, copies, bool(self.validate), self.deterministic
+            )
         return RoiCupyRunner(numpy, workload, inputs, copies, bool(self.validate))
 
     def cache_bytes(self) -> int:
@@ -322,7 +338,7 @@ def all_backends() -> list[Backend]:
         library, _, rest = name.partition("-")
         device = "cuda" if rest.startswith("cuda") else "cpu"
         validate = None if library == "torchvision" else "validate=False" not in name
-        out.append(Backend(name, library, device, validate))
+        out.append(Backend(name, library, device, validate, "deterministic=True" in name))
     return out
 
 

@@ -16,7 +16,8 @@ NOTES = (
     "of floor = that many bytes at the measured copy bandwidth / median (1.00 = copy speed)",
     "vs torchvision = torchvision's median on the same device in this run / this median "
     "(> 1: faster)",
-    "roi_cupy rows without a suffix use validate=True (the default)",
+    "roi_cupy rows without a suffix use validate=True (the default); deterministic=True rows run "
+    "the backward passes in fixed point (their ratio to the validate=False row is its cost)",
 )
 
 
