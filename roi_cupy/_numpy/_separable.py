@@ -30,8 +30,11 @@ import numpy
 
 from roi_cupy._numpy import _common
 
-# Bytes of float64 pair values handled at once (the gathered values and their weighted copy).
+# Bytes of one chunk of pairs: their gathered float64 values and about eight int64 or float64
+# index and weight arrays.
 _CHUNK_BYTES = 4 << 20
+# Most RoIs in one block: their entries and row units are a few arrays of G * PH * PW * rows.
+_BLOCK = 256
 
 
 class Entries(NamedTuple):
@@ -90,7 +93,7 @@ Prepare = Callable[[numpy.ndarray], tuple[Entries, Entries, numpy.ndarray]]
 def _blocks(rois, shape, pooled, prepare: Prepare) -> Iterator[Block]:
     """The valid RoIs in blocks; invalid ones are left out (their outputs stay 0)."""
     n, _, h, w = shape
-    size = max(16, min(1024, (1 << 20) // (max(pooled) * max(h, w, 1))))
+    size = max(16, min(_BLOCK, (1 << 18) // (max(pooled) * max(h, w, 1))))
     for s in range(0, rois.shape[0], size):
         chunk = rois[s : s + size]
         b, valid = _common.batch_index(chunk, n)
@@ -149,7 +152,8 @@ def _by_bin(input: numpy.ndarray, c0: int, c1: int, bins: int, ct) -> numpy.ndar
 
 
 def _budget(channels: int) -> int:
-    return max(1024, _CHUNK_BYTES // (8 * channels))
+    """Pairs per chunk for ``channels`` output channels."""
+    return max(256, _CHUNK_BYTES // (8 * (channels + 8)))
 
 
 def forward(input: numpy.ndarray, rois: numpy.ndarray, pooled, prepare: Prepare) -> numpy.ndarray:

@@ -12,22 +12,24 @@ from __future__ import annotations
 import numpy
 
 from roi_cupy._numpy import _separable
-from roi_cupy._numpy.roi_align import _TAPS, _axes
+from roi_cupy._numpy.roi_align import _axes
 
 # Boxes on the feature map start half a pixel up and left, as RoI Align's with aligned=True.
 _ALIGNED = True
+# Most samples expanded at once along one axis (each holds a few dozen bytes of temporaries).
+_SAMPLES = 1 << 15
 
 
 def _entries(axis, pooled: int, size: int) -> _separable.Entries:
     """The corners each bin of ``axis``'s RoIs reads along it, and their weights; the samples are
-    expanded for a run of RoIs at a time (at most ``_TAPS`` samples, or one RoI)."""
+    expanded for a run of RoIs at a time (at most ``_SAMPLES`` samples, or one RoI)."""
     ct = axis.ct
     g = axis.n.shape[0]
     per_roi = numpy.cumsum(axis.n.sum(axis=1))
     parts, i = [], 0
     while i < g:
         done = int(per_roi[i - 1]) if i else 0
-        j = max(i + 1, int(numpy.searchsorted(per_roi, done + _TAPS, side="right")))
+        j = max(i + 1, int(numpy.searchsorted(per_roi, done + _SAMPLES, side="right")))
         rois = numpy.arange(i, j)
         bins, low, high, frac = axis.taps(rois)
         factor = numpy.tile(axis.factor[rois][bins // pooled], 2)
