@@ -4,7 +4,7 @@ call.
 Run in an environment with torch and torchvision (directly importable, or through a ``tvref``
 module whose ``load()`` returns ``(torch, torchvision.ops)``)::
 
-    python benchmarks/cpu_ps_roi.py
+    python benchmarks/cpu_ps_roi.py [--repeat 40]
 
 One workload: features ``[2, 7 * 7 * 8, 32, 32]`` (8 output channels of 7 x 7 bins), 128
 proposal-like boxes (log-uniform size 4 to 28 pixels, aspect 0.5 to 2, clipped to
@@ -23,6 +23,7 @@ roi_cupy's (above 1, roi_cupy is faster). Nothing is written to disk.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import platform
 import sys
@@ -174,13 +175,16 @@ def timings(repeat=40):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=40, help="timed calls per contender")
+    args = parser.parse_args()
     torch.set_num_threads(THREADS)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"numpy {numpy.__version__}, {THREADS} torch threads; workload {list(SHAPE)} float, "
           f"{BOXES} boxes, {SIZE}x{SIZE}\n")
     errors()
     print()
-    timings()
+    timings(args.repeat)
 
 
 if __name__ == "__main__":
