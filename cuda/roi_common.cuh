@@ -357,3 +357,43 @@ __host__ __device__ __forceinline__ void roi_pool_window(
     first = first < extent ? first : extent;
     last = last < extent ? last : extent;
 }
+
+// ----------------------------------------------------------------------------- position-sensitive
+// PS RoI Align and PS RoI Pool (ps_roi_align.cu, ps_roi_pool.cu): output channel c of bin
+// (ph, pw) reads input channel (c * PH + ph) * PW + pw, so C = channels_out * PH * PW.
+
+// The input plane that bin (o.ph, o.pw) of output channel o.c reads in image b, as an index into
+// the N x C planes of the input.
+template <typename I>
+__host__ __device__ __forceinline__ I roi_ps_plane(
+    const roi_bin<I>& o, I b, I channels_out, I pooled_h, I pooled_w)
+{
+    return ((b * channels_out + o.c) * pooled_h + o.ph) * pooled_w + o.pw;
+}
+
+// PS RoI Pool's box along one axis: corners rounded as for RoI Pool, but the end pixel is not part
+// of the box (torchvision's ps_roi_pool): a size of max(round(hi * scale) - round(lo * scale), 1).
+template <typename C, typename I>
+__host__ __device__ __forceinline__ roi_pool_axis<C> roi_ps_pool_geometry(
+    C lo, C hi, C scale, I pooled)
+{
+    roi_pool_axis<C> a;
+    a.start = roi_round(lo * scale);
+    const C size = roi_max(roi_round(hi * scale) - a.start, C(1));
+    a.bin = size / C(pooled);
+    return a;
+}
+
+// The pixels [h_first, h_last) x [w_first, w_last) that PS RoI Pool's bin (ph, pw) of a RoI row
+// (batch_index, x1, y1, x2, y2) averages, clipped to [0, H - 1] x [0, W - 1]: like torchvision's
+// ps_roi_pool, no window reaches the last row or column of the map. height, width >= 1.
+template <typename C, typename I>
+__host__ __device__ __forceinline__ void roi_ps_pool_window(
+    const C* roi, I ph, I pw, I height, I width, I pooled_h, I pooled_w, C scale, I& h_first,
+    I& h_last, I& w_first, I& w_last)
+{
+    roi_pool_window(roi_ps_pool_geometry(roi[2], roi[4], scale, pooled_h), ph, height - 1,
+                    h_first, h_last);
+    roi_pool_window(roi_ps_pool_geometry(roi[1], roi[3], scale, pooled_w), pw, width - 1,
+                    w_first, w_last);
+}

@@ -5,6 +5,10 @@ from roi_cupy._tensor import Tensor
 from roi_cupy.modules import RoiAlign, RoiPool
 from roi_cupy.ops import (
     convert_boxes_to_roi_format,
+    ps_roi_align,
+    ps_roi_align_backward,
+    ps_roi_pool,
+    ps_roi_pool_backward,
     roi_align,
     roi_align_backward,
     roi_pool,
@@ -19,6 +23,10 @@ __all__ = [
     "RoiPool",
     "Tensor",
     "convert_boxes_to_roi_format",
+    "ps_roi_align",
+    "ps_roi_align_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
     "roi_align",
     "roi_align_backward",
     "roi_pool",

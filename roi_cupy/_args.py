@@ -347,3 +347,32 @@ def check_grad_output(grad: Any, k: int, c: int, size: tuple[int, int] | None) -
             f"grad_output must have shape [K, C, PH, PW] = {list(expected)} to fit boxes and "
             f"input_shape, got {tuple(grad.shape)}"
         )
+
+
+# ----------------------------------------------------------------------------- position-sensitive
+def position_groups(channels: int, size: tuple[int, int], what: str, output_size: Any) -> int:
+    """``C / (PH * PW)``, the output channels of a position-sensitive operator, whose output
+    channel ``c`` at bin ``(ph, pw)`` reads input channel ``(c * PH + ph) * PW + pw``.
+
+    Raises:
+        ValueError: naming ``what`` (the features or ``input_shape``) and ``output_size`` when C
+            is not a multiple of ``PH * PW``.
+    """
+    bins = size[0] * size[1]
+    if channels % bins:
+        raise ValueError(
+            f"{what} must have a channel count C that is a multiple of PH * PW = {bins} for "
+            f"output_size {output_size!r} (each bin reads its own C / (PH * PW) channels), "
+            f"got C = {channels}"
+        )
+    return channels // bins
+
+
+def check_position_grad_output(grad: Any, k: int, groups: int, size: tuple[int, int]) -> None:
+    check_features(grad, "grad_output")
+    expected = (k, groups) + size
+    if tuple(grad.shape) != expected:
+        raise ValueError(
+            f"grad_output must have shape [K, C / (PH * PW), PH, PW] = {list(expected)} to fit "
+            f"boxes, input_shape and output_size, got {tuple(grad.shape)}"
+        )

@@ -42,6 +42,18 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
            ``validate=True`` checks; one synchronisation on a GPU). ``rois`` is float32 or
            float64, possibly wider than the compute dtype, whose range ``limit`` then is.
 
+The position-sensitive operators take features whose C is a multiple of ``PH * PW`` (output
+channel ``c`` at bin ``(ph, pw)`` reads input channel ``(c * PH + ph) * PW + pw``)::
+
+    ps_roi_align_forward(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio)
+        -> output [K, C / (PH * PW), PH, PW]
+    ps_roi_align_backward(grad_output, rois, input_shape, spatial_scale, sampling_ratio)
+        -> grad_input [N, C, H, W]
+    ps_roi_pool_forward(input, rois, pooled_h, pooled_w, spatial_scale)
+        -> output [K, C / (PH * PW), PH, PW]
+    ps_roi_pool_backward(grad_output, rois, input_shape, spatial_scale)
+        -> grad_input [N, C, H, W]
+
 The exact numbers are those of docs/semantics.md. NumPy inputs go to the backend chosen with
 :func:`use_backend` ("numpy" by default); CuPy inputs always go to the CUDA backend.
 """

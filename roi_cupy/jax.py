@@ -58,6 +58,9 @@ Padding: K is static under ``jax.jit``. To keep one compiled function for varyin
 pad the boxes to a fixed K with rows whose batch index is -1 and pass ``validate=False`` (eagerly
 too, where ``validate=True`` would reject them); padded rows give zero outputs and contribute no
 gradient.
+
+The position-sensitive :func:`ps_roi_align` and :func:`ps_roi_pool` work the same way (one host
+call of :func:`roi_cupy.ops.ps_roi_align` or ``ps_roi_pool`` per pass, and of its backward).
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ try:  # experimental in jax 0.10; without it every platform takes jax.pure_callb
 except ImportError:
     buffer_callback = None
 
-__all__ = ["roi_align", "roi_pool"]
+__all__ = ["ps_roi_align", "ps_roi_pool", "roi_align", "roi_pool"]
 
 BoxesLike = Any  # a jax array [K, 5], or a sequence of N jax arrays [L_i, 4]
 
@@ -423,3 +426,137 @@ def roi_pool(
         features, output_size, spatial_scale, index_dtype=_index_dtype(*features.shape[2:])
     )
     return _roi_pool_jit(static, features, _rois(boxes, features, _args.flag(validate, "validate")))
+
+
+# ----------------------------------------------------------------------------- position-sensitive
+def _ps_align_forward(static: _Static, x: numpy.ndarray, rois: numpy.ndarray) -> numpy.ndarray:
+    k = rois.shape[-2]
+    x, rois, lead = _fold_forward(static, x, rois)
+    out = ops.ps_roi_align(
+        x, rois, static.output_size, static.spatial_scale, static.sampling_ratio, validate=False
+    )
+    return out.reshape(lead + (k,) + out.shape[1:])
+
+
+def _ps_align_backward(static: _Static, g: numpy.ndarray, rois: numpy.ndarray) -> numpy.ndarray:
+    n, c, h, w = static.shape
+    lead = _lead((g, 4), (rois, 2))
+    rois = _fold_rois(rois, lead, n, _args.compute_dtype(g.dtype))
+    grad = ops.ps_roi_align_backward(
+        _flat(g, lead, 4), rois, (math.prod(lead) * n, c, h, w), static.output_size,
+        static.spatial_scale, static.sampling_ratio, validate=False,
+    )
+    return grad.reshape(lead + static.shape)
+
+
+def _ps_pool_forward(static: _Static, x: numpy.ndarray, rois: numpy.ndarray) -> numpy.ndarray:
+    k = rois.shape[-2]
+    x, rois, lead = _fold_forward(static, x, rois)
+    out = ops.ps_roi_pool(x, rois, static.output_size, static.spatial_scale, validate=False)
+    return out.reshape(lead + (k,) + out.shape[1:])
+
+
+def _ps_pool_backward(static: _Static, g: numpy.ndarray, rois: numpy.ndarray) -> numpy.ndarray:
+    n, c, h, w = static.shape
+    lead = _lead((g, 4), (rois, 2))
+    rois = _fold_rois(rois, lead, n, _args.compute_dtype(g.dtype))
+    grad = ops.ps_roi_pool_backward(
+        _flat(g, lead, 4), rois, (math.prod(lead) * n, c, h, w), static.output_size,
+        static.spatial_scale, validate=False,
+    )
+    return grad.reshape(lead + static.shape)
+
+
+def _position_sensitive(forward: Any, backward: Any) -> Any:
+    """A jitted ``op(static, input, rois)`` whose passes are the host calls ``forward`` and
+    ``backward``: a ``custom_vjp`` for an operator linear in ``input`` (the backward needs only
+    the boxes), with an output ``[K, C / (PH * PW), PH, PW]``."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def op(static: _Static, input: jax.Array, rois: jax.Array) -> jax.Array:
+        pooled_h, pooled_w = static.output_size
+        shape = (rois.shape[0], static.shape[1] // (pooled_h * pooled_w), pooled_h, pooled_w)
+        return _callback(forward, static, jax.ShapeDtypeStruct(shape, input.dtype), input, rois)
+
+    def fwd(static: _Static, input: jax.Array, rois: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return op(static, input, rois), rois
+
+    def bwd(static: _Static, rois: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+        grad = jax.ShapeDtypeStruct(static.shape, g.dtype)
+        return _callback(backward, static, grad, g, rois), jnp.zeros_like(rois)
+
+    op.defvjp(fwd, bwd)
+    return jax.jit(op, static_argnums=0)
+
+
+_ps_roi_align_jit = _position_sensitive(_ps_align_forward, _ps_align_backward)
+_ps_roi_pool_jit = _position_sensitive(_ps_pool_forward, _ps_pool_backward)
+
+
+def ps_roi_align(
+    input: jax.Array,
+    boxes: BoxesLike,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+    *,
+    validate: bool = True,
+) -> jax.Array:
+    """Position-sensitive RoI Align (R-FCN) of JAX arrays: :func:`roi_cupy.ps_roi_align`'s
+    numbers.
+
+    Args:
+        input (Array[N, C, H, W]): features, float16, bfloat16, float32 or float64 (with x64);
+            C a multiple of ``PH * PW``.
+        boxes (Array[K, 5] or list of N Array[L_i, 4]): as for :func:`roi_align`.
+        output_size (int or (int, int)): ``PH, PW`` of each crop.
+        spatial_scale (float): multiplies box coordinates to reach feature coordinates.
+            Default: 1.0.
+        sampling_ratio (int or (int, int)): samples per bin along each axis, or a pair
+            ``(sampling_h, sampling_w)``; ``<= 0`` adaptive. Default: -1.
+        validate (bool): as for :func:`roi_align`. Default: True.
+
+    Returns:
+        Array[K, C / (PH * PW), PH, PW]: in the input's dtype; bin ``(ph, pw)`` of channel ``c``
+        reads input channel ``(c * PH + ph) * PW + pw``. ``jax.grad`` reaches the input; the
+        boxes' cotangent is zero.
+    """
+    features = _features(input)
+    static = _static(
+        features, output_size, spatial_scale, sampling_ratio=_args.sampling_of(sampling_ratio)
+    )
+    _args.position_groups(static.shape[1], static.output_size, "input", output_size)
+    return _ps_roi_align_jit(
+        static, features, _rois(boxes, features, _args.flag(validate, "validate"))
+    )
+
+
+def ps_roi_pool(
+    input: jax.Array,
+    boxes: BoxesLike,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    *,
+    validate: bool = True,
+) -> jax.Array:
+    """Position-sensitive RoI Pool (R-FCN) of JAX arrays: :func:`roi_cupy.ps_roi_pool`'s numbers.
+
+    Args:
+        input (Array[N, C, H, W]): features, float16, bfloat16, float32 or float64 (with x64);
+            C a multiple of ``PH * PW``.
+        boxes (Array[K, 5] or list of N Array[L_i, 4]): as for :func:`roi_align`.
+        output_size (int or (int, int)): ``PH, PW`` of each crop.
+        spatial_scale (float): multiplies box coordinates to reach feature coordinates.
+            Default: 1.0.
+        validate (bool): as for :func:`roi_align`. Default: True.
+
+    Returns:
+        Array[K, C / (PH * PW), PH, PW]: each bin's window mean on its own channel, in the
+        input's dtype. ``jax.grad`` reaches the input; the boxes' cotangent is zero.
+    """
+    features = _features(input)
+    static = _static(features, output_size, spatial_scale)
+    _args.position_groups(static.shape[1], static.output_size, "input", output_size)
+    return _ps_roi_pool_jit(
+        static, features, _rois(boxes, features, _args.flag(validate, "validate"))
+    )

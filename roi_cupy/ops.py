@@ -8,11 +8,17 @@ of its own under ``roi_cupy/_ops/``.
 from roi_cupy._args import BoxesLike, SizeLike, convert_boxes_to_roi_format
 from roi_cupy._ops.roi_align import roi_align, roi_align_backward
 from roi_cupy._ops.roi_pool import roi_pool, roi_pool_backward
+from roi_cupy._ops.ps_roi_align import ps_roi_align, ps_roi_align_backward
+from roi_cupy._ops.ps_roi_pool import ps_roi_pool, ps_roi_pool_backward
 
 __all__ = [
     "BoxesLike",
     "SizeLike",
     "convert_boxes_to_roi_format",
+    "ps_roi_align",
+    "ps_roi_align_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
     "roi_align",
     "roi_align_backward",
     "roi_pool",

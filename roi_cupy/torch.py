@@ -14,6 +14,11 @@ launch needs (the output included) allocated by torch's caching allocator on tha
 
 Gradients flow to the features; boxes get none, as in torchvision. Argument checks are roi_cupy's
 own (:mod:`roi_cupy.ops`), so errors read the same as for the functional ops.
+
+The position-sensitive :func:`ps_roi_align` and :func:`ps_roi_pool` (modules :class:`PSRoIAlign`,
+:class:`PSRoIPool`) are four more operators of the same kind (``torch.ops.roi_cupy.ps_roi_align``,
+``ps_roi_align_backward``, ``ps_roi_pool``, ``ps_roi_pool_backward``); both are linear in the
+features, so each backward operator's own backward is the forward one (second derivatives work).
 """
 from __future__ import annotations
 
@@ -28,8 +33,12 @@ from roi_cupy import _args, ops
 
 __all__ = [
     "MultiScaleRoIAlign",
+    "PSRoIAlign",
+    "PSRoIPool",
     "RoIAlign",
     "RoIPool",
+    "ps_roi_align",
+    "ps_roi_pool",
     "roi_align",
     "roi_pool",
 ]
@@ -558,3 +567,314 @@ def _multi_scale_roi_align(
 for _name in ("_chosen_maps", "_infer_scales", "_multi_scale_roi_align"):
     torch.fx.wrap(_name)
 del _name
+
+
+# ----------------------------------------------------------------------------- position-sensitive
+@torch.library.custom_op("roi_cupy::ps_roi_align", mutates_args=())
+def _ps_roi_align(
+    input: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: Sequence[int],
+    validate: bool,
+) -> Tensor:
+    _refuse_validation_in_capture(input, validate)
+    with _on_device_of(input):
+        return ops.ps_roi_align(
+            input.detach(), _given_boxes(boxes, per_image), (pooled_h, pooled_w), spatial_scale,
+            sampling_ratio, validate=validate,
+        )
+
+
+def _ps_shape(input: Tensor, boxes: list[Tensor], per_image: bool, pooled_h: int,
+              pooled_w: int) -> tuple[Any, ...]:
+    """``[K, C / (PH * PW), PH, PW]``: a position-sensitive output's shape."""
+    return (_roi_count(boxes, per_image), input.shape[1] // (pooled_h * pooled_w), pooled_h,
+            pooled_w)
+
+
+@_ps_roi_align.register_fake
+def _(input, boxes, per_image, pooled_h, pooled_w, spatial_scale, sampling_ratio, validate):
+    return input.new_empty(_ps_shape(input, boxes, per_image, pooled_h, pooled_w))
+
+
+@torch.library.custom_op("roi_cupy::ps_roi_align_backward", mutates_args=())
+def _ps_roi_align_backward(
+    grad_output: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    input_shape: Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: Sequence[int],
+) -> Tensor:
+    pooled = tuple(grad_output.shape[2:])
+    with _on_device_of(grad_output):
+        return ops.ps_roi_align_backward(
+            grad_output.detach(), _given_boxes(boxes, per_image), tuple(input_shape), pooled,
+            spatial_scale, sampling_ratio, validate=False,
+        )
+
+
+@_ps_roi_align_backward.register_fake
+def _(grad_output, boxes, per_image, input_shape, spatial_scale, sampling_ratio):
+    return grad_output.new_empty(tuple(input_shape))
+
+
+def _ps_roi_align_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    input, boxes, per_image, _, _, spatial_scale, sampling_ratio, _ = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (per_image, tuple(input.shape), spatial_scale, sampling_ratio)
+
+
+def _ps_roi_align_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+    per_image, shape, spatial_scale, sampling_ratio = ctx.args
+    grad_input = _ps_roi_align_backward(
+        grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale, sampling_ratio
+    )
+    return (grad_input, [None] * len(ctx.saved_tensors)) + (None,) * 6
+
+
+_ps_roi_align.register_autograd(_ps_roi_align_grad, setup_context=_ps_roi_align_setup)
+
+
+def _ps_roi_align_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (per_image, tuple(grad_output.shape[2:]), spatial_scale, sampling_ratio)
+
+
+def _ps_roi_align_backward_grad(ctx: Any, grad_grad_input: Tensor) -> tuple[Any, ...]:
+    # The backward is linear in grad_output; its adjoint is the forward.
+    per_image, (pooled_h, pooled_w), spatial_scale, sampling_ratio = ctx.args
+    grad_grad_output = _ps_roi_align(
+        grad_grad_input, list(ctx.saved_tensors), per_image, pooled_h, pooled_w, spatial_scale,
+        sampling_ratio, False,
+    )
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 4
+
+
+_ps_roi_align_backward.register_autograd(
+    _ps_roi_align_backward_grad, setup_context=_ps_roi_align_backward_setup
+)
+
+
+@torch.library.custom_op("roi_cupy::ps_roi_pool", mutates_args=())
+def _ps_roi_pool(
+    input: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    validate: bool,
+) -> Tensor:
+    _refuse_validation_in_capture(input, validate)
+    with _on_device_of(input):
+        return ops.ps_roi_pool(
+            input.detach(), _given_boxes(boxes, per_image), (pooled_h, pooled_w), spatial_scale,
+            validate=validate,
+        )
+
+
+@_ps_roi_pool.register_fake
+def _(input, boxes, per_image, pooled_h, pooled_w, spatial_scale, validate):
+    return input.new_empty(_ps_shape(input, boxes, per_image, pooled_h, pooled_w))
+
+
+@torch.library.custom_op("roi_cupy::ps_roi_pool_backward", mutates_args=())
+def _ps_roi_pool_backward(
+    grad_output: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    input_shape: Sequence[int],
+    spatial_scale: float,
+) -> Tensor:
+    pooled = tuple(grad_output.shape[2:])
+    with _on_device_of(grad_output):
+        return ops.ps_roi_pool_backward(
+            grad_output.detach(), _given_boxes(boxes, per_image), tuple(input_shape), pooled,
+            spatial_scale, validate=False,
+        )
+
+
+@_ps_roi_pool_backward.register_fake
+def _(grad_output, boxes, per_image, input_shape, spatial_scale):
+    return grad_output.new_empty(tuple(input_shape))
+
+
+def _ps_roi_pool_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    input, boxes, per_image, _, _, spatial_scale, _ = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (per_image, tuple(input.shape), spatial_scale)
+
+
+def _ps_roi_pool_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+    per_image, shape, spatial_scale = ctx.args
+    grad_input = _ps_roi_pool_backward(
+        grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale
+    )
+    return (grad_input, [None] * len(ctx.saved_tensors)) + (None,) * 5
+
+
+_ps_roi_pool.register_autograd(_ps_roi_pool_grad, setup_context=_ps_roi_pool_setup)
+
+
+def _ps_roi_pool_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    grad_output, boxes, per_image, _, spatial_scale = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (per_image, tuple(grad_output.shape[2:]), spatial_scale)
+
+
+def _ps_roi_pool_backward_grad(ctx: Any, grad_grad_input: Tensor) -> tuple[Any, ...]:
+    # The backward is linear in grad_output; its adjoint is the forward.
+    per_image, (pooled_h, pooled_w), spatial_scale = ctx.args
+    grad_grad_output = _ps_roi_pool(
+        grad_grad_input, list(ctx.saved_tensors), per_image, pooled_h, pooled_w, spatial_scale,
+        False,
+    )
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 3
+
+
+_ps_roi_pool_backward.register_autograd(
+    _ps_roi_pool_backward_grad, setup_context=_ps_roi_pool_backward_setup
+)
+
+
+def ps_roi_align(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """Position-sensitive RoI Align with autograd, as ``torchvision.ops.ps_roi_align``.
+
+    Args:
+        input (Tensor[N, C, H, W]): features, float16, bfloat16, float32 or float64, on the CPU
+            or a CUDA device; C a multiple of ``PH * PW``.
+        boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): as for :func:`roi_align`.
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor. Default: 1.0.
+        sampling_ratio (int or (int, int)): samples per bin along both axes, or
+            ``(sampling_h, sampling_w)``; ``<= 0`` adaptive. Default: -1.
+        validate (bool): as for :func:`roi_align`. Default: True.
+
+    Returns:
+        Tensor[K, C / (PH * PW), PH, PW]: in the input's dtype and device; bin ``(ph, pw)`` of
+        channel ``c`` reads input channel ``(c * PH + ph) * PW + pw``. Differentiable in
+        ``input``.
+    """
+    _check_input(input)
+    tensors, per_image = _boxes(boxes)
+    pooled_h, pooled_w = _args.output_size_pair(output_size)
+    _args.position_groups(input.shape[1], (pooled_h, pooled_w), "input", output_size)
+    return _ps_roi_align(
+        input, tensors, per_image, pooled_h, pooled_w, _args.spatial_scale_of(spatial_scale),
+        _args.sampling_of(sampling_ratio), _args.flag(validate, "validate"),
+    )
+
+
+def ps_roi_pool(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """Position-sensitive RoI Pool with autograd, as ``torchvision.ops.ps_roi_pool``.
+
+    Args:
+        input (Tensor[N, C, H, W]): features, float16, bfloat16, float32 or float64; C a
+            multiple of ``PH * PW``.
+        boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): as for :func:`roi_align`.
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor. Default: 1.0.
+        validate (bool): as for :func:`roi_align`. Default: True.
+
+    Returns:
+        Tensor[K, C / (PH * PW), PH, PW]: each bin's window mean on its own channel, in the
+        input's dtype and device; differentiable in ``input`` (the gradient of this forward pass,
+        where torchvision's differs at the last row and column, see docs/semantics.md).
+    """
+    _check_input(input)
+    tensors, per_image = _boxes(boxes)
+    pooled_h, pooled_w = _args.output_size_pair(output_size)
+    _args.position_groups(input.shape[1], (pooled_h, pooled_w), "input", output_size)
+    return _ps_roi_pool(
+        input, tensors, per_image, pooled_h, pooled_w, _args.spatial_scale_of(spatial_scale),
+        _args.flag(validate, "validate"),
+    )
+
+
+class PSRoIAlign(nn.Module):
+    """:func:`ps_roi_align` as a module, as ``torchvision.ops.PSRoIAlign``.
+
+    Args:
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor.
+        sampling_ratio (int or (int, int)): samples per bin along both axes or per axis,
+            ``<= 0`` adaptive.
+        validate (bool): as for :func:`ps_roi_align`; ``False`` inside a CUDA graph capture.
+            Default: True.
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float,
+        sampling_ratio: int,
+        *,
+        validate: bool = True,
+    ):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.validate = validate
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return ps_roi_align(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
+            validate=self.validate,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(output_size={self.output_size}, "
+            f"spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio})"
+        )
+
+
+class PSRoIPool(nn.Module):
+    """:func:`ps_roi_pool` as a module, as ``torchvision.ops.PSRoIPool``.
+
+    Args:
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor.
+        validate (bool): as for :func:`ps_roi_pool`. Default: True.
+    """
+
+    def __init__(
+        self, output_size: int | tuple[int, int], spatial_scale: float, *, validate: bool = True
+    ):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.validate = validate
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return ps_roi_pool(
+            input, rois, self.output_size, self.spatial_scale, validate=self.validate
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(output_size={self.output_size}, "
+            f"spatial_scale={self.spatial_scale})"
+        )

@@ -337,3 +337,197 @@ def roi_pool_backward_ref(
                 if 0 <= index < height * width:
                     grad[b, ch, index] += value
     return grad.reshape(n, c, height, width)
+
+
+# ----------------------------------------------------------------------------- position-sensitive
+def ps_channel(c: int, ph: int, pw: int, pooled_h: int, pooled_w: int) -> int:
+    """The input channel that bin ``(ph, pw)`` of output channel ``c`` reads."""
+    return (c * pooled_h + ph) * pooled_w + pw
+
+
+def ps_channels(groups: int, ph: int, pw: int, pooled_h: int, pooled_w: int) -> list[int]:
+    """The input channels bin ``(ph, pw)`` reads, one per output channel ``0 .. groups - 1``."""
+    return [ps_channel(c, ph, pw, pooled_h, pooled_w) for c in range(groups)]
+
+
+def ps_roi_align_ref(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+) -> numpy.ndarray:
+    """PS RoI Align forward: RoI Align with ``aligned=True``, each bin on its own channel.
+
+    Args:
+        input (ndarray[N, C, H, W]): features, any float dtype; C a multiple of ``PH * PW``.
+        rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` rows.
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): Default: 1.0.
+        sampling_ratio (int or (int, int)): per axis or both, ``<= 0`` adaptive. Default: -1.
+
+    Returns:
+        ndarray[K, C / (PH * PW), PH, PW]: float64. Invalid RoIs give zeros.
+    """
+    x = numpy.asarray(input, dtype=numpy.float64)
+    n, c, height, width = x.shape
+    pooled_h, pooled_w = pair(output_size)
+    groups = c // (pooled_h * pooled_w)
+    out = numpy.zeros((len(rois), groups, pooled_h, pooled_w))
+    for k, row in enumerate(rois):
+        b = batch_index(row, n)
+        if b is None:
+            continue
+        y0, x0, bin_h, bin_w, grid_h, grid_w = roi_align_geometry(
+            row, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned=True
+        )
+        count = max(grid_h * grid_w, 1)  # no sample at all: 0
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                channels = ps_channels(groups, ph, pw, pooled_h, pooled_w)
+                total = numpy.zeros(groups)
+                for y in sample_points(y0, bin_h, grid_h, ph):
+                    for xs in sample_points(x0, bin_w, grid_w, pw):
+                        for h, w, weight in bilinear_corners(y, xs, height, width):
+                            total += weight * x[b, channels, h, w]
+                out[k, :, ph, pw] = total / count
+    return out
+
+
+def ps_roi_align_backward_ref(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+) -> numpy.ndarray:
+    """PS RoI Align backward: the gradient with respect to the input.
+
+    Args:
+        grad_output (ndarray[K, C / (PH * PW), PH, PW]): any float dtype.
+        rois (ndarray[K, 5]): as for :func:`ps_roi_align_ref`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)``.
+        spatial_scale, sampling_ratio: as for :func:`ps_roi_align_ref`.
+
+    Returns:
+        ndarray[N, C, H, W]: float64. Invalid RoIs contribute nothing.
+    """
+    g = numpy.asarray(grad_output, dtype=numpy.float64)
+    n, c, height, width = input_shape
+    groups, pooled_h, pooled_w = g.shape[1:]
+    grad = numpy.zeros((n, c, height, width))
+    for k, row in enumerate(rois):
+        b = batch_index(row, n)
+        if b is None:
+            continue
+        y0, x0, bin_h, bin_w, grid_h, grid_w = roi_align_geometry(
+            row, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned=True
+        )
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                channels = ps_channels(groups, ph, pw, pooled_h, pooled_w)
+                for y in sample_points(y0, bin_h, grid_h, ph):
+                    for xs in sample_points(x0, bin_w, grid_w, pw):
+                        for h, w, weight in bilinear_corners(y, xs, height, width):
+                            grad[b, channels, h, w] += g[k, :, ph, pw] * weight / (grid_h * grid_w)
+    return grad
+
+
+def ps_roi_pool_window(
+    row: numpy.ndarray, ph: int, pw: int, pooled: tuple[int, int], scale: float, hw: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """``(hstart, hend, wstart, wend)`` of PS RoI Pool's bin ``(ph, pw)``, clipped to
+    ``[0, H - 1] x [0, W - 1]``."""
+    pooled_h, pooled_w = pooled
+    height, width = hw
+    xs, ys = c_round(float(row[1]) * scale), c_round(float(row[2]) * scale)
+    xe, ye = c_round(float(row[3]) * scale), c_round(float(row[4]) * scale)
+    roi_w, roi_h = max(xe - xs, 1), max(ye - ys, 1)  # the end pixel is not part of the box
+    bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
+    hstart = min(max(math.floor(ph * bin_h) + ys, 0), height - 1)
+    hend = min(max(math.ceil((ph + 1) * bin_h) + ys, 0), height - 1)
+    wstart = min(max(math.floor(pw * bin_w) + xs, 0), width - 1)
+    wend = min(max(math.ceil((pw + 1) * bin_w) + xs, 0), width - 1)
+    return hstart, hend, wstart, wend
+
+
+def ps_roi_pool_ref(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+) -> numpy.ndarray:
+    """PS RoI Pool forward: each bin's window mean on its own channel.
+
+    Args:
+        input (ndarray[N, C, H, W]): features, any float dtype; C a multiple of ``PH * PW``.
+        rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` rows.
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): Default: 1.0.
+
+    Returns:
+        ndarray[K, C / (PH * PW), PH, PW]: float64; 0 for an empty window or an invalid RoI.
+    """
+    x = numpy.asarray(input, dtype=numpy.float64)
+    n, c, height, width = x.shape
+    pooled_h, pooled_w = pair(output_size)
+    groups = c // (pooled_h * pooled_w)
+    out = numpy.zeros((len(rois), groups, pooled_h, pooled_w))
+    for k, row in enumerate(rois):
+        b = batch_index(row, n)
+        if b is None:
+            continue
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                hstart, hend, wstart, wend = ps_roi_pool_window(
+                    row, ph, pw, (pooled_h, pooled_w), spatial_scale, (height, width)
+                )
+                if hend <= hstart or wend <= wstart:
+                    continue  # empty window: 0
+                channels = ps_channels(groups, ph, pw, pooled_h, pooled_w)
+                total = numpy.zeros(groups)
+                for h in range(hstart, hend):
+                    for w in range(wstart, wend):
+                        total += x[b, channels, h, w]
+                out[k, :, ph, pw] = total / ((hend - hstart) * (wend - wstart))
+    return out
+
+
+def ps_roi_pool_backward_ref(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float = 1.0,
+) -> numpy.ndarray:
+    """PS RoI Pool backward: each pixel of a bin's window gets the bin's gradient over its area.
+
+    Args:
+        grad_output (ndarray[K, C / (PH * PW), PH, PW]): any float dtype.
+        rois (ndarray[K, 5]): as for :func:`ps_roi_pool_ref`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)``.
+        spatial_scale (float): Default: 1.0.
+
+    Returns:
+        ndarray[N, C, H, W]: float64. Invalid RoIs contribute nothing.
+    """
+    g = numpy.asarray(grad_output, dtype=numpy.float64)
+    n, c, height, width = input_shape
+    groups, pooled_h, pooled_w = g.shape[1:]
+    grad = numpy.zeros((n, c, height, width))
+    for k, row in enumerate(rois):
+        b = batch_index(row, n)
+        if b is None:
+            continue
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                hstart, hend, wstart, wend = ps_roi_pool_window(
+                    row, ph, pw, (pooled_h, pooled_w), spatial_scale, (height, width)
+                )
+                if hend <= hstart or wend <= wstart:
+                    continue
+                channels = ps_channels(groups, ph, pw, pooled_h, pooled_w)
+                area = (hend - hstart) * (wend - wstart)
+                for h in range(hstart, hend):
+                    for w in range(wstart, wend):
+                        grad[b, channels, h, w] += g[k, :, ph, pw] / area
+    return grad

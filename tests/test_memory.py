@@ -136,3 +136,30 @@ def test_pool_backward_accumulator_does_not_grow_with_the_plane(dtype):
     g = rng.uniform(-1, 1, indices.shape).astype(dtype)
     used = extra_memory(lambda: roi_cupy.roi_pool_backward(g, rois, indices, shape))
     assert used < 4, used
+
+
+# ----------------------------------------------------------------------------- position-sensitive
+@pytest.mark.parametrize("op", ["ps_roi_align", "ps_roi_pool"])
+def test_position_sensitive_memory_does_not_grow_with_k(op):
+    rng = make_rng("memory", op)
+    x = rng.uniform(-1, 1, (2, 2 * 49, 48, 48)).astype(numpy.float32)
+    few, many = boxes(rng, 300, 48), boxes(rng, 4800, 48)
+    forward, backward = getattr(roi_cupy, op), getattr(roi_cupy, f"{op}_backward")
+    small = extra_memory(lambda: forward(x, few, 7))
+    large = extra_memory(lambda: forward(x, many, 7))
+    assert large <= 1.5 * small + 4, (small, large)
+    g = rng.uniform(-1, 1, (many.shape[0], 2, 7, 7)).astype(numpy.float32)
+    grad = extra_memory(lambda: backward(g, many, x.shape, 7))
+    # the backward's float64 accumulator is twice the features' size
+    assert grad <= 1.5 * small + 2 * x.nbytes / MIB + 4, (small, grad)
+
+
+@pytest.mark.parametrize("op", ["ps_roi_align", "ps_roi_pool"])
+def test_position_sensitive_memory_does_not_grow_with_a_bin(op):
+    """One bin over a 1536 x 1536 map (2.4 million pixels) is summed in chunks: beyond the
+    features' rearranged copy, the working memory stays a few MiB."""
+    rng = make_rng("memory bin", op)
+    x = rng.uniform(-1, 1, (1, 1, 1536, 1536)).astype(numpy.float32)
+    rois = numpy.array([[0, 0, 0, 1536, 1536]], numpy.float32)
+    used = extra_memory(lambda: getattr(roi_cupy, op)(x, rois, 1))
+    assert used <= x.nbytes / MIB + 48, used

@@ -134,3 +134,84 @@ def test_roi_pool_ties_and_half_coordinates(backend, dtype):
     x = rng.integers(-2, 3, size=(2, 2, 9, 9)).astype(dtype)
     rois = random_boxes(rng, 2, 14, 9, 9, quantum=0.5, dtype=dtype)
     pool_parity(backend, x, rois, (2, 3), 1.0, dtype, rng)
+
+
+# ----------------------------------------------------------------------------- position-sensitive
+def tv_ps_align_safe(rois, sampling_ratio, spatial_scale, pooled):
+    """Drop boxes whose adaptive sample grid is empty along an axis (a zero or reversed size):
+    torchvision divides by a zero count there (NaN) or a negative one (-0.0); roi_cupy gives 0
+    (docs/semantics.md, PS RoI Align forward)."""
+    if sampling_ratio > 0:
+        return rois
+    scale = rois.dtype.type(spatial_scale)
+    half = rois.dtype.type(0.5)
+    width = (rois[:, 3] * scale - half) - (rois[:, 1] * scale - half)
+    height = (rois[:, 4] * scale - half) - (rois[:, 2] * scale - half)
+    keep = (numpy.ceil(width / pooled[1]) > 0) & (numpy.ceil(height / pooled[0]) > 0)
+    return rois[keep]
+
+
+def tv_ps_pool_grad_safe(rois, spatial_scale, h, w):
+    """Keep boxes whose windows end well before the last row and column: torchvision's backward
+    clips windows to H and W where its forward clips to H - 1 and W - 1, so elsewhere its
+    gradient is not its forward's (docs/semantics.md, PS RoI Pool backward)."""
+    scaled = numpy.abs(rois[:, 1:].astype(numpy.float64) * spatial_scale) + 0.5
+    corner = numpy.floor(scaled) * numpy.sign(rois[:, 1:])  # rounded half away from zero
+    keep = (corner[:, [0, 2]].max(axis=1) <= w - 3) & (corner[:, [1, 3]].max(axis=1) <= h - 3)
+    return rois[keep]
+
+
+@pytest.mark.parametrize("spatial_scale", SPATIAL_SCALES, ids=str)
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 3], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_ps_roi_align(backend, dtype, sampling_ratio, spatial_scale):
+    rng = make_rng("tv ps align", numpy.dtype(dtype).name, sampling_ratio, spatial_scale)
+    x = random_features(rng, (2, 2 * 12, 10, 12), dtype)
+    rois = random_boxes(rng, 2, 21, 10, 12, spatial_scale, dtype=dtype)
+    rois = tv_ps_align_safe(rois, sampling_ratio, spatial_scale, (3, 4))
+    assert len(rois) >= 14
+    g = random_features(rng, (len(rois), 2, 3, 4), dtype)
+
+    xt = torch_input(x)
+    expected = tv_ops.ps_roi_align(xt, torch.from_numpy(rois), (3, 4), spatial_scale,
+                                   sampling_ratio)
+    expected.backward(torch.from_numpy(g))
+
+    xb, rb = backend.asarray(x), backend.asarray(rois)
+    with backend.active():
+        out = roi_cupy.ps_roi_align(xb, rb, (3, 4), spatial_scale, sampling_ratio)
+        grad = roi_cupy.ps_roi_align_backward(backend.asarray(g), rb, x.shape, (3, 4),
+                                              spatial_scale, sampling_ratio)
+    assert_parity(backend.to_numpy(out), expected, dtype)
+    assert_parity(backend.to_numpy(grad), xt.grad, dtype)
+
+
+@pytest.mark.parametrize("output_size", [(3, 2), 7], ids=str)
+@pytest.mark.parametrize("spatial_scale", SPATIAL_SCALES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_ps_roi_pool(backend, dtype, spatial_scale, output_size):
+    """The forward pass for every kind of box (past the last row and column too, where
+    torchvision never reads them); the gradient for boxes clear of them."""
+    rng = make_rng("tv ps pool", numpy.dtype(dtype).name, spatial_scale, output_size)
+    bins = 6 if output_size == (3, 2) else 49
+    h, w = 14, 16
+    x = random_features(rng, (2, 2 * bins, h, w), dtype)
+    # continuous coordinates: rounding in the compute dtype must match too
+    rois = random_boxes(rng, 2, 28, h, w, spatial_scale, dtype=dtype)
+    xb = backend.asarray(x)
+    with backend.active():
+        out = roi_cupy.ps_roi_pool(xb, backend.asarray(rois), output_size, spatial_scale)
+    assert_parity(backend.to_numpy(out),
+                  tv_ops.ps_roi_pool(torch.from_numpy(x), torch.from_numpy(rois), output_size,
+                                     spatial_scale), dtype)
+
+    rois = tv_ps_pool_grad_safe(rois, spatial_scale, h, w)
+    assert len(rois) >= 8
+    xt = torch_input(x)
+    expected = tv_ops.ps_roi_pool(xt, torch.from_numpy(rois), output_size, spatial_scale)
+    g = random_features(rng, tuple(expected.shape), dtype)
+    expected.backward(torch.from_numpy(g))
+    with backend.active():
+        grad = roi_cupy.ps_roi_pool_backward(backend.asarray(g), backend.asarray(rois), x.shape,
+                                             output_size, spatial_scale)
+    assert_parity(backend.to_numpy(grad), xt.grad, dtype)

@@ -10,6 +10,7 @@ from typing import Any
 
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import launch, roi_align, roi_check, roi_pool
+from roi_cupy._cuda import ps_roi_align, ps_roi_pool
 
 # C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
 CAPABILITIES = Capabilities()
@@ -89,3 +90,49 @@ def first_invalid(
     too) and the first of ``indices`` outside ``[-1, plane)``, -1 for none: one or two small
     kernels and one synchronisation."""
     return roi_check.first_invalid(_runtime(rois), rois, batch, limit, indices, plane)
+
+
+# ----------------------------------------------------------------------------- position-sensitive
+def ps_roi_align_forward(
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+) -> Any:
+    """PS RoI Align: ``input`` [N, C, H, W], ``rois`` [K, 5] -> [K, C / (PH * PW), PH, PW]."""
+    return ps_roi_align.forward(
+        _runtime(input), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio
+    )
+
+
+def ps_roi_align_backward(
+    grad_output: Any,
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+) -> Any:
+    """Input gradient of PS RoI Align: ``grad_output`` [K, C / (PH * PW), PH, PW] ->
+    [N, C, H, W]."""
+    return ps_roi_align.backward(
+        _runtime(grad_output), grad_output, rois, input_shape, spatial_scale, sampling_ratio
+    )
+
+
+def ps_roi_pool_forward(
+    input: Any, rois: Any, pooled_h: int, pooled_w: int, spatial_scale: float
+) -> Any:
+    """PS RoI Pool: ``input`` [N, C, H, W], ``rois`` [K, 5] -> [K, C / (PH * PW), PH, PW]."""
+    return ps_roi_pool.forward(_runtime(input), input, rois, pooled_h, pooled_w, spatial_scale)
+
+
+def ps_roi_pool_backward(
+    grad_output: Any, rois: Any, input_shape: tuple[int, int, int, int], spatial_scale: float
+) -> Any:
+    """Input gradient of PS RoI Pool: ``grad_output`` [K, C / (PH * PW), PH, PW] ->
+    [N, C, H, W]."""
+    return ps_roi_pool.backward(
+        _runtime(grad_output), grad_output, rois, input_shape, spatial_scale
+    )

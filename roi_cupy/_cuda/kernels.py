@@ -11,7 +11,15 @@ import re
 from typing import Any
 
 # Header first: the .cu files' own #include of it is dropped when they are concatenated.
-_FILES = ("roi_common.cuh", "roi_align.cu", "roi_pool.cu", "roi_check.cu", "roi_fixed.cu")
+_FILES = (
+    "roi_common.cuh",
+    "roi_align.cu",
+    "roi_pool.cu",
+    "roi_check.cu",
+    "roi_fixed.cu",
+    "ps_roi_align.cu",
+    "ps_roi_pool.cu",
+)
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"roi_common\.cuh"\s*$', re.MULTILINE)
 
 KERNELS = (
@@ -24,6 +32,10 @@ KERNELS = (
     "roi_check",
     "roi_abs_max",
     "roi_fixed_finish",
+    "ps_roi_align_forward",
+    "ps_roi_align_backward",
+    "ps_roi_pool_forward",
+    "ps_roi_pool_backward",
 )
 # Storage dtype -> the kernel's scalar type T; the compute type is float for all but float64.
 SCALAR_TYPES = {

@@ -7,6 +7,7 @@ import numpy
 import roi_cupy._emulator as emulator
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import roi_align, roi_check, roi_pool
+from roi_cupy._cuda import ps_roi_align, ps_roi_pool
 
 # C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
 CAPABILITIES = Capabilities()
@@ -87,3 +88,56 @@ def first_invalid(
     """The first invalid RoI of ``rois [K, 5]`` (a value of magnitude above ``limit`` is invalid
     too) and the first of ``indices`` outside ``[-1, plane)``; -1 for none."""
     return roi_check.first_invalid(emulator.runtime(), rois, batch, limit, indices, plane)
+
+
+# ----------------------------------------------------------------------------- position-sensitive
+def ps_roi_align_forward(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+) -> numpy.ndarray:
+    """PS RoI Align of ``input [N, C, H, W]`` over ``rois [K, 5]``; returns
+    ``[K, C / (PH * PW), PH, PW]``."""
+    return ps_roi_align.forward(
+        emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio
+    )
+
+
+def ps_roi_align_backward(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+) -> numpy.ndarray:
+    """Input gradient of PS RoI Align for ``grad_output [K, C / (PH * PW), PH, PW]``; returns
+    ``[N, C, H, W]``."""
+    return ps_roi_align.backward(
+        emulator.runtime(), grad_output, rois, input_shape, spatial_scale, sampling_ratio
+    )
+
+
+def ps_roi_pool_forward(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+) -> numpy.ndarray:
+    """PS RoI Pool of ``input [N, C, H, W]`` over ``rois [K, 5]``; returns
+    ``[K, C / (PH * PW), PH, PW]``."""
+    return ps_roi_pool.forward(emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale)
+
+
+def ps_roi_pool_backward(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+) -> numpy.ndarray:
+    """Input gradient of PS RoI Pool for ``grad_output [K, C / (PH * PW), PH, PW]``; returns
+    ``[N, C, H, W]``."""
+    return ps_roi_pool.backward(emulator.runtime(), grad_output, rois, input_shape, spatial_scale)

@@ -1,0 +1,104 @@
+// Position-sensitive RoI Align (R-FCN): forward and input gradient. Each bin (ph, pw) of output
+// channel c reads input channel (c * PH + ph) * PW + pw, with RoI Align's geometry at aligned=true
+// (the half-pixel shift, no minimum size). See roi_common.cuh for the math and the type names T
+// (storage), C (compute), I (index).
+#include "roi_common.cuh"
+
+// output[k, c, ph, pw] = mean over the bin's gh x gw samples of the bilinear interpolation of
+// input[b, (c * PH + ph) * PW + pw]; one thread per output element, consecutive threads on
+// consecutive pw.
+//
+// Parameters: const T* input [N, C, H, W], const C* rois [K, 5], T* output
+// [K, C / (PH * PW), PH, PW], I total (= output's size), I channels_out (= C / (PH * PW)),
+// I height, I width, I batch, I pooled_h, I pooled_w, C spatial_scale, int sampling_h,
+// int sampling_w (samples per bin along y and x; <= 0: adaptive along that axis).
+template <typename T, typename I>
+__global__ void ps_roi_align_forward(
+    const T* __restrict__ input, const typename roi_compute<T>::type* __restrict__ rois,
+    T* __restrict__ output, I total, I channels_out, I height, I width, I batch, I pooled_h,
+    I pooled_w, typename roi_compute<T>::type spatial_scale, int sampling_h, int sampling_w)
+{
+    typedef typename roi_compute<T>::type C;
+    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+        const roi_bin<I> o = roi_split(index, channels_out, pooled_h, pooled_w);
+        const C* roi = rois + o.k * 5;
+        const I b = roi_batch(roi, batch, height, width);
+        if (b < 0) {
+            roi_store(output + index, C(0));
+            continue;
+        }
+        const roi_align_bin<C> s = roi_align_locate(
+            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, true, sampling_h,
+            sampling_w);
+
+        const T* plane = input + roi_ps_plane(o, b, channels_out, pooled_h, pooled_w) * height *
+                                     width;
+        roi_sum<C> sum;
+        for (int iy = s.y_first; iy < s.y_last; ++iy) {
+            roi_lerp<C, I> wy;
+            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
+            const T* row_lo = plane + wy.lo * width;
+            const T* row_hi = plane + wy.hi * width;
+            for (int ix = s.x_first; ix < s.x_last; ++ix) {
+                roi_lerp<C, I> wx;
+                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
+                sum.add(wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) +
+                        wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
+                        wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) +
+                        wy.whi * wx.whi * roi_load(row_hi[wx.hi]));
+            }
+        }
+        // Samples outside the map count too; a bin without samples (an empty or reversed box
+        // under adaptive sampling) gives 0.
+        const C count = roi_max(C(s.y.grid) * C(s.x.grid), C(1));
+        roi_store(output + index, sum.total / count);
+    }
+}
+
+// grad_input[b, (c * PH + ph) * PW + pw] += for every sample of bin (ph, pw), its four bilinear
+// corners weighted by grad_output[k, c, ph, pw] / (gh * gw). One thread per grad_output element,
+// atomicAdd into an accumulator of the compute type C (zero-filled by the caller; half is rounded
+// once afterwards).
+//
+// Parameters: const T* grad_output [K, C / (PH * PW), PH, PW], const C* rois [K, 5],
+// C* grad_input [N, C, H, W], I total (= grad_output's size), I channels_out, I height, I width,
+// I batch, I pooled_h, I pooled_w, C spatial_scale, int sampling_h, int sampling_w.
+template <typename T, typename I>
+__global__ void ps_roi_align_backward(
+    const T* __restrict__ grad_output, const typename roi_compute<T>::type* __restrict__ rois,
+    typename roi_compute<T>::type* __restrict__ grad_input, I total, I channels_out, I height,
+    I width, I batch, I pooled_h, I pooled_w, typename roi_compute<T>::type spatial_scale,
+    int sampling_h, int sampling_w)
+{
+    typedef typename roi_compute<T>::type C;
+    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+        const roi_bin<I> o = roi_split(index, channels_out, pooled_h, pooled_w);
+        const C* roi = rois + o.k * 5;
+        const I b = roi_batch(roi, batch, height, width);
+        if (b < 0) continue;
+        const roi_align_bin<C> s = roi_align_locate(
+            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, true, sampling_h,
+            sampling_w);
+        if (s.y_first >= s.y_last || s.x_first >= s.x_last) continue;
+
+        // No max(., 1) here: a bin without samples has no sample to pass gradient to.
+        const C count = C(s.y.grid) * C(s.x.grid);
+        const C g = roi_load(grad_output[index]);
+        C* plane = grad_input + roi_ps_plane(o, b, channels_out, pooled_h, pooled_w) * height *
+                                    width;
+        for (int iy = s.y_first; iy < s.y_last; ++iy) {
+            roi_lerp<C, I> wy;
+            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
+            C* row_lo = plane + wy.lo * width;
+            C* row_hi = plane + wy.hi * width;
+            for (int ix = s.x_first; ix < s.x_last; ++ix) {
+                roi_lerp<C, I> wx;
+                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
+                atomicAdd(row_lo + wx.lo, g * (wy.wlo * wx.wlo) / count);
+                atomicAdd(row_lo + wx.hi, g * (wy.wlo * wx.whi) / count);
+                atomicAdd(row_hi + wx.lo, g * (wy.whi * wx.wlo) / count);
+                atomicAdd(row_hi + wx.hi, g * (wy.whi * wx.whi) / count);
+            }
+        }
+    }
+}

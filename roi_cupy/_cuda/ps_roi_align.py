@@ -1,0 +1,103 @@
+"""Launchers of the position-sensitive RoI Align kernels (cuda/ps_roi_align.cu), for any runtime
+(GPU or emulator).
+
+Arguments arrive as ``roi_cupy._backend`` promises: C-contiguous arrays of ``rt.xp``, rois
+``[K, 5]`` of the compute dtype, a channel count C that is a multiple of ``PH * PW``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from roi_cupy._cuda import launch
+from roi_cupy._cuda.roi_align import _sampling
+
+
+def forward(
+    rt: Any,
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+) -> Any:
+    """PS RoI Align of every RoI.
+
+    Args:
+        rt: the runtime (``xp`` and ``function``).
+        input (ndarray[N, C, H, W]): features, float16, bfloat16, float32 or float64; C a
+            multiple of ``PH * PW``.
+        rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` in the compute dtype.
+        pooled_h, pooled_w (int): bins per RoI, >= 1.
+        spatial_scale (float): box-to-feature coordinate factor.
+        sampling_ratio ((int, int)): samples per bin along y and x; <= 0 for adaptive.
+
+    Returns:
+        ndarray[K, C / (PH * PW), PH, PW] in the input's dtype.
+    """
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    groups = c // (pooled_h * pooled_w)
+    output = rt.xp.empty((k, groups, pooled_h, pooled_w), dtype=input.dtype)
+    if output.size == 0:
+        return output
+    if input.size == 0:  # no pixel to sample: every RoI is invalid
+        output[...] = 0
+        return output
+    index64 = launch.use_index64(input.size, output.size, rois.size)
+    i = launch.index_scalar(index64)
+    real = launch.compute_dtype(input.dtype).type
+    grid, block = launch.grid(output.size)
+    rt.function(launch.kernel_name("ps_roi_align_forward", input.dtype, index64))(
+        grid,
+        block,
+        (
+            input, rois, output,
+            i(output.size), i(groups), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+            real(spatial_scale), *_sampling(sampling_ratio),
+        ),
+    )
+    return output
+
+
+def backward(
+    rt: Any,
+    grad_output: Any,
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+) -> Any:
+    """Gradient of :func:`forward` with respect to its input.
+
+    Args:
+        rt: the runtime.
+        grad_output (ndarray[K, C / (PH * PW), PH, PW]): float16, bfloat16, float32 or float64.
+        rois (ndarray[K, 5]): as for :func:`forward`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)``.
+        spatial_scale, sampling_ratio: as for :func:`forward`.
+
+    Returns:
+        ndarray[N, C, H, W] in grad_output's dtype.
+    """
+    n, _, h, w = input_shape
+    _, groups, pooled_h, pooled_w = grad_output.shape
+    real = launch.compute_dtype(grad_output.dtype)
+    # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
+    grad_input = rt.xp.zeros(input_shape, dtype=real)
+    if grad_output.size and grad_input.size:
+        index64 = launch.use_index64(grad_input.size, grad_output.size, rois.size)
+        i = launch.index_scalar(index64)
+        grid, block = launch.grid(grad_output.size)
+        rt.function(launch.kernel_name("ps_roi_align_backward", grad_output.dtype, index64))(
+            grid,
+            block,
+            (
+                grad_output, rois, grad_input,
+                i(grad_output.size), i(groups), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+                real.type(spatial_scale), *_sampling(sampling_ratio),
+            ),
+        )
+    return grad_input.astype(grad_output.dtype, copy=False)

@@ -1,0 +1,99 @@
+"""Position-sensitive RoI Align's functional entry points: check, normalise, dispatch to a
+backend."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from roi_cupy import _args
+from roi_cupy._args import BoxesLike, SamplingLike, SizeLike
+
+
+def ps_roi_align(
+    input: Any,
+    boxes: BoxesLike,
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    sampling_ratio: SamplingLike = -1,
+    *,
+    validate: bool = True,
+) -> Any:
+    """Position-sensitive RoI Align (R-FCN): RoI Align in which each bin reads its own channels.
+
+    Output channel ``c`` at bin ``(ph, pw)`` is RoI Align (with the half-pixel shift of
+    ``aligned=True``, always) of input channel ``(c * PH + ph) * PW + pw``: torchvision's
+    ``ps_roi_align``.
+
+    Args:
+        input (Tensor[N, C, H, W]): features, float16, bfloat16, float32 or float64; C must be a
+            multiple of ``PH * PW``.
+        boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): ``(batch_index, x1, y1, x2, y2)`` rows,
+            or each image's ``(x1, y1, x2, y2)`` boxes, in input-image coordinates.
+        output_size (int or (int, int)): ``PH, PW`` of each crop.
+        spatial_scale (float): multiplies box coordinates to reach feature coordinates.
+            Default: 1.0.
+        sampling_ratio (int or (int, int)): samples per bin along each axis, or a pair
+            ``(sampling_h, sampling_w)``; ``<= 0`` picks ``ceil(roi_size / output_size)`` along
+            that axis per RoI (adaptive), at most 2**20. Default: -1.
+        validate (bool): check that boxes are finite with integral in-range batch indices (one
+            device synchronisation on a GPU). With ``False`` an invalid RoI gives zeros.
+            Default: True.
+
+    Returns:
+        Tensor[K, C / (PH * PW), PH, PW]: in the input's dtype and array kind.
+    """
+    call = _args.Call(input, "input")
+    _args.check_features(call.array, "input")
+    pooled_h, pooled_w = _args.output_size_pair(output_size)
+    _args.position_groups(call.array.shape[1], (pooled_h, pooled_w), "input", output_size)
+    compute = _args.compute_dtype(call.array.dtype)
+    scale, ratio = _args.spatial_scale_of(spatial_scale, compute), _args.sampling_of(sampling_ratio)
+    validate = _args.flag(validate, "validate")
+    prepared = _args.normalise_boxes(boxes, call.array.shape[0], call.device, compute)
+    with call.scope():
+        if validate:
+            prepared.check(call.backend, call.array.shape[0])
+        out = call.backend.ps_roi_align_forward(
+            call.native(), prepared.array, pooled_h, pooled_w, scale, ratio
+        )
+    return call.give_back(out)
+
+
+def ps_roi_align_backward(
+    grad_output: Any,
+    boxes: BoxesLike,
+    input_shape: Sequence[int],
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    sampling_ratio: SamplingLike = -1,
+    *,
+    validate: bool = True,
+) -> Any:
+    """Gradient of :func:`ps_roi_align` with respect to its input (boxes get none).
+
+    Args:
+        grad_output (Tensor[K, C / (PH * PW), PH, PW]): gradient of the loss with respect to the
+            output.
+        boxes, output_size, spatial_scale, sampling_ratio, validate: as passed to
+            :func:`ps_roi_align`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
+
+    Returns:
+        Tensor[N, C, H, W]: in grad_output's dtype and array kind. Deterministic on NumPy.
+    """
+    call = _args.Call(grad_output, "grad_output")
+    shape = _args.input_shape_of(input_shape)
+    size = _args.output_size_pair(output_size)
+    groups = _args.position_groups(shape[1], size, "input_shape", output_size)
+    compute = _args.compute_dtype(call.array.dtype)
+    scale, ratio = _args.spatial_scale_of(spatial_scale, compute), _args.sampling_of(sampling_ratio)
+    validate = _args.flag(validate, "validate")
+    prepared = _args.normalise_boxes(boxes, shape[0], call.device, compute)
+    _args.check_position_grad_output(call.array, prepared.array.shape[0], groups, size)
+    with call.scope():
+        if validate:
+            prepared.check(call.backend, shape[0])
+        grad_input = call.backend.ps_roi_align_backward(
+            call.native(), prepared.array, shape, scale, ratio
+        )
+    return call.give_back(grad_input)
