@@ -20,6 +20,8 @@ KERNELS = (
     "roi_pool_forward",
     "roi_pool_backward",
     "roi_check",
+    "roi_align_max_forward",
+    "roi_align_max_backward",
 )
 # Storage dtype -> the kernel's scalar type T; the compute type is float for all but float64.
 SCALAR_TYPES = {

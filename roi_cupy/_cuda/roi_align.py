@@ -28,6 +28,8 @@ def forward(
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
+    *,
+    kernel: str = "roi_align_forward",
 ) -> Any:
     """RoI Align of every RoI.
 
@@ -39,6 +41,9 @@ def forward(
         spatial_scale (float): box-to-feature coordinate factor.
         sampling_ratio ((int, int)): samples per bin along y and x; <= 0 for adaptive.
         aligned (bool): shift boxes by -0.5 pixel.
+        kernel (str): ``"roi_align_forward"`` (the mean of a bin's samples) or
+            ``"roi_align_max_forward"`` (their maximum), which take the same arguments.
+            Default: "roi_align_forward".
 
     Returns:
         ndarray[K, C, PH, PW] in the input's dtype.
@@ -55,7 +60,7 @@ def forward(
     i = launch.index_scalar(index64)
     real = launch.compute_dtype(input.dtype).type
     grid, block = launch.grid(output.size)
-    rt.function(launch.kernel_name("roi_align_forward", input.dtype, index64))(
+    rt.function(launch.kernel_name(kernel, input.dtype, index64))(
         grid,
         block,
         (
@@ -102,6 +107,68 @@ def backward(
             block,
             (
                 grad_output, rois, grad_input,
+                i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+                real.type(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
+            ),
+        )
+    return grad_input.astype(grad_output.dtype, copy=False)
+
+
+def max_forward(
+    rt: Any,
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Any:
+    """RoI Align in max mode: :func:`forward` with each bin's largest sample."""
+    return forward(
+        rt, input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+        kernel="roi_align_max_forward",
+    )
+
+
+def max_backward(
+    rt: Any,
+    grad_output: Any,
+    input: Any,
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Any:
+    """Gradient of :func:`max_forward` with respect to its input.
+
+    Args:
+        rt: the runtime.
+        grad_output (ndarray[K, C, PH, PW]): float16, bfloat16, float32 or float64.
+        input (ndarray[N, C, H, W]): the forward's features, in grad_output's dtype; each bin's
+            pick is found in them again.
+        rois (ndarray[K, 5]): as for :func:`forward`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)``.
+        spatial_scale, sampling_ratio, aligned: as for :func:`forward`.
+
+    Returns:
+        ndarray[N, C, H, W] in grad_output's dtype.
+    """
+    n, c, h, w = input_shape
+    _, _, pooled_h, pooled_w = grad_output.shape
+    real = launch.compute_dtype(grad_output.dtype)
+    # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
+    grad_input = rt.xp.zeros(input_shape, dtype=real)
+    if grad_output.size and grad_input.size:
+        index64 = launch.use_index64(grad_input.size, grad_output.size, rois.size)
+        i = launch.index_scalar(index64)
+        grid, block = launch.grid(grad_output.size)
+        rt.function(launch.kernel_name("roi_align_max_backward", grad_output.dtype, index64))(
+            grid,
+            block,
+            (
+                grad_output, input, rois, grad_input,
                 i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
                 real.type(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
             ),

@@ -82,6 +82,12 @@ class _Axis:
             weight of the high pixel in the compute dtype (0 at the snapped edge; the low pixel
             weighs ``1 - frac``), computed in the kernels' order of operations.
         """
+        kp, _, low, high, frac = self.samples(rois)
+        return kp, low, high, frac
+
+    def samples(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, ...]:
+        """:meth:`taps` with each sample's index in its bin's grid (int64, increasing within a
+        bin) second."""
         ct, size = self.ct, self.size
         n = self.n[rois]
         kg, pooled = n.shape
@@ -97,14 +103,14 @@ class _Axis:
                 (index.astype(ct) + ct.type(0.5)) * bin_size
             ) / self.grid[rois].astype(ct)[k]
         inside = (y >= -1) & (y <= size)  # NaN fails both
-        kp, y = kp[inside], y[inside]
+        kp, index, y = kp[inside], index[inside].astype(numpy.int64), y[inside]
         y = numpy.maximum(y, ct.type(0))
         low = numpy.floor(y).astype(numpy.int64)
         edge = low >= size - 1
         low = numpy.where(edge, size - 1, low)
         high = numpy.where(edge, low, low + 1)
         frac = numpy.where(edge, ct.type(0), y - low.astype(ct))
-        return kp, low, high, frac
+        return kp, index, low, high, frac
 
     def weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """Compressed weight matrices of the RoIs ``rois`` (indices into the block).
@@ -484,6 +490,284 @@ def roi_align_backward(
             for i in range(g):
                 ry, rx = group.used_y[i], group.used_x[i]
                 acc[pixel[i, :ry, :rx].ravel()] += part[i, :ry, :rx].reshape(ry * rx, c1 - c0)
+        with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+            grad_input[:, c0:c1] = acc.reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
+    return grad_input
+
+
+
+# ----------------------------------------------------------------------------- max mode
+# Max mode (docs/semantics.md, "RoI Align, max mode") needs every sample's own value, which the
+# separable products above never form. A bin's samples inside the map are the pairs of its y and
+# x samples inside it (from the same _Axis as the mean). The pairs of a run of RoIs are numbered
+# bin by bin, row-major (iy, ix) within a bin, and evaluated a slice at a time: four gathers from
+# the channels-last features summed in the kernels' order of operations, then a segmented maximum
+# and the first position of it in each bin. Picks carry over from slice to slice, so a bin may
+# span slices and the memory stays bounded whatever the sampling grid. The samples outside the
+# map read 0; only the first of them in a bin can be picked, and it is merged in last.
+
+# Bytes of per-pair temporaries in one slice, and of the running picks of one run of RoIs.
+_PAIR_BUDGET = 4 << 20
+_PICK_BUDGET = 16 << 20
+# Bytes per pair and channel in a slice (four gathers, their sum, the first-position search) and
+# per pick and channel (value, pair, and the working copies of a merge).
+_PAIR_BYTES = 72
+_PICK_BYTES = 40
+
+
+class _Pairs:
+    """The pairs of a run of RoIs: the samples of each bin that lie inside the map.
+
+    Pairs are numbered bin by bin (C order over ``(RoI, ph, pw)``), row-major within a bin.
+    """
+
+    def __init__(self, ay: _Axis, ax: _Axis, local: numpy.ndarray, b: numpy.ndarray, h, w):
+        g, pooled_h, pooled_w = local.size, ay.n.shape[1], ax.n.shape[1]
+        self.ct, self.w, self.pooled = ay.ct, w, (pooled_h, pooled_w)
+        self.base = b * (h * w)
+        ky, self.iy, self.ylo, self.yhi, self.fy = ay.samples(local)
+        kx, self.ix, self.xlo, self.xhi, self.fx = ax.samples(local)
+        self.ny = numpy.bincount(ky, minlength=g * pooled_h)
+        self.nx = numpy.bincount(kx, minlength=g * pooled_w)
+        self.sy = numpy.cumsum(self.ny) - self.ny
+        self.sx = numpy.cumsum(self.nx) - self.nx
+        # A zero-size bin puts all its samples on one point, which _Axis evaluates once: they
+        # are equal, so the first is the pick, as if the grid had one sample.
+        gh = numpy.where(ay.bin[local] == 0, numpy.minimum(ay.grid[local], 1), ay.grid[local])
+        gw = numpy.where(ax.bin[local] == 0, numpy.minimum(ax.grid[local], 1), ax.grid[local])
+        self.gw = gw.astype(numpy.int64)
+        # The first index of each bin row (column) whose sample is outside: the inside ones
+        # are the indices 0, 1, ... up to it.
+        lead_y = numpy.bincount(
+            ky, weights=self.iy == numpy.arange(ky.size) - self.sy[ky], minlength=g * pooled_h
+        ).astype(numpy.int64)
+        lead_x = numpy.bincount(
+            kx, weights=self.ix == numpy.arange(kx.size) - self.sx[kx], minlength=g * pooled_w
+        ).astype(numpy.int64)
+        my = lead_y.reshape(g, pooled_h, 1)
+        mx = lead_x.reshape(g, 1, pooled_w)
+        gh3, gw3 = gh.astype(numpy.int64)[:, None, None], self.gw[:, None, None]
+        # Each bin's first outside sample in row-major order, as iy * gw + ix; -1 for none.
+        self.outside = numpy.where(
+            my == 0, 0, numpy.where(mx < gw3, mx, numpy.where(my < gh3, my * gw3, -1))
+        ).reshape(-1)
+        self.count = (self.ny.reshape(g, pooled_h, 1) * self.nx.reshape(g, 1, pooled_w)).ravel()
+        self.ends = numpy.cumsum(self.count)
+        self.total = int(self.ends[-1]) if self.ends.size else 0
+
+    def locate(self, t: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+        """``(bin, y sample, x sample)`` of the pairs ``t`` (values in ``[0, total)``)."""
+        pooled_h, pooled_w = self.pooled
+        j = numpy.searchsorted(self.ends, t, side="right")
+        u = t - (self.ends[j] - self.count[j])
+        column = j // (pooled_h * pooled_w) * pooled_w + j % pooled_w
+        across = self.nx[column]
+        return j, self.sy[j // pooled_w] + u // across, self.sx[column] + u % across
+
+    def position(self, j: numpy.ndarray, yt: numpy.ndarray, xt: numpy.ndarray) -> numpy.ndarray:
+        """The row-major position ``iy * gw + ix`` of pairs in their bins ``j``."""
+        pooled_h, pooled_w = self.pooled
+        return self.iy[yt] * self.gw[j // (pooled_h * pooled_w)] + self.ix[xt]
+
+    def corners(self, j, yt, xt):
+        """The four ``(pixel, weight)`` corners of pairs, as the kernels form them: pixels are
+        flat ``(b * H + row) * W + col``, weights in the compute dtype."""
+        pooled_h, pooled_w = self.pooled
+        ct, w = self.ct, self.w
+        one = ct.type(1)
+        wyh, wxh = self.fy[yt], self.fx[xt]
+        wyl, wxl = one - wyh, one - wxh
+        base = self.base[j // (pooled_h * pooled_w)]
+        r0, r1 = base + self.ylo[yt] * w, base + self.yhi[yt] * w
+        c0, c1 = self.xlo[xt], self.xhi[xt]
+        return (
+            (r0 + c0, wyl * wxl), (r0 + c1, wyl * wxh), (r1 + c0, wyh * wxl), (r1 + c1, wyh * wxh)
+        )
+
+
+def _pick(x: numpy.ndarray, pairs: _Pairs, cc: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """The picks of every bin of a run, from ``x`` (channels-last ``[N * H * W, Cc]``).
+
+    Returns:
+        (ndarray[B, Cc], ndarray[B, Cc] int64): each bin's pick's value (0 for an outside pick
+        or a bin without samples) and its pair (-1 where it has no corners).
+    """
+    ct = pairs.ct
+    bins = pairs.count.size
+    value = numpy.zeros((bins, cc), dtype=ct)
+    pair = numpy.full((bins, cc), -1, dtype=numpy.int64)
+    found = numpy.zeros(bins, dtype=bool)
+    step = max(1, _PAIR_BUDGET // (cc * _PAIR_BYTES))
+    with numpy.errstate(invalid="ignore", over="ignore"):  # 0 * inf and inf - inf are NaN
+        for t0 in range(0, pairs.total, step):
+            t = numpy.arange(t0, min(pairs.total, t0 + step))
+            j, yt, xt = pairs.locate(t)
+            v = 0
+            for pixel, weight in pairs.corners(j, yt, xt):
+                v = v + weight[:, None] * x[pixel]
+            opens = numpy.diff(j, prepend=-1) != 0
+            start = numpy.flatnonzero(opens)
+            segment = numpy.cumsum(opens) - 1
+            top = numpy.maximum.reduceat(v, start, axis=0)  # NaN if the bin has one
+            hit = (v == top[segment]) | numpy.isnan(v)
+            first = numpy.minimum.reduceat(
+                numpy.where(hit, numpy.arange(t.size)[:, None], t.size), start, axis=0
+            )
+            new = numpy.take_along_axis(v, first, axis=0)
+            # A later slice's pick replaces an earlier one only when strictly greater, or NaN
+            # over a number: the first maximum wins, as in the kernels.
+            jb = j[start]
+            old = value[jb]
+            take = ~found[jb, None] | (new > old) | (numpy.isnan(new) & ~numpy.isnan(old))
+            value[jb] = numpy.where(take, new, old)
+            pair[jb] = numpy.where(take, t0 + first, pair[jb])
+            found[jb] = True
+    # The first outside sample (value 0) where it comes before an equal pick, or beats it.
+    rows = numpy.flatnonzero(pairs.outside >= 0)
+    if rows.size:
+        cur, held = value[rows], pair[rows]
+        earlier = numpy.ones(held.shape, dtype=bool)
+        tied = (held >= 0) & (cur == 0)
+        if tied.any():
+            outside = numpy.broadcast_to(pairs.outside[rows, None], held.shape)
+            earlier[tied] = outside[tied] < pairs.position(*pairs.locate(held[tied]))
+        out = ~found[rows, None] | (cur < 0) | ((cur == 0) & earlier)
+        value[rows] = numpy.where(out, ct.type(0), cur)
+        pair[rows] = numpy.where(out, -1, held)
+    return value, pair
+
+
+def _max_runs(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, c0, c1, x):
+    """Yield ``(kidx, pairs, value, pair)`` for every run of RoIs that has a sample inside the
+    map, picked from ``x``, the channels ``c0:c1`` of ``input`` channels-last; RoIs left out
+    hold 0 in every bin."""
+    n, _, h, w = input.shape
+    ct = x.dtype
+    cc = c1 - c0
+    shape = input.shape
+    block = max(16, min(1024, (1 << 22) // (max(pooled_h, pooled_w) * max(h, w))))
+    per_roi = pooled_h * pooled_w * cc * _PICK_BYTES
+    for s in range(0, rois.shape[0], block):
+        chunk = rois[s : s + block]
+        b, valid = _common.batch_index(chunk, n)
+        safe = numpy.where(valid[:, None], chunk, 0).astype(ct)
+        ay, ax = _axes(safe, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct)
+        active = numpy.flatnonzero(valid & (ay.bound > 0) & (ax.bound > 0))
+        # Runs whose samples (an upper bound) and picks fit their budgets; at least one RoI.
+        taps = numpy.cumsum(ay.n[active].sum(axis=1) + ax.n[active].sum(axis=1))
+        most = max(1, _PICK_BUDGET // per_roi)
+        i = 0
+        while i < active.size:
+            done = int(taps[i - 1]) if i else 0
+            j = int(numpy.searchsorted(taps, done + _TAPS, side="right"))
+            j = max(i + 1, min(j, i + most))
+            local = active[i:j]
+            pairs = _Pairs(ay, ax, local, b[local], h, w)
+            value, pair = _pick(x, pairs, cc)
+            yield s + local, pairs, value, pair
+            i = j
+
+
+def _max_channels(c: int, n: int, h: int, w: int, pooled: int, itemsize: int) -> int:
+    """Channels per slice: one channels-last copy within its budget, and one RoI's picks within
+    theirs."""
+    one_roi = _PICK_BUDGET // (pooled * _PICK_BYTES)
+    return max(1, min(_common.channel_chunk(c, n * h * w, itemsize), one_roi))
+
+
+def roi_align_max_forward(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+) -> numpy.ndarray:
+    """RoI Align in max mode: each bin holds its largest sample (docs/semantics.md).
+
+    Args:
+        input (ndarray[N, C, H, W]): features (float16, bfloat16, float32 or float64), any
+            strides.
+        rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned: as for
+            :func:`roi_align_forward`.
+
+    Returns:
+        ndarray[K, C, PH, PW]: in the input's dtype. A bin holds the value of its first sample
+        in row-major order that no other exceeds (NaN the largest; a sample outside the map
+        reads 0), 0 without samples.
+    """
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    out = numpy.zeros((k, c, pooled_h, pooled_w), dtype=input.dtype)
+    if out.size == 0 or h == 0 or w == 0:
+        return out
+    ct = _common.compute_dtype(input.dtype)
+    cc = _max_channels(c, n, h, w, pooled_h * pooled_w, ct.itemsize)
+    for c0 in range(0, c, cc):
+        c1 = min(c, c0 + cc)
+        x = _common.channels_last(input, c0, c1, ct)
+        runs = _max_runs(
+            input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, c0, c1, x
+        )
+        for kidx, _, value, _ in runs:
+            value = value.reshape(kidx.size, pooled_h, pooled_w, c1 - c0)
+            with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+                out[kidx, c0:c1] = value.transpose(0, 3, 1, 2)
+    return out
+
+
+def roi_align_max_backward(
+    grad_output: numpy.ndarray,
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+) -> numpy.ndarray:
+    """Gradient of :func:`roi_align_max_forward` with respect to its input; deterministic.
+
+    Each bin's pick is found again in ``input``, and the bin's gradient goes to the pick's four
+    bilinear corners, ``grad * weight``; a pick outside the map and a bin without samples pass
+    nothing. Summed in the compute dtype in a fixed order and rounded once.
+
+    Args:
+        grad_output (ndarray[K, C, PH, PW]): gradient of the output, any strides.
+        input (ndarray[N, C, H, W]): the forward's features, in grad_output's dtype, any strides.
+        rois, input_shape, spatial_scale, sampling_ratio, aligned: as for
+            :func:`roi_align_backward`.
+
+    Returns:
+        ndarray[N, C, H, W]: in grad_output's dtype.
+    """
+    n, c, h, w = input_shape
+    k, _, pooled_h, pooled_w = grad_output.shape
+    grad_input = numpy.zeros((n, c, h, w), dtype=grad_output.dtype)
+    if grad_input.size == 0 or k == 0:
+        return grad_input
+    ct = _common.compute_dtype(grad_output.dtype)
+    cc = _max_channels(c, n, h, w, pooled_h * pooled_w, ct.itemsize)
+    for c0 in range(0, c, cc):
+        c1 = min(c, c0 + cc)
+        x = _common.channels_last(input, c0, c1, ct)
+        acc = numpy.zeros((n * h * w, c1 - c0), dtype=ct)
+        runs = _max_runs(
+            input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, c0, c1, x
+        )
+        for kidx, pairs, _, pair in runs:
+            bins, channel = numpy.nonzero(pair >= 0)
+            if bins.size == 0:
+                continue
+            grad = numpy.empty((kidx.size, pooled_h, pooled_w, c1 - c0), dtype=ct)
+            grad[...] = grad_output[kidx, c0:c1].transpose(0, 2, 3, 1)
+            g = grad.reshape(-1, c1 - c0)[bins, channel]
+            corners = pairs.corners(*pairs.locate(pair[bins, channel]))
+            pixel = numpy.stack([p for p, _ in corners], axis=1)
+            with numpy.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN
+                part = g[:, None] * numpy.stack([wt for _, wt in corners], axis=1)
+            # Pick by pick, corner by corner: the order of the sum is the same for any runs.
+            numpy.add.at(acc, (pixel.ravel(), numpy.repeat(channel, 4)), part.ravel())
         with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
             grad_input[:, c0:c1] = acc.reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
     return grad_input

@@ -1,0 +1,512 @@
+"""roi_align(mode="max") and its backward: every backend against the float64 reference, the edge
+facts of docs/semantics.md ("RoI Align, max mode") by hand, mmcv's cases, the argument checks,
+the NumPy backend's slicing, and the adapters (torch, JAX, dask, the babilim layer)."""
+from __future__ import annotations
+
+import functools
+
+import numpy
+import pytest
+from conftest import (
+    DTYPES,
+    SAMPLING_RATIOS,
+    TOLERANCE,
+    assert_matches,
+    compute_dtype,
+    image_major,
+    make_rng,
+    per_image,
+    random_boxes,
+    random_features,
+)
+from reference import (
+    roi_align_backward_ref,
+    roi_align_max_backward_ref,
+    roi_align_max_ref,
+    roi_align_ref,
+)
+
+import roi_cupy
+
+DTYPE_IDS = lambda d: numpy.dtype(d).name  # noqa: E731
+
+
+def run(backend, x, boxes, output_size, contiguous=True, **kwargs):
+    """roi_align(mode="max") on ``backend`` with NumPy ``x`` and boxes ([K, 5] or a list)."""
+    if isinstance(boxes, list):
+        boxes = [backend.asarray(b) for b in boxes]
+    else:
+        boxes = backend.asarray(boxes)
+    with backend.active():
+        out = roi_cupy.roi_align(
+            backend.features(x, contiguous), boxes, output_size, mode="max", **kwargs
+        )
+    return backend.to_numpy(out)
+
+
+def run_backward(backend, g, x, rois, output_size, contiguous=True, **kwargs):
+    """roi_align_backward(mode="max") on ``backend``; ``x`` is the forward's input."""
+    with backend.active():
+        grad = roi_cupy.roi_align_backward(
+            backend.features(g, contiguous), backend.asarray(rois), x.shape, output_size,
+            mode="max", input=backend.features(x, contiguous), **kwargs,
+        )
+    return backend.to_numpy(grad)
+
+
+def plane(h=4, w=4, dtype=numpy.float64):
+    """One image, two channels: ``10 * row + col`` and its negative minus one."""
+    base = 10.0 * numpy.arange(h)[:, None] + numpy.arange(w)[None, :]
+    return numpy.stack([base, -base - 1.0])[None].astype(dtype)
+
+
+# ----------------------------------------------------------------------------- the oracle itself
+def test_reference_hand_values():
+    """Box x in [0, 12], y in [0, 2] on the 4 x 4 plane, one bin, 2 x 2 samples (unaligned):
+    y in {0.5, 1.5}, x in {3 (snapped to column 3), 9 (outside)}. Channel 0 reads 8 and 18 and
+    two outside zeros: 18. Channel 1 reads -9 and -19: the outside sample's 0 is the maximum,
+    and it passes no gradient."""
+    x = plane()
+    rois = numpy.array([[0, 0, 0, 12, 2]], dtype=numpy.float64)
+    assert roi_align_max_ref(x, rois, 1, sampling_ratio=2).ravel().tolist() == [18.0, 0.0]
+    grad = roi_align_max_backward_ref(numpy.ones((1, 2, 1, 1)), x, rois, sampling_ratio=2)
+    expected = numpy.zeros((1, 2, 4, 4))
+    expected[0, 0, 1, 3] = expected[0, 0, 2, 3] = 0.5  # y = 1.5 between rows 1 and 2
+    numpy.testing.assert_array_equal(grad, expected)
+
+
+# ----------------------------------------------------------------------------- the parameter grid
+@functools.cache
+def grid_case(dtype_name, aligned, sampling_ratio):
+    dtype = numpy.dtype(dtype_name)
+    rng = make_rng("align max grid", dtype_name, aligned, sampling_ratio)
+    n, c, h, w = 2, 3, 10, 12
+    x = random_features(rng, (n, c, h, w), dtype)
+    rois = random_boxes(rng, n, 7, h, w, 0.5, dtype=compute_dtype(dtype))
+    g = random_features(rng, (7, c, 3, 4), dtype)
+    expected = roi_align_max_ref(x, rois, (3, 4), 0.5, sampling_ratio, aligned)
+    grad = roi_align_max_backward_ref(g, x, rois, 0.5, sampling_ratio, aligned)
+    return x, rois, g, expected, grad
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("sampling_ratio", SAMPLING_RATIOS, ids=str)
+@pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forward_matches_reference(backend, dtype, aligned, sampling_ratio, contiguous):
+    x, rois, _, expected, _ = grid_case(numpy.dtype(dtype).name, aligned, sampling_ratio)
+    out = run(backend, x, rois, (3, 4), contiguous, spatial_scale=0.5,
+              sampling_ratio=sampling_ratio, aligned=aligned)
+    assert_matches(out, expected, dtype, (7, 3, 3, 4))
+
+
+@pytest.mark.parametrize("sampling_ratio", SAMPLING_RATIOS, ids=str)
+@pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_matches_reference(backend, dtype, aligned, sampling_ratio):
+    x, rois, g, _, expected = grid_case(numpy.dtype(dtype).name, aligned, sampling_ratio)
+    grad = run_backward(backend, g, x, rois, (3, 4), spatial_scale=0.5,
+                        sampling_ratio=sampling_ratio, aligned=aligned)
+    assert_matches(grad, expected, dtype, x.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_reads_strided_arrays(backend, dtype):
+    """grad_output and input as strided views (whose skipped columns hold NaN)."""
+    x, rois, g, _, expected = grid_case(numpy.dtype(dtype).name, True, 2)
+    grad = run_backward(backend, g, x, rois, (3, 4), contiguous=False, spatial_scale=0.5,
+                        sampling_ratio=2, aligned=True)
+    assert_matches(grad, expected, dtype, x.shape)
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2, (1, 3)], ids=str)
+@pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=DTYPE_IDS)
+def test_adjoint_with_the_picks_held(backend, dtype, aligned, sampling_ratio):
+    """With each bin's pick fixed the output is linear in the input, a weighted sum of the
+    pick's corners: <roi_align(x), g> == <x, roi_align_backward(g)>."""
+    x, rois, g, _, _ = grid_case(numpy.dtype(dtype).name, aligned, sampling_ratio)
+    kwargs = dict(spatial_scale=0.5, sampling_ratio=sampling_ratio, aligned=aligned)
+    out = run(backend, x, rois, (3, 4), **kwargs).astype(numpy.float64)
+    grad = run_backward(backend, g, x, rois, (3, 4), **kwargs).astype(numpy.float64)
+    lhs = float((out * g.astype(numpy.float64)).sum())
+    terms = x.astype(numpy.float64) * grad
+    assert numpy.abs(terms).sum() > 0
+    assert abs(lhs - terms.sum()) <= TOLERANCE[numpy.dtype(dtype)] * numpy.abs(terms).sum()
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2, (1, 3)], ids=str)
+@pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
+def test_finite_differences(backend, aligned, sampling_ratio):
+    """Central differences of <roi_align(x), g> match the backward. The output is piecewise
+    linear in x; random features keep every pick clear of a tie by far more than eps, so the
+    differences are exact up to rounding."""
+    rng = make_rng("align max fd", aligned, sampling_ratio)
+    shape = (2, 2, 5, 6)
+    x = random_features(rng, shape, numpy.float64)
+    rois = random_boxes(rng, 2, 4, 5, 6)
+    g = random_features(rng, (4, 2, 2, 3), numpy.float64)
+    kwargs = dict(sampling_ratio=sampling_ratio, aligned=aligned)
+    grad = run_backward(backend, g, x, rois, (2, 3), **kwargs)
+    eps = 1e-6
+    numeric = numpy.empty(shape)
+    for i in numpy.ndindex(shape):
+        plus, minus = x.copy(), x.copy()
+        plus[i] += eps
+        minus[i] -= eps
+        up = (run(backend, plus, rois, (2, 3), **kwargs) * g).sum()
+        down = (run(backend, minus, rois, (2, 3), **kwargs) * g).sum()
+        numeric[i] = (up - down) / (2 * eps)
+    assert numpy.abs(numeric).max() > 0
+    numpy.testing.assert_allclose(grad, numeric, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_boxes_as_per_image_list(backend, dtype):
+    rng = make_rng("align max list", numpy.dtype(dtype).name)
+    x = random_features(rng, (3, 2, 8, 9), dtype)
+    rois = random_boxes(rng, 3, 8, 8, 9, dtype=compute_dtype(dtype))
+    rois[:, 0] = [0, 2, 0, 2, 2, 0, 0, 2]
+    out = run(backend, x, per_image(rois, 3), 2, sampling_ratio=2)
+    assert_matches(out, roi_align_max_ref(x, image_major(rois), 2, sampling_ratio=2), dtype)
+
+
+# ----------------------------------------------------------------------------- avg is untouched
+def test_avg_mode_is_the_default_bit_for_bit(backend):
+    """mode="avg" is today's roi_align: the same bits as no mode, and the backward ignores an
+    input it is given."""
+    x, rois, g, _, _ = grid_case("float32", True, -1)
+    with backend.active():
+        xs, rs, gs = backend.asarray(x), backend.asarray(rois), backend.asarray(g)
+        plain = roi_cupy.roi_align(xs, rs, (3, 4), 0.5, -1, True)
+        avg = roi_cupy.roi_align(xs, rs, (3, 4), 0.5, -1, True, mode="avg")
+        back = roi_cupy.roi_align_backward(gs, rs, x.shape, (3, 4), 0.5, -1, True)
+        back_avg = roi_cupy.roi_align_backward(
+            gs, rs, x.shape, (3, 4), 0.5, -1, True, mode="avg", input=xs
+        )
+    assert backend.to_numpy(plain).tobytes() == backend.to_numpy(avg).tobytes()
+    assert backend.to_numpy(back).tobytes() == backend.to_numpy(back_avg).tobytes()
+    assert_matches(backend.to_numpy(avg), roi_align_ref(x, rois, (3, 4), 0.5, -1, True),
+                   numpy.float32)
+
+
+# ----------------------------------------------------------------------------- edge facts by hand
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_outside_samples_read_zero(backend, dtype):
+    """test_reference_hand_values on the backends: 18 for channel 0, and for channel 1 the
+    outside sample's 0, which passes no gradient."""
+    x = plane(dtype=dtype)
+    rois = numpy.array([[0, 0, 0, 12, 2]], dtype=compute_dtype(dtype))
+    out = run(backend, x, rois, 1, sampling_ratio=2)
+    assert_matches(out, numpy.array([18.0, 0.0]).reshape(1, 2, 1, 1), dtype)
+    grad = run_backward(backend, numpy.ones((1, 2, 1, 1), dtype), x, rois, 1, sampling_ratio=2)
+    expected = numpy.zeros((1, 2, 4, 4))
+    expected[0, 0, 1:3, 3] = 0.5
+    assert_matches(grad, expected, dtype)
+
+
+# (box, plane values by (row, col), output, gradient by (row, col)) on a 4 x 4 plane of -5,
+# aligned, one bin of 2 x 2 samples, gradient 1. Each box puts some samples outside the map;
+# an inside sample of value 0 and the first outside sample tie, and the first in row-major order
+# is the pick.
+TIES_WITH_OUTSIDE = [
+    # x in {3.5 -> column 3, 7.5 outside}, y in {0, 1}: samples (0,3), out, (1,3), out
+    ((2, 0, 10, 2), {(0, 3): 0.0, (1, 3): -1.0}, 0.0, {(0, 3): 1.0}),    # inside (0, 0) first
+    ((2, 0, 10, 2), {(0, 3): -1.0, (1, 3): 0.0}, 0.0, {}),               # outside (0, 1) first
+    ((2, 0, 10, 2), {(0, 3): -1.0, (1, 3): 2.0}, 2.0, {(1, 3): 1.0}),    # inside, greater
+    # y in {3.5 -> row 3, 7.5 outside}, x in {0, 1}: samples (3,0), (3,1), out, out
+    ((0, 2, 2, 10), {(3, 0): -1.0, (3, 1): 0.0}, 0.0, {(3, 1): 1.0}),    # inside (0, 1) first
+    # x in {-4.5 outside, -0.5 -> column 0}, y in {0, 1}: samples out, (0,0), out, (1,0)
+    ((-6, 0, 2, 2), {(0, 0): 0.0, (1, 0): 0.0}, 0.0, {}),                # outside (0, 0) first
+    ((-6, 0, 2, 2), {(0, 0): -1.0, (1, 0): 3.0}, 3.0, {(1, 0): 1.0}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", range(len(TIES_WITH_OUTSIDE)), ids=str)
+def test_ties_with_outside_samples(backend, dtype, case):
+    box, values, value, gradient = TIES_WITH_OUTSIDE[case]
+    x = numpy.full((1, 1, 4, 4), -5.0)
+    for (h, w), v in values.items():
+        x[0, 0, h, w] = v
+    x = x.astype(dtype)
+    rois = numpy.array([[0, *box]], dtype=compute_dtype(dtype))
+    out = run(backend, x, rois, 1, sampling_ratio=2, aligned=True)
+    assert_matches(out, numpy.full((1, 1, 1, 1), value), dtype)
+    grad = run_backward(backend, numpy.ones((1, 1, 1, 1), dtype), x, rois, 1, sampling_ratio=2,
+                        aligned=True)
+    expected = numpy.zeros((1, 1, 4, 4))
+    for (h, w), v in gradient.items():
+        expected[0, 0, h, w] = v
+    assert_matches(grad, expected, dtype, scale=1.0)
+    assert_matches(out, roi_align_max_ref(x, rois, 1, 1.0, 2, True), dtype)
+    expected_ref = roi_align_max_backward_ref(numpy.ones((1, 1, 1, 1)), x, rois, 1.0, 2, True)
+    numpy.testing.assert_array_equal(expected_ref, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ties_go_to_the_first_sample(backend, dtype):
+    """A constant plane: every sample of the bin reads 2. The first, at (0.5, 0.5) for the box
+    (0, 0, 4, 4) aligned with 2 x 2 samples, takes the whole gradient: a quarter to each of
+    pixels (0, 0), (0, 1), (1, 0), (1, 1)."""
+    x = numpy.full((1, 1, 4, 4), 2.0, dtype=dtype)
+    rois = numpy.array([[0, 0, 0, 4, 4]], dtype=compute_dtype(dtype))
+    assert_matches(run(backend, x, rois, 1, sampling_ratio=2, aligned=True),
+                   numpy.full((1, 1, 1, 1), 2.0), dtype)
+    grad = run_backward(backend, numpy.ones((1, 1, 1, 1), dtype), x, rois, 1, sampling_ratio=2,
+                        aligned=True)
+    expected = numpy.zeros((1, 1, 4, 4))
+    expected[0, 0, :2, :2] = 0.25
+    assert_matches(grad, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_non_finite_features(backend, dtype):
+    """NaN is the largest value and +inf beats every number; a non-finite pixel read at weight 0
+    makes its sample NaN (0 * inf). On the 6 x 6 plane 10 h + w, box (0, 0, 6, 6) unaligned,
+    2 x 2 bins of 2 x 2 samples at 0.75, 2.25 | 3.75, 5.25 (snapped to 5):
+    -inf at (1, 1) makes sample (0.75, 0.75) -inf, and bin (0, 0) keeps a finite maximum;
+    +inf at (1, 4) makes bin (0, 1) +inf; +inf at (5, 0), read at weight 0 by the snapped row
+    5.25, makes bin (1, 0) NaN; NaN at (4, 4) makes bin (1, 1) NaN. Each bin's gradient goes to
+    its pick's corners."""
+    x = plane(6, 6)[:, :1]
+    x[0, 0, 1, 1], x[0, 0, 1, 4], x[0, 0, 5, 0] = -numpy.inf, numpy.inf, numpy.inf
+    x[0, 0, 4, 4] = numpy.nan
+    x = x.astype(dtype)
+    rois = numpy.array([[0, 0, 0, 6, 6]], dtype=compute_dtype(dtype))
+    out = run(backend, x, rois, 2, sampling_ratio=2)
+    expected = roi_align_max_ref(x, rois, 2, 1.0, 2, False)
+    assert numpy.isfinite(expected[0, 0, 0, 0]) and expected[0, 0, 0, 1] == numpy.inf
+    assert numpy.isnan(expected[0, 0, 1]).all()
+    assert_matches(out, expected, dtype)
+    g = numpy.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 2, 2).astype(dtype)
+    grad = run_backward(backend, g, x, rois, 2, sampling_ratio=2)
+    expected = roi_align_max_backward_ref(g, x, rois, 1.0, 2, False)
+    # 4 corners for each of the 4 picks, pixel (3, 3) shared by bins (0, 0) and (1, 1)
+    assert numpy.isfinite(expected).all() and numpy.count_nonzero(expected) == 13
+    assert_matches(grad, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_non_finite_gradient_reaches_the_picks_corners(backend, dtype):
+    x, rois, g, _, _ = grid_case(numpy.dtype(dtype).name, False, 2)
+    g = g.copy()
+    g[0, 0, 0, 0], g[1, 1, 1, 1] = numpy.nan, numpy.inf
+    grad = run_backward(backend, g, x, rois, (3, 4), spatial_scale=0.5, sampling_ratio=2)
+    assert_matches(grad, roi_align_max_backward_ref(g, x, rois, 0.5, 2, False), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bins_outside_the_map_and_without_samples(backend, dtype):
+    """A box wholly outside the map reads only outside samples: 0, and no gradient, on a
+    plane of negative and of positive values. An aligned box of zero size with adaptive
+    sampling has no sample at all: 0 as well."""
+    x = numpy.stack([numpy.full((4, 4), -3.0), numpy.full((4, 4), 3.0)])[None].astype(dtype)
+    rois = numpy.array([
+        [0, 6, 6, 9, 9], [0, -9, 1, -3, 3],  # outside, below/right and left
+        [0, 2, 1, 2, 1], [0, 1, 3, 3, 1],    # zero size and reversed in y: no sample
+    ], dtype=compute_dtype(dtype))
+    out = run(backend, x, rois, 2, aligned=True)
+    assert_matches(out, numpy.zeros((4, 2, 2, 2)), dtype)
+    assert_matches(out, roi_align_max_ref(x, rois, 2, aligned=True), dtype)
+    grad = run_backward(backend, numpy.ones((4, 2, 2, 2), dtype), x, rois, 2, aligned=True)
+    assert_matches(grad, numpy.zeros(x.shape), dtype)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=DTYPE_IDS)
+def test_huge_adaptive_grid(backend, dtype):
+    """A 10^4-pixel box on a 4 x 4 map, adaptive: 10^4 x 10^4 samples at i + 0.5, of which only
+    those at 0.5 ... 3.5 are inside. On ones the maximum is 1, first reached at (0.5, 0.5),
+    whose corners take a quarter each; on -1 it is an outside sample's 0."""
+    rois = numpy.array([[0, 0, 0, 1e4, 1e4]], dtype)
+    ones = numpy.ones((1, 1, 4, 4), dtype)
+    assert_matches(run(backend, ones, rois, 1), numpy.ones((1, 1, 1, 1)), dtype)
+    assert_matches(run(backend, -ones, rois, 1), numpy.zeros((1, 1, 1, 1)), dtype)
+    grad = run_backward(backend, numpy.ones((1, 1, 1, 1), dtype), ones, rois, 1)
+    expected = numpy.zeros((1, 1, 4, 4))
+    expected[0, 0, :2, :2] = 0.25
+    assert_matches(grad, expected, dtype)
+    assert_matches(run_backward(backend, numpy.ones((1, 1, 1, 1), dtype), -ones, rois, 1),
+                   numpy.zeros((1, 1, 4, 4)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_invalid_rois_give_zeros_and_no_gradient(backend, dtype):
+    rng = make_rng("align max invalid", numpy.dtype(dtype).name)
+    x = random_features(rng, (2, 2, 6, 6), dtype)
+    valid = numpy.array([[0, 0.3, 0.7, 4.2, 5.1], [1.9, 1.1, 0.2, 5.5, 3.3]])
+    invalid = numpy.array([
+        [-1, 1, 1, 4, 4], [2, 1, 1, 4, 4], [1e20, 1, 1, 4, 4], [-1.5, 1, 1, 4, 4],
+        [0, numpy.nan, 1, 4, 4], [1, 1, 1, numpy.inf, 4], [numpy.nan, 1, 1, 4, 4],
+    ])
+    rois = numpy.concatenate([valid, invalid]).astype(compute_dtype(dtype))
+    out = run(backend, x, rois, 2, sampling_ratio=2, validate=False)
+    expected = roi_align_max_ref(x, rois, 2, 1.0, 2, False)
+    assert not expected[2:].any() and expected[:2].any()
+    assert_matches(out, expected, dtype)
+    g = random_features(rng, out.shape, dtype)
+    grad = run_backward(backend, g, x, rois, 2, sampling_ratio=2, validate=False)
+    expected = roi_align_max_backward_ref(g[:2], x, rois[:2], 1.0, 2, False)
+    assert_matches(grad, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "case", ["no rois", "no channels", "empty lists", "zero height", "zero width", "no images"]
+)
+def test_empty_inputs(backend, case, dtype):
+    rng = make_rng("align max empty", case)
+    shape = {"no channels": (2, 0, 5, 5), "zero height": (2, 3, 0, 5), "zero width": (2, 3, 5, 0),
+             "no images": (0, 3, 5, 5)}.get(case, (2, 3, 5, 5))
+    x = random_features(rng, shape, dtype)
+    rois = random_boxes(rng, 2, 3, 5, 5, dtype=compute_dtype(dtype))
+    if case in ("no rois", "no images"):
+        rois = rois[:0]
+    boxes = [rois[:0, 1:], rois[:0, 1:]] if case == "empty lists" else rois
+    out = run(backend, x, boxes, (2, 3), sampling_ratio=2)
+    k = 0 if case in ("no rois", "empty lists", "no images") else 3
+    assert_matches(out, numpy.zeros((k, x.shape[1], 2, 3)), dtype)
+    grad = run_backward(backend, numpy.ones(out.shape, dtype), x, image_major(rois)[:k], (2, 3),
+                        sampling_ratio=2)
+    assert_matches(grad, numpy.zeros(x.shape), dtype)
+
+
+# ----------------------------------------------------------------------------- mmcv's cases
+# mmcv's tests/test_ops/test_roi_align.py: three inputs, boxes (0, 0, 0, 1, 1) and (0, 0, 0, 3,
+# 3), output 2 x 2, sampling_ratio 2, aligned=True, gradient ones. mmcv pins avg mode only
+# (MMCV_AVG below are its numbers); the max-mode numbers are worked out here by hand with
+# mmcv's rule (samples at -0.375, -0.125, 0.125, 0.375 for the 2 x 2 plane, -0.125, 0.625,
+# 1.375, 2.125 for the 4 x 4 one; negative coordinates snap to 0).
+MMCV_INPUTS = [
+    ([[[[1.0, 2.0], [3.0, 4.0]]]], [[0.0, 0.0, 0.0, 1.0, 1.0]]),
+    ([[[[1.0, 2.0], [3.0, 4.0]], [[4.0, 3.0], [2.0, 1.0]]]], [[0.0, 0.0, 0.0, 1.0, 1.0]]),
+    ([[[[1.0, 2.0, 5.0, 6.0], [3.0, 4.0, 7.0, 8.0], [9.0, 10.0, 13.0, 14.0],
+        [11.0, 12.0, 15.0, 16.0]]]], [[0.0, 0.0, 0.0, 3.0, 3.0]]),
+]
+MMCV_AVG = [
+    ([[[[1.0, 1.25], [1.5, 1.75]]]], [[[[3.0625, 0.4375], [0.4375, 0.0625]]]]),
+    ([[[[1.0, 1.25], [1.5, 1.75]], [[4.0, 3.75], [3.5, 3.25]]]],
+     [[[[3.0625, 0.4375], [0.4375, 0.0625]], [[3.0625, 0.4375], [0.4375, 0.0625]]]]),
+    ([[[[1.9375, 4.75], [7.5625, 10.375]]]],
+     [[[[0.47265625, 0.42968750, 0.42968750, 0.04296875],
+        [0.42968750, 0.39062500, 0.39062500, 0.03906250],
+        [0.42968750, 0.39062500, 0.39062500, 0.03906250],
+        [0.04296875, 0.03906250, 0.03906250, 0.00390625]]]]),
+]
+# Plane 1 is 1 + 2y + x on [0, 1]^2: each bin's largest sample is its last, (0.375, 0.375) in
+# bin (1, 1) giving 2.125; bins (0, 0) and (0, 1) have both sample rows snapped to y = 0, so
+# equal rows, and the first row is picked (pixel (0, 0) takes 1 from bin (0, 0), 0.625 from bins
+# (0, 1) and (1, 0), 0.625^2 from bin (1, 1)). Plane 2 is 4 - 2y - x: each bin's first sample
+# wins. Plane 3 rises along both axes: each bin's last sample, (0.625, 0.625) -> 2.875 etc.
+MMCV_MAX = [
+    ([[[[1.0, 1.375], [1.75, 2.125]]]],
+     [[[[2.640625, 0.609375], [0.609375, 0.140625]]]]),
+    ([[[[1.0, 1.375], [1.75, 2.125]], [[4.0, 3.875], [3.75, 3.625]]]],
+     [[[[2.640625, 0.609375], [0.609375, 0.140625]],
+       [[3.515625, 0.234375], [0.234375, 0.015625]]]]),
+    ([[[[2.875, 6.375], [9.875, 13.375]]]],
+     [[[[0.140625, 0.234375, 0.328125, 0.046875],
+        [0.234375, 0.390625, 0.546875, 0.078125],
+        [0.328125, 0.546875, 0.765625, 0.109375],
+        [0.046875, 0.078125, 0.109375, 0.015625]]]]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", range(3), ids=str)
+def test_mmcv_cases(backend, dtype, case):
+    x = numpy.array(MMCV_INPUTS[case][0]).astype(dtype)
+    rois = numpy.array(MMCV_INPUTS[case][1], dtype=compute_dtype(dtype))
+    for mode, table in (("avg", MMCV_AVG), ("max", MMCV_MAX)):
+        out_expected, grad_expected = (numpy.array(a) for a in table[case])
+        with backend.active():
+            xs, rs = backend.asarray(x), backend.asarray(rois)
+            out = roi_cupy.roi_align(xs, rs, 2, 1.0, 2, True, mode=mode)
+            grad = roi_cupy.roi_align_backward(
+                backend.asarray(numpy.ones(out.shape, dtype)), rs, x.shape, 2, 1.0, 2, True,
+                mode=mode, input=xs,
+            )
+        assert_matches(backend.to_numpy(out), out_expected, dtype)
+        assert_matches(backend.to_numpy(grad), grad_expected, dtype)
+    assert_matches(roi_align_max_ref(x, rois, 2, 1.0, 2, True), numpy.array(MMCV_MAX[case][0]),
+                   numpy.float64)
+
+
+# ----------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    "mode, error, message",
+    [
+        (1, TypeError, "mode must be a str, 'avg' or 'max', got 1"),
+        (None, TypeError, "mode must be a str, 'avg' or 'max', got None"),
+        (b"max", TypeError, "mode must be a str, 'avg' or 'max', got b'max'"),
+        ("mean", ValueError, "mode must be 'avg' or 'max', got 'mean'"),
+        ("MAX", ValueError, "mode must be 'avg' or 'max', got 'MAX'"),
+    ],
+    ids=str,
+)
+def test_bad_modes_are_named(mode, error, message):
+    x = numpy.zeros((1, 1, 4, 4), numpy.float32)
+    rois = numpy.array([[0, 0, 0, 2, 2]], numpy.float32)
+    with pytest.raises(error, match=f"^{message}$".replace("(", r"\(").replace(")", r"\)")):
+        roi_cupy.roi_align(x, rois, 2, mode=mode)
+    with pytest.raises(error, match="^mode must be"):
+        roi_cupy.roi_align_backward(numpy.zeros((1, 1, 2, 2), numpy.float32), rois, x.shape, 2,
+                                    mode=mode, input=x)
+
+
+def test_backward_needs_the_forward_input():
+    x = numpy.zeros((1, 2, 4, 4), numpy.float32)
+    rois = numpy.array([[0, 0, 0, 2, 2]], numpy.float32)
+    g = numpy.zeros((1, 2, 2, 2), numpy.float32)
+    with pytest.raises(TypeError, match=r"roi_align_backward\(mode='max'\) needs input"):
+        roi_cupy.roi_align_backward(g, rois, x.shape, 2, mode="max")
+    with pytest.raises(ValueError, match=r"input must have shape input_shape = \(1, 2, 4, 4\), "
+                                         r"got \(1, 2, 4, 5\)"):
+        roi_cupy.roi_align_backward(g, rois, x.shape, 2, mode="max",
+                                    input=numpy.zeros((1, 2, 4, 5), numpy.float32))
+    with pytest.raises(TypeError, match="input must have grad_output's dtype float32, got float64"):
+        roi_cupy.roi_align_backward(g, rois, x.shape, 2, mode="max", input=x.astype(numpy.float64))
+    with pytest.raises(ValueError, match=r"input must have shape \[N, C, H, W\]"):
+        roi_cupy.roi_align_backward(g, rois, x.shape, 2, mode="max", input=x[0])
+    with pytest.raises(TypeError, match="input must be a NumPy or CuPy array"):
+        roi_cupy.roi_align_backward(g, rois, x.shape, 2, mode="max", input=x.tolist())
+
+
+# ----------------------------------------------------------------------------- the NumPy slices
+def test_numpy_slices_and_runs_do_not_show(monkeypatch):
+    """Pairs evaluated a few at a time (so that bins span slices) and picks kept for one RoI at a
+    time give the same bits as the defaults, forward and backward, and the reference."""
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    rng = make_rng("align max slices")
+    x = random_features(rng, (2, 3, 12, 13), numpy.float64)
+    x[0, 1, 4, 4] = numpy.nan
+    rois = random_boxes(rng, 2, 40, 12, 13)
+    g = random_features(rng, (40, 3, 3, 2), numpy.float64)
+    args = ((3, 2), 1.0, -1, True)
+
+    def both():
+        out = roi_cupy.roi_align(x, rois, *args, mode="max")
+        grad = roi_cupy.roi_align_backward(g, rois, x.shape, *args, mode="max", input=x)
+        return out, grad
+
+    out, grad = both()
+    monkeypatch.setattr(numpy_align, "_PAIR_BUDGET", 3 * numpy_align._PAIR_BYTES * 3)
+    monkeypatch.setattr(numpy_align, "_PICK_BUDGET", 1)
+    monkeypatch.setattr(numpy_align, "_TAPS", 5)
+    small_out, small_grad = both()
+    assert out.tobytes() == small_out.tobytes()
+    assert grad.tobytes() == small_grad.tobytes()
+    few = slice(0, 8)
+    assert_matches(out[few], roi_align_max_ref(x, rois[few], *args), numpy.float64)
+    assert_matches(grad, roi_align_max_backward_ref(g, x, rois, *args[1:]), numpy.float64)
+
+
+def test_numpy_backward_is_deterministic():
+    rng = make_rng("align max determinism")
+    x = random_features(rng, (2, 3, 16, 16), numpy.float32)
+    rois = random_boxes(rng, 2, 300, 16, 16)
+    g = random_features(rng, (300, 3, 7, 7), numpy.float32)
+    first = roi_cupy.roi_align_backward(g, rois, x.shape, 7, 0.5, -1, True, mode="max", input=x)
+    second = roi_cupy.roi_align_backward(g, rois, x.shape, 7, 0.5, -1, True, mode="max", input=x)
+    assert first.tobytes() == second.tobytes()
