@@ -510,3 +510,181 @@ def test_numpy_backward_is_deterministic():
     first = roi_cupy.roi_align_backward(g, rois, x.shape, 7, 0.5, -1, True, mode="max", input=x)
     second = roi_cupy.roi_align_backward(g, rois, x.shape, 7, 0.5, -1, True, mode="max", input=x)
     assert first.tobytes() == second.tobytes()
+
+
+# ----------------------------------------------------------------------------- adapters
+def _torch_inputs(dtype_name, shape=(2, 3, 9, 11), k=5, key="torch"):
+    """Features (requiring grad) and in-map boxes [k, 5] as torch tensors, the same as NumPy."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    rng = make_rng("align max", key, dtype_name)
+    x = rng.uniform(-1, 1, shape)
+    xy = rng.uniform(-1, 7, size=(k, 2))
+    boxes = numpy.concatenate(
+        [rng.integers(0, shape[0], size=(k, 1)), xy, xy + rng.uniform(0.5, 6, size=(k, 2))], 1
+    )
+    dtype = getattr(torch, dtype_name)
+    return torch.from_numpy(x).to(dtype).requires_grad_(), torch.from_numpy(boxes).float()
+
+
+def _as_numpy(t):
+    """A torch tensor as NumPy, bfloat16 reinterpreted bit for bit."""
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_torch_forward_and_gradient_are_roi_cupys(dtype):
+    import roi_cupy.torch as rt
+
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="NumPy's bfloat16 needs ml_dtypes")
+    torch = pytest.importorskip("torch")
+    x, boxes = _torch_inputs(dtype)
+    out = rt.roi_align(x, boxes, (3, 2), 0.5, 2, True, mode="max")
+    assert out.dtype == x.dtype and out.requires_grad
+    expected = roi_cupy.roi_align(_as_numpy(x), boxes.numpy(), (3, 2), 0.5, 2, True, mode="max")
+    assert _as_numpy(out).tobytes() == expected.tobytes()
+    g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape).to(x.dtype)
+    (grad,) = torch.autograd.grad(out, x, g)
+    expected = roi_cupy.roi_align_backward(
+        _as_numpy(g), boxes.numpy(), x.shape, (3, 2), 0.5, 2, True, mode="max", input=_as_numpy(x)
+    )
+    assert grad.dtype == x.dtype
+    assert _as_numpy(grad).tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2, (1, 3)], ids=str)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_torch_gradcheck(aligned, sampling_ratio):
+    """float64 gradcheck: random features keep each bin's pick clear of a tie."""
+    import roi_cupy.torch as rt
+
+    torch = pytest.importorskip("torch")
+    x, boxes = _torch_inputs("float64", (2, 2, 8, 9), 4, ("gradcheck", aligned, sampling_ratio))
+    boxes = boxes.double()
+
+    def fn(x):
+        return rt.roi_align(x, boxes, (3, 2), 0.5, sampling_ratio, aligned, mode="max")
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_torch_opcheck_and_no_second_derivative():
+    import roi_cupy.torch as rt
+
+    torch = pytest.importorskip("torch")
+    x, boxes = _torch_inputs("float64")
+    per_image = [boxes[:3, 1:].double(), boxes[3:, 1:].double()]
+    ops = torch.ops.roi_cupy
+    g = torch.linspace(-1, 1, 5 * 3 * 3 * 2, dtype=torch.float64).reshape(5, 3, 3, 2)
+    cases = [
+        (ops.roi_align, (x, [boxes], False, 3, 2, 0.5, [2, 2], True, True, "max")),
+        (ops.roi_align, (x, per_image, True, 2, 2, 1.0, [-1, 3], False, False, "max")),
+        (ops.roi_align_backward,
+         (g, [boxes], False, list(x.shape), 0.5, [2, 1], True, "max", x.detach())),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+    out = rt.roi_align(x, boxes, (3, 2), 0.5, 2, True, mode="max")
+    (grad,) = torch.autograd.grad(out, x, g.requires_grad_(), create_graph=True)
+    with pytest.raises(RuntimeError, match=r"roi_align\(mode='max'\) has no second derivative"):
+        grad.sum().backward()
+
+
+def test_torch_compile_fullgraph_and_the_module():
+    import roi_cupy.torch as rt
+
+    torch = pytest.importorskip("torch")
+    x, boxes = _torch_inputs("float64")
+    align = rt.RoIAlign((3, 2), 0.5, 2, aligned=True, mode="max")
+    assert repr(align) == (
+        "RoIAlign(output_size=(3, 2), spatial_scale=0.5, sampling_ratio=2, aligned=True, "
+        "mode='max')"
+    )
+
+    def loss(x, boxes):
+        return (align(x, boxes) ** 2).sum() + rt.roi_align(x, boxes, 2, mode="max").sum()
+
+    eager = loss(x, boxes)
+    got = torch.compile(loss, fullgraph=True)(x, boxes)
+    torch.testing.assert_close(got, eager, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(eager, x)[0],
+                               rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="mode must be 'avg' or 'max', got 'min'"):
+        rt.roi_align(x, boxes, 2, mode="min")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_jax_forward_and_vjp_are_roi_cupys(dtype):
+    jax = pytest.importorskip("jax", reason="jax is not installed")
+    import jax.numpy as jnp
+
+    import roi_cupy.jax as rj
+
+    rng = make_rng("align max jax", dtype)
+    x = random_features(rng, (2, 3, 9, 11), dtype)
+    boxes = random_boxes(rng, 2, 6, 9, 11, dtype=compute_dtype(dtype))
+    g = random_features(rng, (6, 3, 3, 2), dtype)
+    args = ((3, 2), 1.0, 2, True)
+    expected = roi_cupy.roi_align(x, boxes, *args, mode="max")
+    expected_grad = roi_cupy.roi_align_backward(g, boxes, x.shape, *args, mode="max", input=x)
+    with jax.enable_x64(dtype == "float64"):
+        def f(x):
+            return rj.roi_align(x, jnp.asarray(boxes), *args, mode="max")
+
+        for function in (f, jax.jit(f)):
+            out, vjp = jax.vjp(function, jnp.asarray(x))
+            assert numpy.asarray(out).tobytes() == expected.tobytes()
+            assert numpy.asarray(vjp(jnp.asarray(g))[0]).tobytes() == expected_grad.tobytes()
+
+
+def test_jax_vmap_over_box_sets():
+    jax = pytest.importorskip("jax", reason="jax is not installed")
+    import jax.numpy as jnp
+
+    import roi_cupy.jax as rj
+
+    rng = make_rng("align max vmap")
+    x = random_features(rng, (2, 3, 9, 11), numpy.float32)
+    sets = numpy.stack([random_boxes(rng, 2, 5, 9, 11, dtype=numpy.float32) for _ in range(3)])
+    g = random_features(rng, (3, 5, 3, 2, 2), numpy.float32)
+
+    def loss(x, boxes, g):
+        return jnp.vdot(rj.roi_align(x, boxes, 2, 1.0, 2, mode="max"), g)
+
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(jnp.asarray(x), sets, g)
+    for i in range(3):
+        expected = roi_cupy.roi_align_backward(g[i], sets[i], x.shape, 2, 1.0, 2, mode="max",
+                                               input=x)
+        assert numpy.asarray(grads[i]).tobytes() == expected.tobytes()
+
+
+def test_dask_and_the_babilim_layer():
+    pytest.importorskip("dask", reason="dask is not installed")
+    import dask.array as da
+
+    import roi_cupy.dask as rd
+
+    rng = make_rng("align max dask")
+    x = random_features(rng, (3, 2, 9, 11), numpy.float32)
+    boxes = random_boxes(rng, 3, 8, 9, 11, dtype=numpy.float32)
+    expected = roi_cupy.roi_align(x, boxes, (3, 2), 1.0, 2, True, mode="max")
+    got = rd.roi_align(da.from_array(x, chunks=(2, -1, -1, -1)), boxes, (3, 2), 1.0, 2, True,
+                       mode="max").compute()
+    assert got.tobytes() == expected.tobytes()
+
+    layer = roi_cupy.RoiAlign((3, 2), sampling_ratio=2, mode="max")
+    rois = numpy.stack([b[:, 1:] for b in numpy.split(boxes[:6], 3)])
+    flat = roi_cupy.convert_boxes_to_roi_format(rois)
+    numpy.testing.assert_array_equal(
+        layer(x, rois), roi_cupy.roi_align(x, flat, (3, 2), 1.0, 2, True, mode="max")
+        .reshape(3, 2, 2, 3, 2)
+    )
+    with pytest.raises(ValueError, match="mode must be 'avg' or 'max', got 'maximum'"):
+        roi_cupy.RoiAlign(2, mode="maximum")
