@@ -330,6 +330,23 @@ def test_huge_adaptive_grid(backend, dtype):
                    numpy.zeros((1, 1, 4, 4)), dtype)
 
 
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=DTYPE_IDS)
+def test_hundreds_of_samples_per_bin(backend, dtype):
+    """16 x 20 samples in each of 2 x 1 bins, one of them NaN in channel 1 (the NumPy backend
+    searches bins of 256 samples or more with argmax, and shorter ones by comparison)."""
+    rng = make_rng("align max many samples", numpy.dtype(dtype).name)
+    x = random_features(rng, (1, 2, 12, 14), dtype)
+    x[0, 1, 7, 5] = numpy.nan
+    rois = numpy.array([[0, 0.3, 0.6, 13.2, 11.1], [0, 2.1, 1.7, 9.4, 10.9]], dtype)
+    out = run(backend, x, rois, (2, 1), sampling_ratio=(16, 20), aligned=True)
+    expected = roi_align_max_ref(x, rois, (2, 1), 1.0, (16, 20), True)
+    assert numpy.isnan(expected[:, 1]).any()
+    assert_matches(out, expected, dtype)
+    g = random_features(rng, out.shape, dtype)
+    grad = run_backward(backend, g, x, rois, (2, 1), sampling_ratio=(16, 20), aligned=True)
+    assert_matches(grad, roi_align_max_backward_ref(g, x, rois, 1.0, (16, 20), True), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_invalid_rois_give_zeros_and_no_gradient(backend, dtype):
     rng = make_rng("align max invalid", numpy.dtype(dtype).name)

@@ -499,17 +499,17 @@ def roi_align_backward(
 # ----------------------------------------------------------------------------- max mode
 # Max mode (docs/semantics.md, "RoI Align, max mode") needs every sample's own value, which the
 # separable products above never form. A bin's samples inside the map are the pairs of its y and
-# x samples inside it (from the same _Axis as the mean). The pairs of a run of RoIs are numbered
-# bin by bin, row-major (iy, ix) within a bin, and evaluated a slice at a time: four gathers from
-# the channels-last features summed in the kernels' order of operations, then a segmented maximum
-# and the first position of it in each bin. Picks carry over from slice to slice, so a bin may
-# span slices and the memory stays bounded whatever the sampling grid. The samples outside the
-# map read 0; only the first of them in a bin can be picked, and it is merged in last.
+# x samples inside it (from the same _Axis as the mean), numbered bin by bin, row-major (iy, ix)
+# within a bin. Bins with equal pair counts are evaluated together, a bounded slice at a time:
+# four gathers from the channels-last features summed in the kernels' order of operations, then
+# the first maximum along each bin's pairs. A bin too large for one slice is evaluated in pieces
+# whose picks are merged in order, so memory stays bounded whatever the sampling grid. Samples
+# outside the map read 0; only the first of them in a bin can be its pick, merged in last.
 
 # Bytes of per-pair temporaries in one slice, and of the running picks of one run of RoIs.
 _PAIR_BUDGET = 4 << 20
 _PICK_BUDGET = 16 << 20
-# Bytes per pair and channel in a slice (four gathers, their sum, the first-position search) and
+# Bytes per pair and channel in a slice (four gathers, their sum, the first-maximum search) and
 # per pick and channel (value, pair, and the working copies of a merge).
 _PAIR_BYTES = 72
 _PICK_BYTES = 40
@@ -557,12 +557,16 @@ class _Pairs:
 
     def locate(self, t: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """``(bin, y sample, x sample)`` of the pairs ``t`` (values in ``[0, total)``)."""
-        pooled_h, pooled_w = self.pooled
         j = numpy.searchsorted(self.ends, t, side="right")
-        u = t - (self.ends[j] - self.count[j])
+        return (j, *self.taps(j, t - (self.ends[j] - self.count[j])))
+
+    def taps(self, j: numpy.ndarray, u: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """``(y sample, x sample)`` of pair ``u`` (row-major, in ``[0, count[j])``) of bins
+        ``j``."""
+        pooled_h, pooled_w = self.pooled
         column = j // (pooled_h * pooled_w) * pooled_w + j % pooled_w
         across = self.nx[column]
-        return j, self.sy[j // pooled_w] + u // across, self.sx[column] + u % across
+        return self.sy[j // pooled_w] + u // across, self.sx[column] + u % across
 
     def position(self, j: numpy.ndarray, yt: numpy.ndarray, xt: numpy.ndarray) -> numpy.ndarray:
         """The row-major position ``iy * gw + ix`` of pairs in their bins ``j``."""
@@ -585,43 +589,72 @@ class _Pairs:
         )
 
 
+def _values(x: numpy.ndarray, pairs: _Pairs, j: numpy.ndarray, u: numpy.ndarray) -> numpy.ndarray:
+    """``[S, Cc]``: the values of pairs ``u`` of bins ``j``, as the kernels form them (the four
+    products summed left to right, in the compute dtype)."""
+    (p0, w0), (p1, w1), (p2, w2), (p3, w3) = pairs.corners(j, *pairs.taps(j, u))
+    return w0[:, None] * x[p0] + w1[:, None] * x[p1] + w2[:, None] * x[p2] + w3[:, None] * x[p3]
+
+
+def _first_max(v: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """The first maximum along axis 1 of ``v`` [B, L, Cc] (NaN the largest) and its index."""
+    size = v.shape[1]
+    if size < 256:
+        # Faster than argmax along a short strided axis: the maximum (NaN if any), then the
+        # first index that holds it, as the largest of the reversed ranks (L - i) of the hits.
+        top = v.max(axis=1)
+        hit = v == top[:, None]
+        if numpy.isnan(top).any():
+            hit |= numpy.isnan(v)
+        rank = numpy.arange(size, 0, -1, dtype=numpy.uint8)[None, :, None]
+        first = size - (hit * rank).max(axis=1).astype(numpy.int64)
+    else:
+        first = v.argmax(axis=1)  # the first maximum, or the first NaN
+    # The value at the index (not the maximum itself): -0.0 and 0.0 are equal, the first wins.
+    return numpy.take_along_axis(v, first[:, None, :], axis=1)[:, 0], first
+
+
 def _pick(x: numpy.ndarray, pairs: _Pairs, cc: int) -> tuple[numpy.ndarray, numpy.ndarray]:
     """The picks of every bin of a run, from ``x`` (channels-last ``[N * H * W, Cc]``).
+
+    Bins with the same number of pairs are evaluated together as ``[bins, pairs, Cc]``, whose
+    first maximum along the pairs (or first NaN) is the kernels' pick. A bin
+    with more pairs than one slice holds is evaluated a slice at a time, and a later slice's
+    pick replaces the earlier one only when strictly greater, or NaN over a number.
 
     Returns:
         (ndarray[B, Cc], ndarray[B, Cc] int64): each bin's pick's value (0 for an outside pick
         or a bin without samples) and its pair (-1 where it has no corners).
     """
     ct = pairs.ct
-    bins = pairs.count.size
+    count = pairs.count
+    bins = count.size
     value = numpy.zeros((bins, cc), dtype=ct)
     pair = numpy.full((bins, cc), -1, dtype=numpy.int64)
-    found = numpy.zeros(bins, dtype=bool)
-    step = max(1, _PAIR_BUDGET // (cc * _PAIR_BYTES))
+    most = max(1, _PAIR_BUDGET // (cc * _PAIR_BYTES))  # pairs in one slice
+    order = numpy.argsort(count, kind="stable")
+    sizes = count[order]
+    edges = numpy.flatnonzero(numpy.diff(sizes, prepend=-1)).tolist() + [bins]
     with numpy.errstate(invalid="ignore", over="ignore"):  # 0 * inf and inf - inf are NaN
-        for t0 in range(0, pairs.total, step):
-            t = numpy.arange(t0, min(pairs.total, t0 + step))
-            j, yt, xt = pairs.locate(t)
-            v = 0
-            for pixel, weight in pairs.corners(j, yt, xt):
-                v = v + weight[:, None] * x[pixel]
-            opens = numpy.diff(j, prepend=-1) != 0
-            start = numpy.flatnonzero(opens)
-            segment = numpy.cumsum(opens) - 1
-            top = numpy.maximum.reduceat(v, start, axis=0)  # NaN if the bin has one
-            hit = (v == top[segment]) | numpy.isnan(v)
-            first = numpy.minimum.reduceat(
-                numpy.where(hit, numpy.arange(t.size)[:, None], t.size), start, axis=0
-            )
-            new = numpy.take_along_axis(v, first, axis=0)
-            # A later slice's pick replaces an earlier one only when strictly greater, or NaN
-            # over a number: the first maximum wins, as in the kernels.
-            jb = j[start]
-            old = value[jb]
-            take = ~found[jb, None] | (new > old) | (numpy.isnan(new) & ~numpy.isnan(old))
-            value[jb] = numpy.where(take, new, old)
-            pair[jb] = numpy.where(take, t0 + first, pair[jb])
-            found[jb] = True
+        for a, b in zip(edges[:-1], edges[1:]):
+            size = int(sizes[a])
+            if size == 0:
+                continue
+            group = order[a:b]
+            step = max(1, most // size)
+            for s in range(0, group.size, step):
+                j = group[s : s + step]
+                for u0 in range(0, size, most):
+                    u = numpy.arange(u0, min(size, u0 + most))
+                    v = _values(x, pairs, numpy.repeat(j, u.size), numpy.tile(u, j.size))
+                    new, first = _first_max(v.reshape(j.size, u.size, cc))
+                    t = (pairs.ends[j] - size + u0)[:, None] + first
+                    if u0:
+                        old = value[j]
+                        take = (new > old) | (numpy.isnan(new) & ~numpy.isnan(old))
+                        new, t = numpy.where(take, new, old), numpy.where(take, t, pair[j])
+                    value[j], pair[j] = new, t
+    found = count > 0
     # The first outside sample (value 0) where it comes before an equal pick, or beats it.
     rows = numpy.flatnonzero(pairs.outside >= 0)
     if rows.size:
@@ -635,6 +668,25 @@ def _pick(x: numpy.ndarray, pairs: _Pairs, cc: int) -> tuple[numpy.ndarray, nump
         value[rows] = numpy.where(out, ct.type(0), cur)
         pair[rows] = numpy.where(out, -1, held)
     return value, pair
+
+
+def _corner_table(pairs: _Pairs, t: numpy.ndarray, cc: int, index: numpy.dtype):
+    """``[S, 4]`` corners of the pairs ``t``: ``pixel * cc`` (of dtype ``index``) and weights.
+    Channels share pairs, so where the run has fewer pairs than ``t`` holds, every pair's
+    corners are formed once and looked up."""
+    if pairs.total <= t.size:
+        count = pairs.count
+        j = numpy.repeat(numpy.arange(count.size), count)
+        u = numpy.arange(pairs.total) - numpy.repeat(pairs.ends - count, count)
+        pixel, weight = _stacked(pairs.corners(j, *pairs.taps(j, u)))
+        return (pixel * cc).astype(index)[t], weight[t]
+    pixel, weight = _stacked(pairs.corners(*pairs.locate(t)))
+    return (pixel * cc).astype(index), weight
+
+
+def _stacked(corners) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Four ``(pixel, weight)`` corners as ``[S, 4]`` pixels and ``[S, 4]`` weights."""
+    return numpy.stack([p for p, _ in corners], axis=1), numpy.stack([w for _, w in corners], 1)
 
 
 def _max_runs(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, c0, c1, x):
@@ -752,22 +804,23 @@ def roi_align_max_backward(
         c1 = min(c, c0 + cc)
         x = _common.channels_last(input, c0, c1, ct)
         acc = numpy.zeros((n * h * w, c1 - c0), dtype=ct)
+        index = numpy.dtype(numpy.int32 if acc.size < 2**31 else numpy.int64)
         runs = _max_runs(
             input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, c0, c1, x
         )
         for kidx, pairs, _, pair in runs:
-            bins, channel = numpy.nonzero(pair >= 0)
-            if bins.size == 0:
+            picked = numpy.flatnonzero(pair >= 0)  # into [bins, Cc], grad's layout too
+            if picked.size == 0:
                 continue
             grad = numpy.empty((kidx.size, pooled_h, pooled_w, c1 - c0), dtype=ct)
             grad[...] = grad_output[kidx, c0:c1].transpose(0, 2, 3, 1)
-            g = grad.reshape(-1, c1 - c0)[bins, channel]
-            corners = pairs.corners(*pairs.locate(pair[bins, channel]))
-            pixel = numpy.stack([p for p, _ in corners], axis=1)
+            g = grad.reshape(-1)[picked]
+            start, weight = _corner_table(pairs, pair.reshape(-1)[picked], c1 - c0, index)
+            flat = start + (picked % (c1 - c0)).astype(index)[:, None]
             with numpy.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN
-                part = g[:, None] * numpy.stack([wt for _, wt in corners], axis=1)
+                part = g[:, None] * weight
             # Pick by pick, corner by corner: the order of the sum is the same for any runs.
-            numpy.add.at(acc, (pixel.ravel(), numpy.repeat(channel, 4)), part.ravel())
+            numpy.add.at(acc.reshape(-1), flat.ravel(), part.ravel())
         with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
             grad_input[:, c0:c1] = acc.reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
     return grad_input
