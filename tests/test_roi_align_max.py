@@ -705,3 +705,69 @@ def test_dask_and_the_babilim_layer():
     )
     with pytest.raises(ValueError, match="mode must be 'avg' or 'max', got 'maximum'"):
         roi_cupy.RoiAlign(2, mode="maximum")
+
+
+# ----------------------------------------------------------------------------- ONNX's max mode
+# ONNX's backend test "test_roialign_mode_max" (onnx/backend/test/case/node/roialign.py):
+# X [1, 1, 10, 10], boxes (x1, y1, x2, y2) of image 0, output 5 x 5, sampling_ratio 2,
+# spatial_scale 1, coordinate_transformation_mode "output_half_pixel" (aligned=False).
+ONNX_X = [
+    [0.2764, 0.715, 0.1958, 0.3416, 0.4638, 0.0259, 0.2963, 0.6518, 0.4856, 0.725],
+    [0.9637, 0.0895, 0.2919, 0.6753, 0.0234, 0.6132, 0.8085, 0.5324, 0.8992, 0.4467],
+    [0.3265, 0.8479, 0.9698, 0.2471, 0.9336, 0.1878, 0.4766, 0.4308, 0.34, 0.2162],
+    [0.0206, 0.172, 0.2155, 0.4394, 0.0653, 0.3406, 0.7724, 0.3921, 0.2541, 0.5799],
+    [0.4062, 0.2194, 0.4473, 0.4687, 0.7109, 0.9327, 0.9815, 0.632, 0.1728, 0.6119],
+    [0.3097, 0.1283, 0.4984, 0.5068, 0.4279, 0.0173, 0.4388, 0.043, 0.4671, 0.7119],
+    [0.1011, 0.8477, 0.4726, 0.1777, 0.9923, 0.4042, 0.1869, 0.7795, 0.9946, 0.9689],
+    [0.1366, 0.3671, 0.7011, 0.6234, 0.9867, 0.5585, 0.6985, 0.5609, 0.8788, 0.9928],
+    [0.5697, 0.8511, 0.6711, 0.9406, 0.8751, 0.7496, 0.165, 0.1049, 0.1559, 0.2514],
+    [0.7012, 0.4056, 0.7879, 0.3461, 0.0415, 0.2998, 0.5094, 0.3727, 0.5482, 0.0502],
+]
+ONNX_BOXES = [[0.0, 0.0, 9.0, 9.0], [0.0, 5.0, 4.0, 9.0], [5.0, 5.0, 9.0, 9.0]]
+ONNX_MAX = [
+    [[0.3445228, 0.37310338, 0.37865096, 0.446696, 0.37991184],
+     [0.4133513, 0.5455125, 0.6651902, 0.55805874, 0.27110294],
+     [0.21223956, 0.40924096, 0.8417618, 0.792561, 0.37196714],
+     [0.46835402, 0.39741728, 0.8012819, 0.4969306, 0.5495158],
+     [0.3595896, 0.5196813, 0.5403741, 0.23814403, 0.19992709]],
+    [[0.30517197, 0.5086199, 0.3189761, 0.4054401, 0.47630402],
+     [0.50862, 0.8477, 0.37808004, 0.24936005, 0.79384017],
+     [0.17620805, 0.29368007, 0.44870415, 0.4987201, 0.63148826],
+     [0.51066005, 0.8511, 0.5368801, 0.9406, 0.70008016],
+     [0.4487681, 0.51066035, 0.5042561, 0.5643603, 0.42004836]],
+    [[0.21062402, 0.3510401, 0.37416005, 0.5967599, 0.46507207],
+     [0.32336006, 0.31180006, 0.6236001, 0.9946, 0.7751202],
+     [0.35744014, 0.5588001, 0.35897616, 0.7030401, 0.6353923],
+     [0.5996801, 0.27940005, 0.17948808, 0.35152006, 0.31769615],
+     [0.3598083, 0.40752012, 0.2385281, 0.43856013, 0.26313624]],
+]
+
+
+def corner_max(x, rois, output_size, sampling_ratio):
+    """ONNX Runtime's max mode in float64: per sample the largest weighted corner term
+    ``weight * pixel`` (not their sum), per bin the largest sample; unaligned geometry."""
+    from reference import bilinear_corners, roi_align_geometry, sample_points
+
+    out = numpy.zeros((len(rois), x.shape[1], output_size, output_size))
+    for k, row in enumerate(rois):
+        y0, x0, bh, bw, gh, gw = roi_align_geometry(row, output_size, output_size, 1.0,
+                                                    sampling_ratio, False)
+        for ph in range(output_size):
+            for pw in range(output_size):
+                out[k, :, ph, pw] = max(
+                    max(wt * x[0, :, h, w] for h, w, wt in bilinear_corners(y, xs, *x.shape[2:]))
+                    for y in sample_points(y0, bh, gh, ph) for xs in sample_points(x0, bw, gw, pw)
+                )
+    return out
+
+
+def test_onnx_max_mode_is_another_operator():
+    """ONNX's expected numbers are the largest weighted corner of each sample (docs/semantics.md
+    says so); roi_cupy's max mode, the largest bilinear sample (mmcv's), is not that operator."""
+    x = numpy.array(ONNX_X, dtype=numpy.float32)[None, None]
+    rois = numpy.array([[0.0, *b] for b in ONNX_BOXES], dtype=numpy.float32)
+    expected = numpy.array(ONNX_MAX)[:, None]
+    assert_matches(corner_max(x, rois, 5, 2).astype(numpy.float32), expected, numpy.float32)
+    ours = roi_cupy.roi_align(x, rois, 5, 1.0, 2, False, mode="max")
+    assert_matches(ours, roi_align_max_ref(x, rois, 5, 1.0, 2, False), numpy.float32)
+    assert numpy.abs(ours - expected).max() > 0.1
