@@ -618,9 +618,9 @@ def _pick(x: numpy.ndarray, pairs: _Pairs, cc: int) -> tuple[numpy.ndarray, nump
     """The picks of every bin of a run, from ``x`` (channels-last ``[N * H * W, Cc]``).
 
     Bins with the same number of pairs are evaluated together as ``[bins, pairs, Cc]``, whose
-    first maximum along the pairs (or first NaN) is the kernels' pick. A bin
-    with more pairs than one slice holds is evaluated a slice at a time, and a later slice's
-    pick replaces the earlier one only when strictly greater, or NaN over a number.
+    first maximum along the pairs (or first NaN) is the kernels' pick. A bin with more pairs
+    than one slice holds is evaluated a slice at a time, and a later slice's pick replaces the
+    earlier one only when strictly greater, or NaN over a number.
 
     Returns:
         (ndarray[B, Cc], ndarray[B, Cc] int64): each bin's pick's value (0 for an outside pick
@@ -689,14 +689,12 @@ def _stacked(corners) -> tuple[numpy.ndarray, numpy.ndarray]:
     return numpy.stack([p for p, _ in corners], axis=1), numpy.stack([w for _, w in corners], 1)
 
 
-def _max_runs(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, c0, c1, x):
-    """Yield ``(kidx, pairs, value, pair)`` for every run of RoIs that has a sample inside the
-    map, picked from ``x``, the channels ``c0:c1`` of ``input`` channels-last; RoIs left out
-    hold 0 in every bin."""
-    n, _, h, w = input.shape
-    ct = x.dtype
-    cc = c1 - c0
-    shape = input.shape
+def _max_runs(x, shape, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
+    """Yield ``(kidx, pairs, value, pair)`` (see :func:`_pick`) for every run of RoIs that has a
+    sample inside the map, picked from ``x``, a channel slice of features of ``shape`` =
+    (N, C, H, W) as channels-last ``[N * H * W, Cc]``; RoIs left out hold 0 in every bin."""
+    n, _, h, w = shape
+    ct, cc = x.dtype, x.shape[1]
     block = max(16, min(1024, (1 << 22) // (max(pooled_h, pooled_w) * max(h, w))))
     per_roi = pooled_h * pooled_w * cc * _PICK_BYTES
     for s in range(0, rois.shape[0], block):
@@ -760,7 +758,7 @@ def roi_align_max_forward(
         c1 = min(c, c0 + cc)
         x = _common.channels_last(input, c0, c1, ct)
         runs = _max_runs(
-            input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, c0, c1, x
+            x, (n, c, h, w), rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
         )
         for kidx, _, value, _ in runs:
             value = value.reshape(kidx.size, pooled_h, pooled_w, c1 - c0)
@@ -806,7 +804,7 @@ def roi_align_max_backward(
         acc = numpy.zeros((n * h * w, c1 - c0), dtype=ct)
         index = numpy.dtype(numpy.int32 if acc.size < 2**31 else numpy.int64)
         runs = _max_runs(
-            input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, c0, c1, x
+            x, (n, c, h, w), rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
         )
         for kidx, pairs, _, pair in runs:
             picked = numpy.flatnonzero(pair >= 0)  # into [bins, Cc], grad's layout too
