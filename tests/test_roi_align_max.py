@@ -20,7 +20,6 @@ from conftest import (
     random_features,
 )
 from reference import (
-    roi_align_backward_ref,
     roi_align_max_backward_ref,
     roi_align_max_ref,
     roi_align_ref,
