@@ -39,10 +39,7 @@ __global__ void roi_align_forward(
             for (int ix = s.x_first; ix < s.x_last; ++ix) {
                 roi_lerp<C, I> wx;
                 if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
-                sum.add(wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) +
-                        wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
-                        wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) +
-                        wy.whi * wx.whi * roi_load(row_hi[wx.hi]));
+                sum.add(roi_bilinear(row_lo, row_hi, wy, wx));
             }
         }
         // Samples outside the map count too: they dilute the mean.
@@ -135,4 +132,180 @@ __global__ void roi_align_backward_deterministic(
         hi, lo, flags, roi_fixed_exponent(*max_abs, count_bits), low_bits};
     roi_align_backward_terms(grad_output, rois, sink, total, channels, height, width, batch,
                              pooled_h, pooled_w, spatial_scale, sampling_h, sampling_w, aligned);
+}
+
+// ----------------------------------------------------------------------------- max mode
+// A bin's pick in max mode: the first of its samples, in row-major (iy, ix) order, whose value no
+// later sample exceeds, NaN counting as the largest value (docs/semantics.md, "RoI Align, max
+// mode"). A sample outside the map has value 0 and no corners; a bin without samples picks
+// nothing and holds 0.
+template <typename C, typename I>
+struct roi_align_pick {
+    C value;
+    int iy, ix;
+    bool found;   // the bin has a sample
+    bool inside;  // the pick lies inside the map: wy and wx hold its corners
+    roi_lerp<C, I> wy, wx;
+};
+
+// Whether a sample of value v, later in row-major order, replaces the current pick: only when it
+// is strictly greater, or NaN over a number. So the first maximum wins, and the first NaN.
+template <typename C>
+__device__ __forceinline__ bool roi_align_max_takes(C v, C best, bool found)
+{
+    return !found || v > best || (isnan(v) && !isnan(best));
+}
+
+// The pick of bin (ph, pw) of s on plane [H, W]: its inside samples visited in row-major order,
+// then the first sample outside the window (value 0) put in its place. The forward and backward
+// kernels both call this, so the gradient goes to the sample whose value the forward stored.
+template <typename T, typename C, typename I>
+__device__ __forceinline__ roi_align_pick<C, I> roi_align_max_pick(
+    const T* plane, const roi_align_bin<C>& s, I ph, I pw, I height, I width)
+{
+    roi_align_pick<C, I> best;
+    best.value = C(0);
+    best.iy = 0;
+    best.ix = 0;
+    best.found = false;
+    best.inside = false;
+    if (s.y.grid == 0 || s.x.grid == 0) return best;
+    for (int iy = s.y_first; iy < s.y_last; ++iy) {
+        roi_lerp<C, I> wy;
+        const bool row = roi_lerp_weights(roi_align_sample(s.y, ph, iy), height, wy);
+        for (int ix = s.x_first; ix < s.x_last; ++ix) {
+            roi_lerp<C, I> wx;
+            const bool inside = row && roi_lerp_weights(roi_align_sample(s.x, pw, ix), width, wx);
+            const C v = inside ? roi_bilinear(plane + wy.lo * width, plane + wy.hi * width, wy, wx)
+                               : C(0);
+            if (roi_align_max_takes(v, best.value, best.found)) {
+                best.value = v;
+                best.iy = iy;
+                best.ix = ix;
+                best.found = true;
+                best.inside = inside;
+                if (inside) {
+                    best.wy = wy;
+                    best.wx = wx;
+                }
+            }
+            if (!row) break;  // the rest of the row is outside too: 0 again, not taken
+        }
+    }
+    int oy, ox;
+    if (roi_align_first_outside(s, oy, ox)) {
+        const bool earlier = oy < best.iy || (oy == best.iy && ox < best.ix);
+        if (!best.found || C(0) > best.value || (C(0) == best.value && earlier)) {
+            best.value = C(0);
+            best.iy = oy;
+            best.ix = ox;
+            best.found = true;
+            best.inside = false;
+        }
+    }
+    return best;
+}
+
+// output[k, c, ph, pw] = the value of the bin's pick (roi_align_max_pick); one thread per output
+// element, consecutive threads on consecutive pw.
+//
+// Parameters: as roi_align_forward.
+template <typename T, typename I>
+__global__ void roi_align_max_forward(
+    const T* __restrict__ input, const typename roi_compute<T>::type* __restrict__ rois,
+    T* __restrict__ output, I total, I channels, I height, I width, I batch, I pooled_h,
+    I pooled_w, typename roi_compute<T>::type spatial_scale, int sampling_h, int sampling_w,
+    bool aligned)
+{
+    typedef typename roi_compute<T>::type C;
+    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
+        const C* roi = rois + o.k * 5;
+        const I b = roi_batch(roi, batch, height, width);
+        if (b < 0) {
+            roi_store(output + index, C(0));
+            continue;
+        }
+        const roi_align_bin<C> s = roi_align_locate(
+            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
+            sampling_h, sampling_w);
+        const T* plane = input + (b * channels + o.c) * height * width;
+        roi_store(output + index, roi_align_max_pick(plane, s, o.ph, o.pw, height, width).value);
+    }
+}
+
+// grad_input[b, c] += grad_output[k, c, ph, pw] times each of the four bilinear weights of the
+// bin's pick, found again in input; nothing for a pick outside the map or a bin without samples.
+// One thread per grad_output element, each term handed to the sink (roi_common.cuh).
+template <typename T, typename I, typename Sink>
+__device__ __forceinline__ void roi_align_max_backward_terms(
+    const T* __restrict__ grad_output, const T* __restrict__ input,
+    const typename roi_compute<T>::type* __restrict__ rois, const Sink& sink, I total,
+    I channels, I height, I width, I batch, I pooled_h, I pooled_w,
+    typename roi_compute<T>::type spatial_scale, int sampling_h, int sampling_w, bool aligned)
+{
+    typedef typename roi_compute<T>::type C;
+    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
+        const C* roi = rois + o.k * 5;
+        const I b = roi_batch(roi, batch, height, width);
+        if (b < 0) continue;
+        const roi_align_bin<C> s = roi_align_locate(
+            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
+            sampling_h, sampling_w);
+        const I offset = (b * channels + o.c) * height * width;
+        const roi_align_pick<C, I> m =
+            roi_align_max_pick(input + offset, s, o.ph, o.pw, height, width);
+        if (!m.inside) continue;
+
+        const C g = roi_load(grad_output[index]);
+        const I row_lo = offset + m.wy.lo * width;
+        const I row_hi = offset + m.wy.hi * width;
+        sink.add(row_lo + m.wx.lo, g * (m.wy.wlo * m.wx.wlo));
+        sink.add(row_lo + m.wx.hi, g * (m.wy.wlo * m.wx.whi));
+        sink.add(row_hi + m.wx.lo, g * (m.wy.whi * m.wx.wlo));
+        sink.add(row_hi + m.wx.hi, g * (m.wy.whi * m.wx.whi));
+    }
+}
+
+// The max-mode gradient with atomicAdd into an accumulator of the compute type C (zero-filled by
+// the caller).
+//
+// Parameters: const T* grad_output [K, C, PH, PW], const T* input [N, C, H, W] (the forward's
+// features), const C* rois [K, 5], C* grad_input [N, C, H, W], then as roi_align_backward.
+template <typename T, typename I>
+__global__ void roi_align_max_backward(
+    const T* __restrict__ grad_output, const T* __restrict__ input,
+    const typename roi_compute<T>::type* __restrict__ rois,
+    typename roi_compute<T>::type* __restrict__ grad_input, I total, I channels, I height,
+    I width, I batch, I pooled_h, I pooled_w, typename roi_compute<T>::type spatial_scale,
+    int sampling_h, int sampling_w, bool aligned)
+{
+    typedef typename roi_compute<T>::type C;
+    const roi_atomic_sink<C, I> sink{grad_input};
+    roi_align_max_backward_terms(grad_output, input, rois, sink, total, channels, height, width,
+                                 batch, pooled_h, pooled_w, spatial_scale, sampling_h,
+                                 sampling_w, aligned);
+}
+
+// The max-mode gradient in fixed point (deterministic=True), as roi_align_backward_deterministic.
+//
+// Parameters: const T* grad_output [K, C, PH, PW], const T* input [N, C, H, W], const C* rois
+// [K, 5], then hi, lo, flags, max_abs, count_bits, low_bits as roi_align_backward_deterministic,
+// then as roi_align_backward from total on.
+template <typename T, typename I>
+__global__ void roi_align_max_backward_deterministic(
+    const T* __restrict__ grad_output, const T* __restrict__ input,
+    const typename roi_compute<T>::type* __restrict__ rois, unsigned long long* __restrict__ hi,
+    unsigned long long* __restrict__ lo, unsigned int* __restrict__ flags,
+    const typename roi_compute<T>::type* __restrict__ max_abs, int count_bits, int low_bits,
+    I total, I channels, I height, I width, I batch, I pooled_h, I pooled_w,
+    typename roi_compute<T>::type spatial_scale, int sampling_h, int sampling_w, bool aligned)
+{
+    typedef typename roi_compute<T>::type C;
+    const roi_fixed_sink<C, I> sink{
+        hi, lo, flags, roi_fixed_exponent(*max_abs, count_bits), low_bits};
+    roi_align_max_backward_terms(grad_output, input, rois, sink, total, channels, height, width,
+                                 batch, pooled_h, pooled_w, spatial_scale, sampling_h,
+                                 sampling_w, aligned);
 }

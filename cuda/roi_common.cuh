@@ -323,6 +323,39 @@ __host__ __device__ __forceinline__ bool roi_lerp_weights(C v, I extent, roi_ler
     return true;
 }
 
+// The bilinear value of a sample inside the map, from its rows row_lo and row_hi (pointers to
+// pixel 0 of each) and its weights along y and x; summed in the order of docs/semantics.md.
+template <typename T, typename C, typename I>
+__device__ __forceinline__ C roi_bilinear(
+    const T* row_lo, const T* row_hi, const roi_lerp<C, I>& wy, const roi_lerp<C, I>& wx)
+{
+    return wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) + wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
+           wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) + wy.whi * wx.whi * roi_load(row_hi[wx.hi]);
+}
+
+// The first sample of bin s in row-major (iy, ix) order that lies outside its window
+// [y_first, y_last) x [x_first, x_last), as (iy, ix); false when the window holds every sample.
+// The bin must have samples (both grids >= 1). Such samples lie outside the map: RoI Align's max
+// mode reads them as 0, and of equal values it keeps the first.
+template <typename C>
+__host__ __device__ __forceinline__ bool roi_align_first_outside(
+    const roi_align_bin<C>& s, int& iy, int& ix)
+{
+    iy = 0;
+    ix = 0;
+    if (s.y_first > 0 || s.x_first > 0 || s.y_first >= s.y_last || s.x_first >= s.x_last)
+        return true;
+    if (s.x_last < s.x.grid) {
+        ix = s.x_last;
+        return true;
+    }
+    if (s.y_last < s.y.grid) {
+        iy = s.y_last;
+        return true;
+    }
+    return false;
+}
+
 // ----------------------------------------------------------------------------- RoI Pool
 // Scaled box corners rounded half away from zero; the end pixel is inclusive, a box at least one
 // pixel. All of it in floating point: nothing is converted to an integer before roi_pool_window

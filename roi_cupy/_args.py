@@ -376,3 +376,41 @@ def check_position_grad_output(grad: Any, k: int, groups: int, size: tuple[int, 
             f"grad_output must have shape [K, C / (PH * PW), PH, PW] = {list(expected)} to fit "
             f"boxes, input_shape and output_size, got {tuple(grad.shape)}"
         )
+
+
+# ----------------------------------------------------------------------------- RoI Align modes
+# What a RoI Align bin holds: the mean of its samples, or the largest of them (mmcv's max mode).
+ALIGN_MODES = ("avg", "max")
+
+
+def align_mode(mode: Any) -> str:
+    """RoI Align's ``mode``: ``"avg"`` or ``"max"`` (see docs/semantics.md)."""
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, 'avg' or 'max', got {mode!r}")
+    if mode not in ALIGN_MODES:
+        raise ValueError(f"mode must be 'avg' or 'max', got {mode!r}")
+    return str(mode)
+
+
+def check_saved_input(
+    array: Any, mode: str, input_shape: tuple[int, int, int, int], dtype: Any
+) -> None:
+    """The forward's features that ``roi_align_backward`` takes as ``input``: ``None`` (refused
+    for ``mode="max"``, which finds each bin's maximum in them again) or an array of
+    ``input_shape`` and grad_output's dtype."""
+    if array is None:
+        if mode == "max":
+            raise TypeError(
+                "roi_align_backward(mode='max') needs input, the forward's features "
+                "[N, C, H, W], to find each bin's maximum sample again: pass input=..."
+            )
+        return
+    check_features(array, "input")
+    if tuple(array.shape) != tuple(input_shape):
+        raise ValueError(
+            f"input must have shape input_shape = {tuple(input_shape)}, got {tuple(array.shape)}"
+        )
+    if numpy.dtype(array.dtype) != numpy.dtype(dtype):
+        raise TypeError(
+            f"input must have grad_output's dtype {numpy.dtype(dtype).name}, got {array.dtype}"
+        )

@@ -54,6 +54,22 @@ channel ``c`` at bin ``(ph, pw)`` reads input channel ``(c * PH + ph) * PW + pw`
     ps_roi_pool_backward(grad_output, rois, input_shape, spatial_scale)
         -> grad_input [N, C, H, W]
 
+RoI Align's ``mode`` does not reach a backend as an argument: ``roi_cupy.ops`` calls the two
+RoI Align functions above for ``mode="avg"`` and these two, which every backend also provides,
+for ``mode="max"`` (a bin holds the largest of its samples; docs/semantics.md, "RoI Align, max
+mode")::
+
+    roi_align_max_forward(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
+        -> output [K, C, PH, PW]
+    roi_align_max_backward(grad_output, input, rois, input_shape, spatial_scale, sampling_ratio,
+                           aligned, deterministic=False)
+        -> grad_input [N, C, H, W]
+
+The backward pass's ``input`` is the forward's features, of shape ``input_shape`` and
+grad_output's dtype, C-contiguous (any strides for a backend with ``Capabilities.strided``): each
+bin's maximum is found in it again, and a backend must pick the sample its own forward pass
+picked.
+
 The exact numbers are those of docs/semantics.md. NumPy inputs go to the backend chosen with
 :func:`use_backend` ("numpy" by default); CuPy inputs always go to the CUDA backend.
 """

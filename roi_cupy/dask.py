@@ -77,13 +77,14 @@ class _Crop:
     sampling_ratio: int = -1
     aligned: bool = False
     backend: str = "numpy"  # roi_cupy.use_backend's choice when the graph was built
+    mode: str = "avg"  # RoI Align's: "avg" or "max"
 
     def __call__(self, features: Any, rois: Any) -> Any:
         """The crops ``[k, C, PH, PW]`` of ``features`` [n, C, H, W] for checked ``rois``."""
         if self.op == "align":
             return ops.roi_align(
                 features, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
-                self.aligned, validate=False,
+                self.aligned, validate=False, mode=self.mode,
             )
         return ops.roi_pool(features, rois, self.output_size, self.spatial_scale, validate=False)
 
@@ -226,6 +227,8 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    *,
+    mode: str = "avg",
 ) -> da.Array:
     """RoI Align (Mask R-CNN) of features chunked along N: :func:`roi_cupy.roi_align`'s numbers.
 
@@ -242,6 +245,8 @@ def roi_align(
             ``(sampling_h, sampling_w)``; ``<= 0`` picks ``ceil(roi_size / output_size)``
             along that axis per RoI (adaptive). Default: -1.
         aligned (bool): shift box coordinates by -0.5 (Detectron2). Default: False.
+        mode (str): ``"avg"`` (a bin's mean) or ``"max"`` (its largest sample), as for
+            :func:`roi_cupy.roi_align`. Default: "avg".
 
     Returns:
         dask.array.Array[K, C, PH, PW]: lazy, in the features' dtype and chunk kind, row ``i``
@@ -256,7 +261,7 @@ def roi_align(
     crop = _Crop(
         "align", _args.output_size_pair(output_size), _scale(spatial_scale, features),
         _args.sampling_of(sampling_ratio), _args.flag(aligned, "aligned"),
-        _backend.current_backend(),
+        _backend.current_backend(), _args.align_mode(mode),
     )
     return _crops(features, boxes, crop)
 

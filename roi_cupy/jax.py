@@ -100,6 +100,7 @@ class _Static:
     aligned: bool = False
     backend: str = "numpy"  # roi_cupy.use_backend's choice when the call was traced
     index_dtype: Any = None  # RoI Pool's argmax residual
+    mode: str = "avg"  # RoI Align's: "avg" or "max"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -209,18 +210,23 @@ def _align_forward(static: _Static, x: numpy.ndarray, rois: numpy.ndarray) -> nu
     x, rois, lead = _fold_forward(static, x, rois)
     out = ops.roi_align(
         x, rois, static.output_size, static.spatial_scale, static.sampling_ratio,
-        static.aligned, validate=False,
+        static.aligned, validate=False, mode=static.mode,
     )
     return out.reshape(lead + (k,) + out.shape[1:])
 
 
-def _align_backward(static: _Static, g: numpy.ndarray, rois: numpy.ndarray) -> numpy.ndarray:
+def _align_backward(
+    static: _Static, g: numpy.ndarray, rois: numpy.ndarray, x: numpy.ndarray | None = None
+) -> numpy.ndarray:
+    """The features' gradient; ``x``, the forward's features, in max mode only."""
     n, c, h, w = static.shape
-    lead = _lead((g, 4), (rois, 2))
+    pairs = ((g, 4), (rois, 2)) + (() if x is None else ((x, 4),))
+    lead = _lead(*pairs)
     rois = _fold_rois(rois, lead, n, _args.compute_dtype(g.dtype))
     grad = ops.roi_align_backward(
         _flat(g, lead, 4), rois, (math.prod(lead) * n, c, h, w), static.output_size,
         static.spatial_scale, static.sampling_ratio, static.aligned, validate=False,
+        mode=static.mode, input=None if x is None else _flat(x, lead, 4),
     )
     return grad.reshape(lead + static.shape)
 
@@ -304,16 +310,18 @@ def _roi_align(static: _Static, input: jax.Array, rois: jax.Array) -> jax.Array:
 
 def _roi_align_fwd(
     static: _Static, input: jax.Array, rois: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    return _roi_align(static, input, rois), rois
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    # Max mode finds each bin's maximum again in the features: they are a residual too.
+    saved = (rois, input) if static.mode == "max" else (rois,)
+    return _roi_align(static, input, rois), saved
 
 
 def _roi_align_bwd(
-    static: _Static, rois: jax.Array, g: jax.Array
+    static: _Static, saved: tuple[jax.Array, ...], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     grad = jax.ShapeDtypeStruct(static.shape, g.dtype)
-    grad = _callback(_align_backward, static, grad, g, rois)
-    return grad, jnp.zeros_like(rois)
+    grad = _callback(_align_backward, static, grad, g, *saved)
+    return grad, jnp.zeros_like(saved[0])
 
 
 _roi_align.defvjp(_roi_align_fwd, _roi_align_bwd)
@@ -365,6 +373,7 @@ def roi_align(
     aligned: bool = False,
     *,
     validate: bool = True,
+    mode: str = "avg",
 ) -> jax.Array:
     """RoI Align (Mask R-CNN) of JAX arrays: :func:`roi_cupy.roi_align`'s numbers.
 
@@ -383,6 +392,9 @@ def roi_align(
             row that is not finite or whose batch index is not an integer in ``[0, N)``. Traced
             boxes (under jit, vmap) cannot be checked; an invalid RoI then gives zeros, as it
             always does with ``False``. Default: True.
+        mode (str): ``"avg"`` (a bin's mean) or ``"max"`` (its largest sample, mmcv's
+            ``pool_mode="max"``; the vjp keeps the features as a residual to find it again).
+            Default: "avg".
 
     Returns:
         Array[K, C, PH, PW]: in the input's dtype. ``jax.grad`` reaches the input; the boxes'
@@ -392,6 +404,7 @@ def roi_align(
     static = _static(
         features, output_size, spatial_scale,
         sampling_ratio=_args.sampling_of(sampling_ratio), aligned=_args.flag(aligned, "aligned"),
+        mode=_args.align_mode(mode),
     )
     return _roi_align_jit(
         static, features, _rois(boxes, features, _args.flag(validate, "validate"))

@@ -102,6 +102,8 @@ class RoiAlign(_RoiLayer):
         sampling_ratio (int or (int, int)): samples per bin along both axes, or per axis
             ``(sampling_h, sampling_w)``; ``<= 0`` for adaptive. Default: -1.
         aligned (bool): half-pixel shift of the box coordinates. Default: True.
+        mode (str): ``"avg"`` (a bin's mean) or ``"max"`` (its largest sample), as for
+            :func:`roi_cupy.roi_align`. Default: "avg".
     """
 
     def __init__(
@@ -110,13 +112,17 @@ class RoiAlign(_RoiLayer):
         spatial_scale: float = 1.0,
         sampling_ratio: int = -1,
         aligned: bool = True,
+        *,
+        mode: str = "avg",
     ):
         super().__init__(output_size, spatial_scale)
         _args.sampling_of(sampling_ratio)  # checked here, kept as given
         self.sampling_ratio = sampling_ratio
         self.aligned = _args.flag(aligned, "aligned")
+        self.mode = _args.align_mode(mode)
 
     def _op(self, ops_module: Any, features: Any, boxes: Any) -> Any:
         return ops_module.roi_align(
-            features, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+            features, boxes, self.output_size, self.spatial_scale, self.sampling_ratio,
+            self.aligned, mode=self.mode,
         )

@@ -123,18 +123,19 @@ def _roi_align(
     sampling_ratio: Sequence[int],
     aligned: bool,
     validate: bool,
+    mode: str = "avg",
 ) -> Tensor:
     _refuse_validation_in_capture(input, validate)
     with _on_device_of(input):
         return ops.roi_align(
             input.detach(), _given_boxes(boxes, per_image), (pooled_h, pooled_w), spatial_scale,
-            sampling_ratio, aligned, validate=validate,
+            sampling_ratio, aligned, validate=validate, mode=mode,
         )
 
 
 @_roi_align.register_fake
 def _(input, boxes, per_image, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
-      validate):
+      validate, mode="avg"):
     return input.new_empty((_roi_count(boxes, per_image), input.shape[1], pooled_h, pooled_w))
 
 
@@ -147,52 +148,69 @@ def _roi_align_backward(
     spatial_scale: float,
     sampling_ratio: Sequence[int],
     aligned: bool,
+    mode: str = "avg",
+    input: Tensor | None = None,
 ) -> Tensor:
     pooled = tuple(grad_output.shape[2:])
     with _on_device_of(grad_output):
         return ops.roi_align_backward(
             grad_output.detach(), _given_boxes(boxes, per_image), tuple(input_shape), pooled,
-            spatial_scale, sampling_ratio, aligned, validate=False,
+            spatial_scale, sampling_ratio, aligned, validate=False, mode=mode,
+            input=None if input is None else input.detach(),
         )
 
 
 @_roi_align_backward.register_fake
-def _(grad_output, boxes, per_image, input_shape, spatial_scale, sampling_ratio, aligned):
+def _(grad_output, boxes, per_image, input_shape, spatial_scale, sampling_ratio, aligned,
+      mode="avg", input=None):
     return grad_output.new_empty(tuple(input_shape))
 
 
 def _roi_align_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    input, boxes, per_image, _, _, spatial_scale, sampling_ratio, aligned, _ = inputs
-    ctx.save_for_backward(*boxes)
-    ctx.args = (per_image, tuple(input.shape), spatial_scale, sampling_ratio, aligned)
+    input, boxes, per_image, _, _, spatial_scale, sampling_ratio, aligned, _, mode = inputs
+    # Max mode finds each bin's maximum again in the forward's features.
+    ctx.save_for_backward(*boxes, *([input] if mode == "max" else []))
+    ctx.boxes = len(boxes)
+    ctx.args = (per_image, tuple(input.shape), spatial_scale, sampling_ratio, aligned, mode)
 
 
 def _roi_align_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
-    per_image, shape, spatial_scale, sampling_ratio, aligned = ctx.args
+    per_image, shape, spatial_scale, sampling_ratio, aligned, mode = ctx.args
+    saved = ctx.saved_tensors
+    boxes, features = list(saved[: ctx.boxes]), (saved[ctx.boxes] if mode == "max" else None)
     grad_input = _roi_align_backward(
-        grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale, sampling_ratio,
-        aligned,
+        grad_output, boxes, per_image, shape, spatial_scale, sampling_ratio, aligned, mode,
+        features,
     )
-    return (grad_input, [None] * len(ctx.saved_tensors)) + (None,) * 7
+    # One None per other argument as dispatched: torch leaves out those equal to their defaults.
+    return (grad_input, [None] * len(boxes)) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 _roi_align.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
 
 
 def _roi_align_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio, aligned = inputs
+    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio, aligned, mode, _ = inputs
     ctx.save_for_backward(*boxes)
-    ctx.args = (per_image, tuple(grad_output.shape[2:]), spatial_scale, sampling_ratio, aligned)
+    ctx.args = (
+        per_image, tuple(grad_output.shape[2:]), spatial_scale, sampling_ratio, aligned, mode
+    )
 
 
 def _roi_align_backward_grad(ctx: Any, grad_grad_input: Tensor) -> tuple[Any, ...]:
-    # The backward is linear in grad_output; its adjoint is the forward.
-    per_image, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned = ctx.args
+    # The backward is linear in grad_output; in avg mode its adjoint is the forward.
+    per_image, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned, mode = ctx.args
+    if mode != "avg":
+        raise RuntimeError(
+            "roi_align(mode='max') has no second derivative here: its backward is differentiable "
+            "only in avg mode"
+        )
     grad_grad_output = _roi_align(
         grad_grad_input, list(ctx.saved_tensors), per_image, pooled_h, pooled_w, spatial_scale,
         sampling_ratio, aligned, False,
     )
-    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 5
+    rest = (None,) * (len(ctx.needs_input_grad) - 2)  # as in _roi_align_grad
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + rest
 
 
 _roi_align_backward.register_autograd(
@@ -296,6 +314,7 @@ def roi_align(
     aligned: bool = False,
     *,
     validate: bool = True,
+    mode: str = "avg",
 ) -> Tensor:
     """RoI Align with autograd, as ``torchvision.ops.roi_align``.
 
@@ -312,6 +331,9 @@ def roi_align(
         validate (bool): reject non-finite boxes and batch indices outside ``[0, N)`` (on a GPU
             one synchronisation, which a CUDA graph capture does not allow); with ``False``
             such RoIs give zeros. Default: True.
+        mode (str): ``"avg"`` (a bin's mean, torchvision's) or ``"max"`` (its largest sample,
+            mmcv's ``pool_mode="max"``; the backward keeps the features to find it again, and
+            has no second derivative). Default: "avg".
 
     Returns:
         Tensor[K, C, PH, PW]: in the input's dtype and device; differentiable in ``input``.
@@ -322,7 +344,7 @@ def roi_align(
     return _roi_align(
         input, tensors, per_image, pooled_h, pooled_w, _args.spatial_scale_of(spatial_scale),
         _args.sampling_of(sampling_ratio), _args.flag(aligned, "aligned"),
-        _args.flag(validate, "validate"),
+        _args.flag(validate, "validate"), _args.align_mode(mode),
     )
 
 
@@ -368,6 +390,7 @@ class RoIAlign(nn.Module):
         aligned (bool): half-pixel shift of the boxes. Default: False.
         validate (bool): as for :func:`roi_align`; ``False`` inside a CUDA graph capture.
             Default: True.
+        mode (str): ``"avg"`` or ``"max"``, as for :func:`roi_align`. Default: "avg".
     """
 
     def __init__(
@@ -378,6 +401,7 @@ class RoIAlign(nn.Module):
         aligned: bool = False,
         *,
         validate: bool = True,
+        mode: str = "avg",
     ):
         super().__init__()
         self.output_size = output_size
@@ -385,18 +409,20 @@ class RoIAlign(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
         self.validate = validate
+        self.mode = _args.align_mode(mode)
 
     def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
         return roi_align(
             input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
-            validate=self.validate,
+            validate=self.validate, mode=self.mode,
         )
 
     def __repr__(self) -> str:
+        mode = "" if self.mode == "avg" else f", mode={self.mode!r}"
         return (
             f"{type(self).__name__}(output_size={self.output_size}, "
             f"spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, "
-            f"aligned={self.aligned})"
+            f"aligned={self.aligned}{mode})"
         )
 
 

@@ -531,3 +531,97 @@ def ps_roi_pool_backward_ref(
                     for w in range(wstart, wend):
                         grad[b, channels, h, w] += g[k, :, ph, pw] / area
     return grad
+
+
+# ----------------------------------------------------------------------------- RoI Align, max mode
+def roi_align_max_picks(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = False,
+) -> tuple[numpy.ndarray, dict]:
+    """RoI Align in max mode, and each bin's pick.
+
+    Every sample of a bin is visited in row-major ``(iy, ix)`` order; its value is the bilinear
+    interpolation, 0 for a sample outside the map. A sample replaces the bin's pick when the bin
+    has none yet, when it is strictly greater, or when it is NaN and the pick is not. A bin
+    without samples (and an invalid RoI) holds 0.
+
+    Returns:
+        (ndarray[K, C, PH, PW] float64, dict): the output, and for each ``(k, c, ph, pw)`` whose
+        pick lies inside the map, the pick's corners ``[(h, w, weight)]`` (``b`` is the RoI's).
+    """
+    x = numpy.asarray(input, dtype=numpy.float64)
+    n, c, height, width = x.shape
+    pooled_h, pooled_w = pair(output_size)
+    out = numpy.zeros((len(rois), c, pooled_h, pooled_w))
+    picks = {}
+    for k, row in enumerate(rois):
+        b = batch_index(row, n)
+        if b is None:
+            continue
+        y0, x0, bin_h, bin_w, grid_h, grid_w = roi_align_geometry(
+            row, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+        )
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                for ch in range(c):
+                    best, corners = None, None
+                    for y in sample_points(y0, bin_h, grid_h, ph):
+                        for xs in sample_points(x0, bin_w, grid_w, pw):
+                            here = bilinear_corners(y, xs, height, width)
+                            with numpy.errstate(invalid="ignore"):  # 0 * inf is NaN
+                                value = sum(wt * x[b, ch, h, w] for h, w, wt in here)
+                            if (
+                                best is None
+                                or value > best
+                                or (math.isnan(value) and not math.isnan(best))
+                            ):
+                                best, corners = value, here
+                    if best is None:  # no sample at all
+                        continue
+                    out[k, ch, ph, pw] = best
+                    if corners:
+                        picks[k, ch, ph, pw] = corners
+    return out, picks
+
+
+def roi_align_max_ref(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = False,
+) -> numpy.ndarray:
+    """RoI Align forward in max mode (see :func:`roi_align_max_picks`): ``[K, C, PH, PW]``
+    float64."""
+    return roi_align_max_picks(input, rois, output_size, spatial_scale, sampling_ratio, aligned)[0]
+
+
+def roi_align_max_backward_ref(
+    grad_output: numpy.ndarray,
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = False,
+) -> numpy.ndarray:
+    """RoI Align backward in max mode: each bin's gradient times each of its pick's four corner
+    weights goes to that corner; nothing for an outside pick or a bin without samples.
+
+    Returns:
+        ndarray[N, C, H, W]: float64.
+    """
+    g = numpy.asarray(grad_output, dtype=numpy.float64)
+    n = input.shape[0]
+    _, picks = roi_align_max_picks(input, rois, g.shape[2:], spatial_scale, sampling_ratio, aligned)
+    grad = numpy.zeros(input.shape)
+    for (k, ch, ph, pw), corners in picks.items():
+        b = batch_index(rois[k], n)
+        for h, w, weight in corners:
+            with numpy.errstate(invalid="ignore"):  # inf * 0 is NaN
+                grad[b, ch, h, w] += g[k, ch, ph, pw] * weight
+    return grad

@@ -86,12 +86,28 @@ def align_backward(case, sampling_ratio=2, **kwargs):
     return roi_cupy.roi_align_backward(g, rois, shape, (3, 4), 1.0, sampling_ratio, True, **kwargs)
 
 
+def max_case(dtype, nonfinite=False):
+    g, rois, shape = align_case(dtype, nonfinite=nonfinite)
+    rng = make_rng("deterministic max features", numpy.dtype(dtype).name)
+    return g, rois, shape, random_features(rng, shape, dtype)
+
+
+def max_backward(case, **kwargs):
+    g, rois, shape, x = case
+    if g.dtype == numpy.float64 and x.dtype != numpy.float64:  # the float64 sums of the check
+        x = x.astype(numpy.float64)
+    return roi_cupy.roi_align_backward(
+        g, rois, shape, (3, 4), 1.0, 2, True, mode="max", input=x, **kwargs
+    )
+
+
 def pool_backward(case, **kwargs):
     return roi_cupy.roi_pool_backward(*case, **kwargs)
 
 
 OPS = {
     "roi_align": (align_case, align_backward),
+    "roi_align_max": (max_case, max_backward),
     "roi_pool": (pool_case, pool_backward),
 }
 
@@ -116,7 +132,7 @@ def test_backward_has_the_same_bits_in_every_configuration(monkeypatch, emulator
     exact = backward(wide)
     fixed_error = numpy.abs(fixed[0].astype(numpy.float64) - exact).max()
     atomic_error = max(numpy.abs(r.astype(numpy.float64) - exact).max() for r in atomic)
-    assert fixed[0].dtype == numpy.dtype(dtype) and fixed[0].shape == case[-1]
+    assert fixed[0].dtype == numpy.dtype(dtype) and fixed[0].shape == exact.shape == (2, 3, 12, 14)
     assert fixed_error <= atomic_error
 
 

@@ -57,6 +57,39 @@ def roi_align_backward(
     )
 
 
+def roi_align_max_forward(
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+) -> Any:
+    """RoI Align in max mode: ``input`` [N, C, H, W], ``rois`` [K, 5] -> [K, C, PH, PW]."""
+    return roi_align.max_forward(
+        _runtime(input), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+    )
+
+
+def roi_align_max_backward(
+    grad_output: Any,
+    input: Any,
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    deterministic: bool = False,
+) -> Any:
+    """Input gradient of RoI Align in max mode: ``grad_output`` [K, C, PH, PW] and the forward's
+    ``input`` [N, C, H, W] -> [N, C, H, W]; summed in fixed point with ``deterministic``."""
+    return roi_align.max_backward(
+        _runtime(grad_output), grad_output, input, rois, input_shape, spatial_scale, sampling_ratio,
+        aligned, deterministic,
+    )
+
+
 def roi_pool_forward(
     input: Any, rois: Any, pooled_h: int, pooled_w: int, spatial_scale: float, indices: bool = True
 ) -> tuple[Any, Any]:

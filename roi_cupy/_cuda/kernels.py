@@ -36,6 +36,9 @@ KERNELS = (
     "ps_roi_align_backward",
     "ps_roi_pool_forward",
     "ps_roi_pool_backward",
+    "roi_align_max_forward",
+    "roi_align_max_backward",
+    "roi_align_max_backward_deterministic",
 )
 # Storage dtype -> the kernel's scalar type T; the compute type is float for all but float64.
 SCALAR_TYPES = {

@@ -28,8 +28,10 @@ def forward(
     pooled_h: int,
     pooled_w: int,
     spatial_scale: float,
-    sampling_ratio: int,
+    sampling_ratio: tuple[int, int],
     aligned: bool,
+    *,
+    kernel: str = "roi_align_forward",
 ) -> Any:
     """RoI Align of every RoI.
 
@@ -41,6 +43,9 @@ def forward(
         spatial_scale (float): box-to-feature coordinate factor.
         sampling_ratio ((int, int)): samples per bin along y and x; <= 0 for adaptive.
         aligned (bool): shift boxes by -0.5 pixel.
+        kernel (str): ``"roi_align_forward"`` (the mean of a bin's samples) or
+            ``"roi_align_max_forward"`` (their maximum), which take the same arguments.
+            Default: "roi_align_forward".
 
     Returns:
         ndarray[K, C, PH, PW] in the input's dtype.
@@ -57,7 +62,7 @@ def forward(
     i = launch.index_scalar(index64)
     real = launch.compute_dtype(input.dtype).type
     grid, block = launch.grid(output.size)
-    rt.function(launch.kernel_name("roi_align_forward", input.dtype, index64))(
+    rt.function(launch.kernel_name(kernel, input.dtype, index64))(
         grid,
         block,
         (
@@ -93,6 +98,28 @@ def backward(
     Returns:
         ndarray[N, C, H, W] in grad_output's dtype.
     """
+    return _backward(
+        rt, "roi_align_backward", (grad_output,), rois, input_shape, spatial_scale,
+        sampling_ratio, aligned, deterministic, _terms_per_bin(sampling_ratio),
+    )
+
+
+def _backward(
+    rt: Any,
+    kernel: str,
+    reads: tuple[Any, ...],
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    deterministic: bool,
+    terms_per_bin: int,
+) -> Any:
+    """Launch backward ``kernel`` (or its ``_deterministic`` twin) on the arrays it reads
+    (grad_output first) and the RoIs; ``terms_per_bin`` bounds the terms one bin adds to one
+    gradient element."""
+    grad_output = reads[0]
     n, c, h, w = input_shape
     k, _, pooled_h, pooled_w = grad_output.shape
     real = launch.compute_dtype(grad_output.dtype)
@@ -105,22 +132,19 @@ def backward(
     )
     if deterministic:
         bins = k * pooled_h * pooled_w
-        sums = fixed.FixedSum(
-            rt, input_shape, real, sources=bins, terms=bins * _terms_per_bin(sampling_ratio)
-        )
+        sums = fixed.FixedSum(rt, input_shape, real, sources=bins, terms=bins * terms_per_bin)
         if work:
             sums.measure(grad_output)
             grid, block = launch.grid(grad_output.size)
-            rt.function(
-                launch.kernel_name("roi_align_backward_deterministic", grad_output.dtype, index64)
-            )(grid, block, (grad_output, rois, *sums.sink_args(), *geometry))
+            name = launch.kernel_name(f"{kernel}_deterministic", grad_output.dtype, index64)
+            rt.function(name)(grid, block, (*reads, rois, *sums.sink_args(), *geometry))
         return sums.finish(grad_output.dtype)
     # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
     grad_input = rt.xp.zeros(input_shape, dtype=real)
     if work:
         grid, block = launch.grid(grad_output.size)
-        rt.function(launch.kernel_name("roi_align_backward", grad_output.dtype, index64))(
-            grid, block, (grad_output, rois, grad_input, *geometry)
+        rt.function(launch.kernel_name(kernel, grad_output.dtype, index64))(
+            grid, block, (*reads, rois, grad_input, *geometry)
         )
     return grad_input.astype(grad_output.dtype, copy=False)
 
@@ -131,3 +155,53 @@ def _terms_per_bin(sampling_ratio: tuple[int, int]) -> int:
     half a pixel apart, and a pixel takes samples from less than two pixels around it)."""
     near = [min(s, _MAX_GRID) if s > 0 else 5 for s in sampling_ratio]
     return 4 * near[0] * near[1]
+
+
+def max_forward(
+    rt: Any,
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+) -> Any:
+    """RoI Align in max mode: :func:`forward` with each bin's largest sample."""
+    return forward(
+        rt, input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+        kernel="roi_align_max_forward",
+    )
+
+
+def max_backward(
+    rt: Any,
+    grad_output: Any,
+    input: Any,
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    deterministic: bool = False,
+) -> Any:
+    """Gradient of :func:`max_forward` with respect to its input.
+
+    Args:
+        rt: the runtime.
+        grad_output (ndarray[K, C, PH, PW]): float16, bfloat16, float32 or float64.
+        input (ndarray[N, C, H, W]): the forward's features, in grad_output's dtype; each bin's
+            pick is found in them again.
+        rois (ndarray[K, 5]): as for :func:`forward`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)``.
+        spatial_scale, sampling_ratio, aligned: as for :func:`forward`.
+        deterministic (bool): as for :func:`backward`. Default: False.
+
+    Returns:
+        ndarray[N, C, H, W] in grad_output's dtype.
+    """
+    # A bin passes its gradient to the four corners of one sample.
+    return _backward(
+        rt, "roi_align_max_backward", (grad_output, input), rois, input_shape, spatial_scale,
+        sampling_ratio, aligned, deterministic, 4,
+    )

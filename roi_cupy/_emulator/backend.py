@@ -45,6 +45,39 @@ def roi_align_backward(
     )
 
 
+def roi_align_max_forward(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+) -> numpy.ndarray:
+    """RoI Align in max mode: ``input`` [N, C, H, W], ``rois`` [K, 5] -> [K, C, PH, PW]."""
+    return roi_align.max_forward(
+        emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+    )
+
+
+def roi_align_max_backward(
+    grad_output: numpy.ndarray,
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    deterministic: bool = False,
+) -> numpy.ndarray:
+    """Input gradient of RoI Align in max mode: ``grad_output`` [K, C, PH, PW] and the forward's
+    ``input`` [N, C, H, W] -> [N, C, H, W]; summed in fixed point with ``deterministic``."""
+    return roi_align.max_backward(
+        emulator.runtime(), grad_output, input, rois, input_shape, spatial_scale, sampling_ratio,
+        aligned, deterministic,
+    )
+
+
 def roi_pool_forward(
     input: numpy.ndarray,
     rois: numpy.ndarray,

@@ -1,6 +1,11 @@
 """NumPy backend: RoI Align and RoI Pool on the CPU with the numbers of docs/semantics.md."""
 from roi_cupy._backend import Capabilities
-from roi_cupy._numpy.roi_align import roi_align_backward, roi_align_forward
+from roi_cupy._numpy.roi_align import (
+    roi_align_backward,
+    roi_align_forward,
+    roi_align_max_backward,
+    roi_align_max_forward,
+)
 from roi_cupy._numpy.roi_check import first_invalid
 from roi_cupy._numpy.roi_pool import roi_pool_backward, roi_pool_forward
 from roi_cupy._numpy.ps_roi_align import ps_roi_align_backward, ps_roi_align_forward
@@ -20,6 +25,8 @@ __all__ = [
     "ps_roi_pool_forward",
     "roi_align_backward",
     "roi_align_forward",
+    "roi_align_max_backward",
+    "roi_align_max_forward",
     "roi_pool_backward",
     "roi_pool_forward",
 ]

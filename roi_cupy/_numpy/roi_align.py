@@ -82,6 +82,12 @@ class _Axis:
             weight of the high pixel in the compute dtype (0 at the snapped edge; the low pixel
             weighs ``1 - frac``), computed in the kernels' order of operations.
         """
+        kp, _, low, high, frac = self.samples(rois)
+        return kp, low, high, frac
+
+    def samples(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, ...]:
+        """:meth:`taps` with each sample's index in its bin's grid (int64, increasing within a
+        bin) second."""
         ct, size = self.ct, self.size
         n = self.n[rois]
         kg, pooled = n.shape
@@ -97,14 +103,14 @@ class _Axis:
                 (index.astype(ct) + ct.type(0.5)) * bin_size
             ) / self.grid[rois].astype(ct)[k]
         inside = (y >= -1) & (y <= size)  # NaN fails both
-        kp, y = kp[inside], y[inside]
+        kp, index, y = kp[inside], index[inside].astype(numpy.int64), y[inside]
         y = numpy.maximum(y, ct.type(0))
         low = numpy.floor(y).astype(numpy.int64)
         edge = low >= size - 1
         low = numpy.where(edge, size - 1, low)
         high = numpy.where(edge, low, low + 1)
         frac = numpy.where(edge, ct.type(0), y - low.astype(ct))
-        return kp, low, high, frac
+        return kp, index, low, high, frac
 
     def weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """Compressed weight matrices of the RoIs ``rois`` (indices into the block).
@@ -487,6 +493,336 @@ def roi_align_backward(
             for i in range(g):
                 ry, rx = group.used_y[i], group.used_x[i]
                 acc[pixel[i, :ry, :rx].ravel()] += part[i, :ry, :rx].reshape(ry * rx, c1 - c0)
+        with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+            grad_input[:, c0:c1] = acc.reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
+    return grad_input
+
+
+
+# ----------------------------------------------------------------------------- max mode
+# Max mode (docs/semantics.md, "RoI Align, max mode") needs every sample's own value, which the
+# separable products above never form. A bin's samples inside the map are the pairs of its y and
+# x samples inside it (from the same _Axis as the mean), numbered bin by bin, row-major (iy, ix)
+# within a bin. Bins with equal pair counts are evaluated together, a bounded slice at a time:
+# four gathers from the channels-last features summed in the kernels' order of operations, then
+# the first maximum along each bin's pairs. A bin too large for one slice is evaluated in pieces
+# whose picks are merged in order, so memory stays bounded whatever the sampling grid. Samples
+# outside the map read 0; only the first of them in a bin can be its pick, merged in last.
+
+# Bytes of per-pair temporaries in one slice, and of the running picks of one run of RoIs.
+_PAIR_BUDGET = 4 << 20
+_PICK_BUDGET = 16 << 20
+# Bytes per pair and channel in a slice (four gathers, their sum, the first-maximum search) and
+# per pick and channel (value, pair, and the working copies of a merge).
+_PAIR_BYTES = 72
+_PICK_BYTES = 40
+
+
+class _Pairs:
+    """The pairs of a run of RoIs: the samples of each bin that lie inside the map.
+
+    Pairs are numbered bin by bin (C order over ``(RoI, ph, pw)``), row-major within a bin.
+    """
+
+    def __init__(self, ay: _Axis, ax: _Axis, local: numpy.ndarray, b: numpy.ndarray, h, w):
+        g, pooled_h, pooled_w = local.size, ay.n.shape[1], ax.n.shape[1]
+        self.ct, self.w, self.pooled = ay.ct, w, (pooled_h, pooled_w)
+        self.base = b * (h * w)
+        ky, self.iy, self.ylo, self.yhi, self.fy = ay.samples(local)
+        kx, self.ix, self.xlo, self.xhi, self.fx = ax.samples(local)
+        self.ny = numpy.bincount(ky, minlength=g * pooled_h)
+        self.nx = numpy.bincount(kx, minlength=g * pooled_w)
+        self.sy = numpy.cumsum(self.ny) - self.ny
+        self.sx = numpy.cumsum(self.nx) - self.nx
+        # A zero-size bin puts all its samples on one point, which _Axis evaluates once: they
+        # are equal, so the first is the pick, as if the grid had one sample.
+        gh = numpy.where(ay.bin[local] == 0, numpy.minimum(ay.grid[local], 1), ay.grid[local])
+        gw = numpy.where(ax.bin[local] == 0, numpy.minimum(ax.grid[local], 1), ax.grid[local])
+        self.gw = gw.astype(numpy.int64)
+        # The first index of each bin row (column) whose sample is outside: the inside ones
+        # are the indices 0, 1, ... up to it.
+        lead_y = numpy.bincount(
+            ky, weights=self.iy == numpy.arange(ky.size) - self.sy[ky], minlength=g * pooled_h
+        ).astype(numpy.int64)
+        lead_x = numpy.bincount(
+            kx, weights=self.ix == numpy.arange(kx.size) - self.sx[kx], minlength=g * pooled_w
+        ).astype(numpy.int64)
+        my = lead_y.reshape(g, pooled_h, 1)
+        mx = lead_x.reshape(g, 1, pooled_w)
+        gh3, gw3 = gh.astype(numpy.int64)[:, None, None], self.gw[:, None, None]
+        # Each bin's first outside sample in row-major order, as iy * gw + ix; -1 for none.
+        self.outside = numpy.where(
+            my == 0, 0, numpy.where(mx < gw3, mx, numpy.where(my < gh3, my * gw3, -1))
+        ).reshape(-1)
+        self.count = (self.ny.reshape(g, pooled_h, 1) * self.nx.reshape(g, 1, pooled_w)).ravel()
+        self.ends = numpy.cumsum(self.count)
+        self.total = int(self.ends[-1]) if self.ends.size else 0
+
+    def locate(self, t: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+        """``(bin, y sample, x sample)`` of the pairs ``t`` (values in ``[0, total)``)."""
+        j = numpy.searchsorted(self.ends, t, side="right")
+        return (j, *self.taps(j, t - (self.ends[j] - self.count[j])))
+
+    def taps(self, j: numpy.ndarray, u: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """``(y sample, x sample)`` of pair ``u`` (row-major, in ``[0, count[j])``) of bins
+        ``j``."""
+        pooled_h, pooled_w = self.pooled
+        column = j // (pooled_h * pooled_w) * pooled_w + j % pooled_w
+        across = self.nx[column]
+        return self.sy[j // pooled_w] + u // across, self.sx[column] + u % across
+
+    def position(self, j: numpy.ndarray, yt: numpy.ndarray, xt: numpy.ndarray) -> numpy.ndarray:
+        """The row-major position ``iy * gw + ix`` of pairs in their bins ``j``."""
+        pooled_h, pooled_w = self.pooled
+        return self.iy[yt] * self.gw[j // (pooled_h * pooled_w)] + self.ix[xt]
+
+    def corners(self, j, yt, xt):
+        """The four ``(pixel, weight)`` corners of pairs, as the kernels form them: pixels are
+        flat ``(b * H + row) * W + col``, weights in the compute dtype."""
+        pooled_h, pooled_w = self.pooled
+        ct, w = self.ct, self.w
+        one = ct.type(1)
+        wyh, wxh = self.fy[yt], self.fx[xt]
+        wyl, wxl = one - wyh, one - wxh
+        base = self.base[j // (pooled_h * pooled_w)]
+        r0, r1 = base + self.ylo[yt] * w, base + self.yhi[yt] * w
+        c0, c1 = self.xlo[xt], self.xhi[xt]
+        return (
+            (r0 + c0, wyl * wxl), (r0 + c1, wyl * wxh), (r1 + c0, wyh * wxl), (r1 + c1, wyh * wxh)
+        )
+
+
+def _values(x: numpy.ndarray, pairs: _Pairs, j: numpy.ndarray, u: numpy.ndarray) -> numpy.ndarray:
+    """``[S, Cc]``: the values of pairs ``u`` of bins ``j``, as the kernels form them (the four
+    products summed left to right, in the compute dtype)."""
+    (p0, w0), (p1, w1), (p2, w2), (p3, w3) = pairs.corners(j, *pairs.taps(j, u))
+    return w0[:, None] * x[p0] + w1[:, None] * x[p1] + w2[:, None] * x[p2] + w3[:, None] * x[p3]
+
+
+def _first_max(v: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """The first maximum along axis 1 of ``v`` [B, L, Cc] (NaN the largest) and its index."""
+    size = v.shape[1]
+    if size < 256:
+        # Faster than argmax along a short strided axis: the maximum (NaN if any), then the
+        # first index that holds it, as the largest of the reversed ranks (L - i) of the hits.
+        top = v.max(axis=1)
+        hit = v == top[:, None]
+        if numpy.isnan(top).any():
+            hit |= numpy.isnan(v)
+        rank = numpy.arange(size, 0, -1, dtype=numpy.uint8)[None, :, None]
+        first = size - (hit * rank).max(axis=1).astype(numpy.int64)
+    else:
+        first = v.argmax(axis=1)  # the first maximum, or the first NaN
+    # The value at the index (not the maximum itself): -0.0 and 0.0 are equal, the first wins.
+    return numpy.take_along_axis(v, first[:, None, :], axis=1)[:, 0], first
+
+
+def _pick(x: numpy.ndarray, pairs: _Pairs, cc: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """The picks of every bin of a run, from ``x`` (channels-last ``[N * H * W, Cc]``).
+
+    Bins with the same number of pairs are evaluated together as ``[bins, pairs, Cc]``, whose
+    first maximum along the pairs (or first NaN) is the kernels' pick. A bin with more pairs
+    than one slice holds is evaluated a slice at a time, and a later slice's pick replaces the
+    earlier one only when strictly greater, or NaN over a number.
+
+    Returns:
+        (ndarray[B, Cc], ndarray[B, Cc] int64): each bin's pick's value (0 for an outside pick
+        or a bin without samples) and its pair (-1 where it has no corners).
+    """
+    ct = pairs.ct
+    count = pairs.count
+    bins = count.size
+    value = numpy.zeros((bins, cc), dtype=ct)
+    pair = numpy.full((bins, cc), -1, dtype=numpy.int64)
+    most = max(1, _PAIR_BUDGET // (cc * _PAIR_BYTES))  # pairs in one slice
+    order = numpy.argsort(count, kind="stable")
+    sizes = count[order]
+    edges = numpy.flatnonzero(numpy.diff(sizes, prepend=-1)).tolist() + [bins]
+    with numpy.errstate(invalid="ignore", over="ignore"):  # 0 * inf and inf - inf are NaN
+        for a, b in zip(edges[:-1], edges[1:]):
+            size = int(sizes[a])
+            if size == 0:
+                continue
+            group = order[a:b]
+            step = max(1, most // size)
+            for s in range(0, group.size, step):
+                j = group[s : s + step]
+                for u0 in range(0, size, most):
+                    u = numpy.arange(u0, min(size, u0 + most))
+                    v = _values(x, pairs, numpy.repeat(j, u.size), numpy.tile(u, j.size))
+                    new, first = _first_max(v.reshape(j.size, u.size, cc))
+                    t = (pairs.ends[j] - size + u0)[:, None] + first
+                    if u0:
+                        old = value[j]
+                        take = (new > old) | (numpy.isnan(new) & ~numpy.isnan(old))
+                        new, t = numpy.where(take, new, old), numpy.where(take, t, pair[j])
+                    value[j], pair[j] = new, t
+    found = count > 0
+    # The first outside sample (value 0) where it comes before an equal pick, or beats it.
+    rows = numpy.flatnonzero(pairs.outside >= 0)
+    if rows.size:
+        cur, held = value[rows], pair[rows]
+        earlier = numpy.ones(held.shape, dtype=bool)
+        tied = (held >= 0) & (cur == 0)
+        if tied.any():
+            outside = numpy.broadcast_to(pairs.outside[rows, None], held.shape)
+            earlier[tied] = outside[tied] < pairs.position(*pairs.locate(held[tied]))
+        out = ~found[rows, None] | (cur < 0) | ((cur == 0) & earlier)
+        value[rows] = numpy.where(out, ct.type(0), cur)
+        pair[rows] = numpy.where(out, -1, held)
+    return value, pair
+
+
+def _corner_table(pairs: _Pairs, t: numpy.ndarray, cc: int, index: numpy.dtype):
+    """``[S, 4]`` corners of the pairs ``t``: ``pixel * cc`` (of dtype ``index``) and weights.
+    Channels share pairs, so where the run has fewer pairs than ``t`` holds, every pair's
+    corners are formed once and looked up."""
+    if pairs.total <= t.size:
+        count = pairs.count
+        j = numpy.repeat(numpy.arange(count.size), count)
+        u = numpy.arange(pairs.total) - numpy.repeat(pairs.ends - count, count)
+        pixel, weight = _stacked(pairs.corners(j, *pairs.taps(j, u)))
+        return (pixel * cc).astype(index)[t], weight[t]
+    pixel, weight = _stacked(pairs.corners(*pairs.locate(t)))
+    return (pixel * cc).astype(index), weight
+
+
+def _stacked(corners) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Four ``(pixel, weight)`` corners as ``[S, 4]`` pixels and ``[S, 4]`` weights."""
+    return numpy.stack([p for p, _ in corners], axis=1), numpy.stack([w for _, w in corners], 1)
+
+
+def _max_runs(x, shape, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
+    """Yield ``(kidx, pairs, value, pair)`` (see :func:`_pick`) for every run of RoIs that has a
+    sample inside the map, picked from ``x``, a channel slice of features of ``shape`` =
+    (N, C, H, W) as channels-last ``[N * H * W, Cc]``; RoIs left out hold 0 in every bin."""
+    n, _, h, w = shape
+    ct, cc = x.dtype, x.shape[1]
+    block = max(16, min(1024, (1 << 22) // (max(pooled_h, pooled_w) * max(h, w))))
+    per_roi = pooled_h * pooled_w * cc * _PICK_BYTES
+    for s in range(0, rois.shape[0], block):
+        chunk = rois[s : s + block]
+        b, valid = _common.batch_index(chunk, n)
+        safe = numpy.where(valid[:, None], chunk, 0).astype(ct)
+        ay, ax = _axes(safe, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct)
+        active = numpy.flatnonzero(valid & (ay.bound > 0) & (ax.bound > 0))
+        # Runs whose samples (an upper bound) and picks fit their budgets; at least one RoI.
+        taps = numpy.cumsum(ay.n[active].sum(axis=1) + ax.n[active].sum(axis=1))
+        most = max(1, _PICK_BUDGET // per_roi)
+        i = 0
+        while i < active.size:
+            done = int(taps[i - 1]) if i else 0
+            j = int(numpy.searchsorted(taps, done + _TAPS, side="right"))
+            j = max(i + 1, min(j, i + most))
+            local = active[i:j]
+            pairs = _Pairs(ay, ax, local, b[local], h, w)
+            value, pair = _pick(x, pairs, cc)
+            yield s + local, pairs, value, pair
+            i = j
+
+
+def _max_channels(c: int, n: int, h: int, w: int, pooled: int, itemsize: int) -> int:
+    """Channels per slice: one channels-last copy within its budget, and one RoI's picks within
+    theirs."""
+    one_roi = _PICK_BUDGET // (pooled * _PICK_BYTES)
+    return max(1, min(_common.channel_chunk(c, n * h * w, itemsize), one_roi))
+
+
+def roi_align_max_forward(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+) -> numpy.ndarray:
+    """RoI Align in max mode: each bin holds its largest sample (docs/semantics.md).
+
+    Args:
+        input (ndarray[N, C, H, W]): features (float16, bfloat16, float32 or float64), any
+            strides.
+        rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned: as for
+            :func:`roi_align_forward`.
+
+    Returns:
+        ndarray[K, C, PH, PW]: in the input's dtype. A bin holds the value of its first sample
+        in row-major order that no other exceeds (NaN the largest; a sample outside the map
+        reads 0), 0 without samples.
+    """
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    out = numpy.zeros((k, c, pooled_h, pooled_w), dtype=input.dtype)
+    if out.size == 0 or h == 0 or w == 0:
+        return out
+    ct = _common.compute_dtype(input.dtype)
+    cc = _max_channels(c, n, h, w, pooled_h * pooled_w, ct.itemsize)
+    for c0 in range(0, c, cc):
+        c1 = min(c, c0 + cc)
+        x = _common.channels_last(input, c0, c1, ct)
+        runs = _max_runs(
+            x, (n, c, h, w), rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+        )
+        for kidx, _, value, _ in runs:
+            value = value.reshape(kidx.size, pooled_h, pooled_w, c1 - c0)
+            with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+                out[kidx, c0:c1] = value.transpose(0, 3, 1, 2)
+    return out
+
+
+def roi_align_max_backward(
+    grad_output: numpy.ndarray,
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    deterministic: bool = False,
+) -> numpy.ndarray:
+    """Gradient of :func:`roi_align_max_forward` with respect to its input; deterministic.
+
+    Each bin's pick is found again in ``input``, and the bin's gradient goes to the pick's four
+    bilinear corners, ``grad * weight``; a pick outside the map and a bin without samples pass
+    nothing. Summed in the compute dtype in a fixed order and rounded once.
+
+    Args:
+        grad_output (ndarray[K, C, PH, PW]): gradient of the output, any strides.
+        input (ndarray[N, C, H, W]): the forward's features, in grad_output's dtype, any strides.
+        rois, input_shape, spatial_scale, sampling_ratio, aligned, deterministic: as for
+            :func:`roi_align_backward`.
+
+    Returns:
+        ndarray[N, C, H, W]: in grad_output's dtype.
+    """
+    n, c, h, w = input_shape
+    k, _, pooled_h, pooled_w = grad_output.shape
+    grad_input = numpy.zeros((n, c, h, w), dtype=grad_output.dtype)
+    if grad_input.size == 0 or k == 0:
+        return grad_input
+    ct = _common.compute_dtype(grad_output.dtype)
+    cc = _max_channels(c, n, h, w, pooled_h * pooled_w, ct.itemsize)
+    for c0 in range(0, c, cc):
+        c1 = min(c, c0 + cc)
+        x = _common.channels_last(input, c0, c1, ct)
+        acc = numpy.zeros((n * h * w, c1 - c0), dtype=ct)
+        index = numpy.dtype(numpy.int32 if acc.size < 2**31 else numpy.int64)
+        runs = _max_runs(
+            x, (n, c, h, w), rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+        )
+        for kidx, pairs, _, pair in runs:
+            picked = numpy.flatnonzero(pair >= 0)  # into [bins, Cc], grad's layout too
+            if picked.size == 0:
+                continue
+            grad = numpy.empty((kidx.size, pooled_h, pooled_w, c1 - c0), dtype=ct)
+            grad[...] = grad_output[kidx, c0:c1].transpose(0, 2, 3, 1)
+            g = grad.reshape(-1)[picked]
+            start, weight = _corner_table(pairs, pair.reshape(-1)[picked], c1 - c0, index)
+            flat = start + (picked % (c1 - c0)).astype(index)[:, None]
+            with numpy.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN
+                part = g[:, None] * weight
+            # Pick by pick, corner by corner: the order of the sum is the same for any runs.
+            numpy.add.at(acc.reshape(-1), flat.ravel(), part.ravel())
         with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
             grad_input[:, c0:c1] = acc.reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
     return grad_input
