@@ -25,29 +25,10 @@ __global__ void roi_align_forward(
             roi_store(output + index, C(0));
             continue;
         }
-        const roi_align_bin<C> s = roi_align_locate(
-            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
-            sampling_h, sampling_w);
-
         const T* plane = input + (b * channels + o.c) * height * width;
-        roi_sum<C> sum;
-        for (int iy = s.y_first; iy < s.y_last; ++iy) {
-            roi_lerp<C, I> wy;
-            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
-            const T* row_lo = plane + wy.lo * width;
-            const T* row_hi = plane + wy.hi * width;
-            for (int ix = s.x_first; ix < s.x_last; ++ix) {
-                roi_lerp<C, I> wx;
-                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
-                sum.add(wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) +
-                        wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
-                        wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) +
-                        wy.whi * wx.whi * roi_load(row_hi[wx.hi]));
-            }
-        }
-        // Samples outside the map count too: they dilute the mean.
-        const C count = roi_max(C(s.y.grid) * C(s.x.grid), C(1));
-        roi_store(output + index, sum.total / count);
+        roi_store(output + index, roi_align_mean(
+            plane, roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
+            sampling_h, sampling_w));
     }
 }
 
@@ -71,28 +52,9 @@ __global__ void roi_align_backward(
         const C* roi = rois + o.k * 5;
         const I b = roi_batch(roi, batch, height, width);
         if (b < 0) continue;
-        const roi_align_bin<C> s = roi_align_locate(
-            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
-            sampling_h, sampling_w);
-        if (s.y_first >= s.y_last || s.x_first >= s.x_last) continue;
-
-        // No max(., 1) here: a bin without samples has no sample to pass gradient to.
-        const C count = C(s.y.grid) * C(s.x.grid);
-        const C g = roi_load(grad_output[index]);
         C* plane = grad_input + (b * channels + o.c) * height * width;
-        for (int iy = s.y_first; iy < s.y_last; ++iy) {
-            roi_lerp<C, I> wy;
-            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
-            C* row_lo = plane + wy.lo * width;
-            C* row_hi = plane + wy.hi * width;
-            for (int ix = s.x_first; ix < s.x_last; ++ix) {
-                roi_lerp<C, I> wx;
-                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
-                atomicAdd(row_lo + wx.lo, g * (wy.wlo * wx.wlo) / count);
-                atomicAdd(row_lo + wx.hi, g * (wy.wlo * wx.whi) / count);
-                atomicAdd(row_hi + wx.lo, g * (wy.whi * wx.wlo) / count);
-                atomicAdd(row_hi + wx.hi, g * (wy.whi * wx.whi) / count);
-            }
-        }
+        roi_align_spread(
+            plane, grad_output + index, roi, o.ph, o.pw, height, width, pooled_h, pooled_w,
+            spatial_scale, aligned, sampling_h, sampling_w);
     }
 }
