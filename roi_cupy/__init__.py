@@ -5,6 +5,8 @@ from roi_cupy._tensor import Tensor
 from roi_cupy.modules import RoiAlign, RoiPool
 from roi_cupy.ops import (
     convert_boxes_to_roi_format,
+    multi_scale_roi_align,
+    multi_scale_roi_align_backward,
     roi_align,
     roi_align_backward,
     roi_pool,
@@ -19,6 +21,8 @@ __all__ = [
     "RoiPool",
     "Tensor",
     "convert_boxes_to_roi_format",
+    "multi_scale_roi_align",
+    "multi_scale_roi_align_backward",
     "roi_align",
     "roi_align_backward",
     "roi_pool",

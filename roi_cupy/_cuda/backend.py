@@ -10,6 +10,7 @@ from typing import Any
 
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import launch, roi_align, roi_check, roi_pool
+from roi_cupy._cuda import multi_scale_roi_align as _multi_scale_roi_align
 
 # C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
 CAPABILITIES = Capabilities()
@@ -78,3 +79,40 @@ def first_invalid(
     too) and the first of ``indices`` outside ``[-1, plane)``, -1 for none: one or two small
     kernels and one synchronisation."""
     return roi_check.first_invalid(_runtime(rois), rois, batch, limit, indices, plane)
+
+
+def multi_scale_roi_align_forward(
+    inputs: list[Any],
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scales: list[float],
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    canonical_scale: int,
+    bounds: tuple[float, ...],
+) -> Any:
+    """RoI Align of each RoI on its level: ``inputs`` [N, C, H_l, W_l] -> [K, C, PH, PW], one
+    launch."""
+    return _multi_scale_roi_align.forward(
+        _runtime(inputs[0]), inputs, rois, pooled_h, pooled_w, spatial_scales, sampling_ratio,
+        aligned, canonical_scale, bounds,
+    )
+
+
+def multi_scale_roi_align_backward(
+    grad_output: Any,
+    rois: Any,
+    input_shapes: list[tuple[int, int, int, int]],
+    spatial_scales: list[float],
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    canonical_scale: int,
+    bounds: tuple[float, ...],
+) -> list[Any]:
+    """Input gradients of multi-scale RoI Align: ``grad_output`` [K, C, PH, PW] -> one
+    [N, C, H_l, W_l] per level, one launch."""
+    return _multi_scale_roi_align.backward(
+        _runtime(grad_output), grad_output, rois, input_shapes, spatial_scales, sampling_ratio,
+        aligned, canonical_scale, bounds,
+    )

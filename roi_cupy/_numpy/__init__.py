@@ -1,5 +1,9 @@
 """NumPy backend: RoI Align and RoI Pool on the CPU with the numbers of docs/semantics.md."""
 from roi_cupy._backend import Capabilities
+from roi_cupy._numpy.multi_scale_roi_align import (
+    multi_scale_roi_align_backward,
+    multi_scale_roi_align_forward,
+)
 from roi_cupy._numpy.roi_align import roi_align_backward, roi_align_forward
 from roi_cupy._numpy.roi_check import first_invalid
 from roi_cupy._numpy.roi_pool import roi_pool_backward, roi_pool_forward
@@ -12,6 +16,8 @@ CAPABILITIES = Capabilities(strided=True, fused_index_check=True)
 __all__ = [
     "CAPABILITIES",
     "first_invalid",
+    "multi_scale_roi_align_backward",
+    "multi_scale_roi_align_forward",
     "roi_align_backward",
     "roi_align_forward",
     "roi_pool_backward",
