@@ -255,7 +255,7 @@ def _roi_pool_grad(ctx: Any, grad_output: Tensor, _grad_indices: Any) -> tuple[A
 _roi_pool.register_autograd(_roi_pool_grad, setup_context=_roi_pool_setup)
 
 
-# ----------------------------------------------------------------------------- multi-scale operators
+# ----------------------------------------------------------------------------- multi-scale ops
 @torch.library.custom_op("roi_cupy::multi_scale_roi_align", mutates_args=())
 def _multi_scale_roi_align_op(
     features: list[Tensor],

@@ -170,7 +170,7 @@ def test_numpy_levels_of_boxes_follow_the_rule(compute):
     assert expected[: 2 * len(bounds)] == [1, 2, 0, 1]
 
 
-# ----------------------------------------------------------------------------- against the reference
+# ----------------------------------------------------------------------------- the reference
 @functools.cache
 def grid_case(dtype_name, aligned, sampling_ratio):
     dtype = numpy.dtype(dtype_name)

@@ -334,7 +334,7 @@ def test_multi_scale_roi_align_traces_with_fx():
     assert torch.equal(traced(x, boxes, shapes), pooler(x, boxes, shapes))
 
 
-# ----------------------------------------------------------------------------- multi-scale operators
+# ----------------------------------------------------------------------------- multi-scale ops
 MS_SCALES = [0.25, 0.125, 0.0625]
 MS_ARGS = dict(canonical_scale=28, canonical_level=4)  # sides < 14: p2, [14, 28): p3, >= 28: p4
 
