@@ -7,6 +7,10 @@
 boxes get a zero cotangent, as torchvision gives them none. Forward mode (``jax.jvp``,
 ``jax.jacfwd``) is not defined.
 
+:func:`multi_scale_roi_align` does the same for a feature pyramid given as a list of arrays: one
+host call of :func:`roi_cupy.ops.multi_scale_roi_align` per forward, and one of its backward for
+every level's gradient.
+
 What runs where: each forward and each backward pass is one host callback into roi_cupy's own
 functional ops (:func:`roi_cupy.ops.roi_align`, ``roi_align_backward``,
 ``roi_pool(..., return_indices=True)``, ``roi_pool_backward``) on NumPy arrays, i.e. roi_cupy's
