@@ -471,7 +471,7 @@ def launches(monkeypatch):
 
 @pytest.mark.parametrize("index64", (False, True), ids=("int32", "int64"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
-def test_one_launch_for_every_level(launches, monkeypatch, dtype, index64):
+def test_emulator_runs_every_level_in_one_launch(launches, monkeypatch, dtype, index64):
     """On the emulator the forward and the backward are one kernel launch each, whatever the
     number of levels (and validation one more), on both index widths."""
     ok, why = availability("emulator")
