@@ -12,8 +12,8 @@ import numpy
 from roi_cupy import _args
 from roi_cupy._args import BoxesLike, SamplingLike, SizeLike
 
-# torchvision's LevelMapper eps, added before the floor so that a box whose side is exactly a
-# power of two times canonical_scale lands on that level.
+# torchvision's LevelMapper eps, added before the floor so that a box whose sqrt(area) falls a
+# rounding error short of canonical_scale * 2**j still lands on level canonical_level + j.
 _EPS = 1e-6
 
 
@@ -25,7 +25,7 @@ def _pyramid_level(scale: float) -> int:
 
 def _raw_level(q: Any, compute: numpy.dtype, canonical_level: int) -> float:
     """``floor(canonical_level + log2(q) + eps)`` in the compute dtype, each step rounded as
-    torch rounds it, with log2 rounded to nearest."""
+    torch rounds it; log2 is the C library's in float64, rounded to the compute dtype."""
     t = compute.type
     log2 = t(math.log2(q)) if q > 0 else t(-math.inf)
     with numpy.errstate(over="ignore"):
@@ -66,7 +66,7 @@ def level_bounds(
     A box's level is ``clamp(floor(canonical_level + log2(q) + 1e-6), k_min, k_max) - k_min``
     with ``q = sqrt(area) / canonical_scale``, ``k_min`` and ``k_max`` the pyramid levels of the
     first and the last scale. Every step is monotone in ``q``, so the level is the number of
-    bounds ``q`` reaches: bound ``j`` is the least ``q`` whose level is above ``j``. A box that
+    bounds ``q`` reaches: bound ``j`` (from 1) is the least ``q`` of level ``j`` or more. A box that
     reaches ``len(spatial_scales)`` bounds (the clamp allows more levels than there are maps)
     or whose ``q`` is NaN is pooled from no map.
 
