@@ -25,26 +25,10 @@ __global__ void roi_align_forward(
             roi_store(output + index, C(0));
             continue;
         }
-        const roi_align_bin<C> s = roi_align_locate(
-            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
-            sampling_h, sampling_w);
-
         const T* plane = input + (b * channels + o.c) * height * width;
-        roi_sum<C> sum;
-        for (int iy = s.y_first; iy < s.y_last; ++iy) {
-            roi_lerp<C, I> wy;
-            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
-            const T* row_lo = plane + wy.lo * width;
-            const T* row_hi = plane + wy.hi * width;
-            for (int ix = s.x_first; ix < s.x_last; ++ix) {
-                roi_lerp<C, I> wx;
-                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
-                sum.add(roi_bilinear(row_lo, row_hi, wy, wx));
-            }
-        }
-        // Samples outside the map count too: they dilute the mean.
-        const C count = roi_max(C(s.y.grid) * C(s.x.grid), C(1));
-        roi_store(output + index, sum.total / count);
+        roi_store(output + index, roi_align_mean(
+            plane, roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
+            sampling_h, sampling_w));
     }
 }
 
@@ -63,29 +47,9 @@ __device__ __forceinline__ void roi_align_backward_terms(
         const C* roi = rois + o.k * 5;
         const I b = roi_batch(roi, batch, height, width);
         if (b < 0) continue;
-        const roi_align_bin<C> s = roi_align_locate(
-            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
-            sampling_h, sampling_w);
-        if (s.y_first >= s.y_last || s.x_first >= s.x_last) continue;
-
-        // No max(., 1) here: a bin without samples has no sample to pass gradient to.
-        const C count = C(s.y.grid) * C(s.x.grid);
-        const C g = roi_load(grad_output[index]);
-        const I plane = (b * channels + o.c) * height * width;
-        for (int iy = s.y_first; iy < s.y_last; ++iy) {
-            roi_lerp<C, I> wy;
-            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
-            const I row_lo = plane + wy.lo * width;
-            const I row_hi = plane + wy.hi * width;
-            for (int ix = s.x_first; ix < s.x_last; ++ix) {
-                roi_lerp<C, I> wx;
-                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
-                sink.add(row_lo + wx.lo, g * (wy.wlo * wx.wlo) / count);
-                sink.add(row_lo + wx.hi, g * (wy.wlo * wx.whi) / count);
-                sink.add(row_hi + wx.lo, g * (wy.whi * wx.wlo) / count);
-                sink.add(row_hi + wx.hi, g * (wy.whi * wx.whi) / count);
-            }
-        }
+        roi_align_spread(
+            sink, (b * channels + o.c) * height * width, grad_output + index, roi, o.ph, o.pw,
+            height, width, pooled_h, pooled_w, spatial_scale, aligned, sampling_h, sampling_w);
     }
 }
 

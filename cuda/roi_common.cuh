@@ -33,6 +33,8 @@ __host__ __device__ __forceinline__ float roi_min(float a, float b) { return fmi
 __host__ __device__ __forceinline__ double roi_min(double a, double b) { return fmin(a, b); }
 __host__ __device__ __forceinline__ float roi_max(float a, float b) { return fmaxf(a, b); }
 __host__ __device__ __forceinline__ double roi_max(double a, double b) { return fmax(a, b); }
+__host__ __device__ __forceinline__ float roi_sqrt(float v) { return sqrtf(v); }
+__host__ __device__ __forceinline__ double roi_sqrt(double v) { return sqrt(v); }
 
 // fmin/fmax drop a NaN, so a NaN lands on lo: the result always converts to an integer safely.
 // A compensated (Kahan) sum. A plain float32 sum stops taking in small terms once it has grown
@@ -354,6 +356,63 @@ __host__ __device__ __forceinline__ bool roi_align_first_outside(
         return true;
     }
     return false;
+}
+
+// The value of RoI Align bin (ph, pw) of a valid RoI on one feature plane [height, width]: the
+// compensated sum of its inside samples divided by the count of all its samples (at least 1).
+template <typename T, typename C, typename I>
+__device__ __forceinline__ C roi_align_mean(
+    const T* plane, const C* roi, I ph, I pw, I height, I width, I pooled_h, I pooled_w, C scale,
+    bool aligned, int sampling_h, int sampling_w)
+{
+    const roi_align_bin<C> s = roi_align_locate(
+        roi, ph, pw, height, width, pooled_h, pooled_w, scale, aligned, sampling_h, sampling_w);
+    roi_sum<C> sum;
+    for (int iy = s.y_first; iy < s.y_last; ++iy) {
+        roi_lerp<C, I> wy;
+        if (!roi_lerp_weights(roi_align_sample(s.y, ph, iy), height, wy)) continue;
+        const T* row_lo = plane + wy.lo * width;
+        const T* row_hi = plane + wy.hi * width;
+        for (int ix = s.x_first; ix < s.x_last; ++ix) {
+            roi_lerp<C, I> wx;
+            if (!roi_lerp_weights(roi_align_sample(s.x, pw, ix), width, wx)) continue;
+            sum.add(roi_bilinear(row_lo, row_hi, wy, wx));
+        }
+    }
+    // Samples outside the map count too: they dilute the mean.
+    const C count = roi_max(C(s.y.grid) * C(s.x.grid), C(1));
+    return sum.total / count;
+}
+
+// The adjoint of roi_align_mean: *grad / (gh * gw) spread over the four bilinear corners of every
+// inside sample of bin (ph, pw), each term handed to the sink (see "gradient sums" above) at
+// plane + its flat index in the plane [height, width].
+template <typename T, typename C, typename I, typename Sink>
+__device__ __forceinline__ void roi_align_spread(
+    const Sink& sink, I plane, const T* grad, const C* roi, I ph, I pw, I height, I width,
+    I pooled_h, I pooled_w, C scale, bool aligned, int sampling_h, int sampling_w)
+{
+    const roi_align_bin<C> s = roi_align_locate(
+        roi, ph, pw, height, width, pooled_h, pooled_w, scale, aligned, sampling_h, sampling_w);
+    if (s.y_first >= s.y_last || s.x_first >= s.x_last) return;
+
+    // No max(., 1) here: a bin without samples has no sample to pass gradient to.
+    const C count = C(s.y.grid) * C(s.x.grid);
+    const C g = roi_load(*grad);
+    for (int iy = s.y_first; iy < s.y_last; ++iy) {
+        roi_lerp<C, I> wy;
+        if (!roi_lerp_weights(roi_align_sample(s.y, ph, iy), height, wy)) continue;
+        const I row_lo = plane + wy.lo * width;
+        const I row_hi = plane + wy.hi * width;
+        for (int ix = s.x_first; ix < s.x_last; ++ix) {
+            roi_lerp<C, I> wx;
+            if (!roi_lerp_weights(roi_align_sample(s.x, pw, ix), width, wx)) continue;
+            sink.add(row_lo + wx.lo, g * (wy.wlo * wx.wlo) / count);
+            sink.add(row_lo + wx.hi, g * (wy.wlo * wx.whi) / count);
+            sink.add(row_hi + wx.lo, g * (wy.whi * wx.wlo) / count);
+            sink.add(row_hi + wx.hi, g * (wy.whi * wx.whi) / count);
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------- RoI Pool

@@ -414,3 +414,105 @@ def check_saved_input(
         raise TypeError(
             f"input must have grad_output's dtype {numpy.dtype(dtype).name}, got {array.dtype}"
         )
+
+
+# ----------------------------------------------------------------------------- feature pyramids
+MAX_LEVELS = 8  # levels of one multi-scale call (each is five kernel parameters)
+_LEVEL_RULE_MAX = 2**24  # canonical_scale and |canonical_level| stay exact in float32
+
+
+def pyramid_of(features: Any) -> list[Any]:
+    """The maps of a pyramid, unwrapped and checked: 1 to :data:`MAX_LEVELS` arrays
+    ``[N, C, H_l, W_l]`` of one floating dtype, N and C, on one device (as ``features[0]``)."""
+    if not isinstance(features, Sequence) or isinstance(features, str):
+        raise TypeError(
+            "features must be a list of arrays [N, C, H_l, W_l], one per level, got "
+            f"{type(features).__module__}.{type(features).__qualname__}"
+        )
+    if not 1 <= len(features) <= MAX_LEVELS:
+        raise ValueError(f"features must hold 1 to {MAX_LEVELS} levels, got {len(features)}")
+    arrays = [_interop.unwrap(f, f"features[{i}]")[0] for i, f in enumerate(features)]
+    first = arrays[0]
+    for i, array in enumerate(arrays):
+        check_features(array, f"features[{i}]")
+        if _interop.device_of(array) != _interop.device_of(first):
+            raise ValueError(
+                f"features[{i}] is on {_interop.device_of(array)} but features[0] is on "
+                f"{_interop.device_of(first)}; move all levels to the same device"
+            )
+        if array.dtype != first.dtype:
+            raise TypeError(
+                f"features[{i}] has dtype {array.dtype} but features[0] has {first.dtype}"
+            )
+        if tuple(array.shape[:2]) != tuple(first.shape[:2]):
+            raise ValueError(
+                f"features[{i}] must have the N and C of features[0] = {tuple(first.shape[:2])}, "
+                f"got shape {tuple(array.shape)}"
+            )
+    return arrays
+
+
+def input_shapes_of(input_shapes: Any) -> list[tuple[int, int, int, int]]:
+    """The forward's level shapes: 1 to :data:`MAX_LEVELS` shapes ``(N, C, H_l, W_l)`` with one
+    N and C."""
+    if not isinstance(input_shapes, Sequence) or isinstance(input_shapes, str):
+        raise TypeError(
+            f"input_shapes must be a list of (N, C, H_l, W_l), one per level, got {input_shapes!r}"
+        )
+    if not 1 <= len(input_shapes) <= MAX_LEVELS:
+        raise ValueError(
+            f"input_shapes must hold 1 to {MAX_LEVELS} levels, got {len(input_shapes)}"
+        )
+    shapes = [input_shape_of(shape) for shape in input_shapes]
+    for i, shape in enumerate(shapes):
+        if shape[:2] != shapes[0][:2]:
+            raise ValueError(
+                f"input_shapes[{i}] must have the N and C of input_shapes[0] = {shapes[0][:2]}, "
+                f"got {shape}"
+            )
+    return shapes
+
+
+def spatial_scales_of(spatial_scales: Any, levels: int, compute: Any) -> list[float]:
+    """One positive finite scale per level, each within the compute dtype's range and, since
+    the level rule reads the first and the last in float32, within float32's."""
+    if not isinstance(spatial_scales, Sequence) or isinstance(spatial_scales, str):
+        raise TypeError(
+            f"spatial_scales must be a list of {levels} real numbers (one per level), "
+            f"got {spatial_scales!r}"
+        )
+    if len(spatial_scales) != levels:
+        raise ValueError(
+            f"spatial_scales must hold one scale per level ({levels}), got {len(spatial_scales)}: "
+            f"{list(spatial_scales)!r}"
+        )
+    scales = []
+    for i, scale in enumerate(spatial_scales):
+        try:
+            scales.append(spatial_scale_of(scale, compute))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"spatial_scales[{i}]: {exc}") from None
+        if not 0 < numpy.float32(scales[-1]) < numpy.inf:
+            raise ValueError(
+                f"spatial_scales[{i}] must lie within float32's range (positive once rounded), "
+                f"got {scale!r}"
+            )
+    return scales
+
+
+def canonical_of(canonical_scale: Any, canonical_level: Any) -> tuple[int, int]:
+    """The level rule's ``(canonical_scale, canonical_level)``: ints, the scale in
+    ``[1, 2**24]`` and the level in ``[-2**24, 2**24]`` (both exact in float32)."""
+    for value, what in ((canonical_scale, "canonical_scale"), (canonical_level, "canonical_level")):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{what} must be an int, got {value!r}")
+    if not 1 <= canonical_scale <= _LEVEL_RULE_MAX:
+        raise ValueError(
+            f"canonical_scale must be an int in [1, {_LEVEL_RULE_MAX}], got {canonical_scale!r}"
+        )
+    if not -_LEVEL_RULE_MAX <= canonical_level <= _LEVEL_RULE_MAX:
+        raise ValueError(
+            f"canonical_level must be an int in [-{_LEVEL_RULE_MAX}, {_LEVEL_RULE_MAX}], "
+            f"got {canonical_level!r}"
+        )
+    return int(canonical_scale), int(canonical_level)

@@ -41,6 +41,21 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
            first flat position of ``indices`` outside [-1, plane); -1 for none (what
            ``validate=True`` checks; one synchronisation on a GPU). ``rois`` is float32 or
            float64, possibly wider than the compute dtype, whose range ``limit`` then is.
+    multi_scale_roi_align_forward(inputs, rois, pooled_h, pooled_w, spatial_scales,
+                                  sampling_ratio, aligned, canonical_scale, bounds)
+        -> output [K, C, PH, PW]: RoI k through roi_align_forward on inputs[level(k)] at
+           spatial_scales[level(k)]; zeros where level(k) is none. ``inputs`` is a list of 2 to
+           8 arrays [N, C, H_l, W_l] of one dtype (contiguous, or any strides as above),
+           ``spatial_scales`` a list of Python floats, ``canonical_scale`` a Python int and
+           ``bounds`` a tuple of at most len(inputs) rising Python floats, each exactly a value
+           of the compute dtype. level(k) is the number of bounds that
+           q = sqrt((x2 - x1) * (y2 - y1)) / canonical_scale reaches (q >= bound), every step
+           in the compute dtype; none when q is NaN or reaches len(inputs) bounds. On a GPU one
+           kernel launch.
+    multi_scale_roi_align_backward(grad_output, rois, input_shapes, spatial_scales,
+                                   sampling_ratio, aligned, canonical_scale, bounds)
+        -> [grad_input [N, C, H_l, W_l] for each level]: the adjoint, with ``input_shapes`` a
+           list of 2 to 8 shapes as ``input_shape`` above.
 
 The position-sensitive operators take features whose C is a multiple of ``PH * PW`` (output
 channel ``c`` at bin ``(ph, pw)`` reads input channel ``(c * PH + ph) * PW + pw``)::

@@ -7,6 +7,10 @@
 boxes get a zero cotangent, as torchvision gives them none. Forward mode (``jax.jvp``,
 ``jax.jacfwd``) is not defined.
 
+:func:`multi_scale_roi_align` does the same for a feature pyramid given as a list of arrays: one
+host call of :func:`roi_cupy.ops.multi_scale_roi_align` per forward, and one of its backward for
+every level's gradient.
+
 What runs where: each forward and each backward pass is one host callback into roi_cupy's own
 functional ops (:func:`roi_cupy.ops.roi_align`, ``roi_align_backward``,
 ``roi_pool(..., return_indices=True)``, ``roi_pool_backward``) on NumPy arrays, i.e. roi_cupy's
@@ -81,7 +85,7 @@ try:  # experimental in jax 0.10; without it every platform takes jax.pure_callb
 except ImportError:
     buffer_callback = None
 
-__all__ = ["ps_roi_align", "ps_roi_pool", "roi_align", "roi_pool"]
+__all__ = ["multi_scale_roi_align", "ps_roi_align", "ps_roi_pool", "roi_align", "roi_pool"]
 
 BoxesLike = Any  # a jax array [K, 5], or a sequence of N jax arrays [L_i, 4]
 
@@ -101,6 +105,20 @@ class _Static:
     backend: str = "numpy"  # roi_cupy.use_backend's choice when the call was traced
     index_dtype: Any = None  # RoI Pool's argmax residual
     mode: str = "avg"  # RoI Align's: "avg" or "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class _PyramidStatic:
+    """The static arguments of one multi-scale call (hashable, as :class:`_Static`)."""
+
+    shapes: tuple[tuple[int, int, int, int], ...]  # each level's (N, C, H, W)
+    output_size: tuple[int, int]
+    spatial_scales: tuple[float, ...]
+    sampling_ratio: tuple[int, int]
+    aligned: bool
+    canonical_scale: int
+    canonical_level: int
+    backend: str = "numpy"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -256,6 +274,45 @@ def _pool_backward(
     return grad.reshape(lead + static.shape)
 
 
+def _fold_pyramid(
+    static: _PyramidStatic, features: list[numpy.ndarray], rois: numpy.ndarray
+) -> tuple[list[numpy.ndarray], numpy.ndarray, tuple[int, ...]]:
+    """Maps [*lead or 1s, N, C, H_l, W_l] and boxes [*lead or 1s, K, 5] -> one call's operands
+    (see :func:`_fold_forward`)."""
+    lead = _lead(*((x, 4) for x in features), (rois, 2))
+    if all(math.prod(x.shape[:-4]) == 1 for x in features):
+        maps = [x.reshape(shape) for x, shape in zip(features, static.shapes)]
+        return maps, _flat(rois, lead, 2), lead
+    compute = _args.compute_dtype(features[0].dtype)
+    n = static.shapes[0][0]
+    return [_flat(x, lead, 4) for x in features], _fold_rois(rois, lead, n, compute), lead
+
+
+def _multi_scale_forward(static: _PyramidStatic, *arrays: numpy.ndarray) -> numpy.ndarray:
+    *features, rois = arrays
+    k = rois.shape[-2]
+    maps, rois, lead = _fold_pyramid(static, features, rois)
+    out = ops.multi_scale_roi_align(
+        maps, rois, static.output_size, list(static.spatial_scales), static.sampling_ratio,
+        static.aligned, static.canonical_scale, static.canonical_level, validate=False,
+    )
+    return out.reshape(lead + (k,) + out.shape[1:])
+
+
+def _multi_scale_backward(
+    static: _PyramidStatic, g: numpy.ndarray, rois: numpy.ndarray
+) -> list[numpy.ndarray]:
+    lead = _lead((g, 4), (rois, 2))
+    rois = _fold_rois(rois, lead, static.shapes[0][0], _args.compute_dtype(g.dtype))
+    shapes = [(math.prod(lead) * n,) + shape[1:] for shape in static.shapes for n in shape[:1]]
+    grads = ops.multi_scale_roi_align_backward(
+        _flat(g, lead, 4), rois, shapes, static.output_size, list(static.spatial_scales),
+        static.sampling_ratio, static.aligned, static.canonical_scale, static.canonical_level,
+        validate=False,
+    )
+    return [grad.reshape(lead + shape) for grad, shape in zip(grads, static.shapes)]
+
+
 # ----------------------------------------------------------------------------- JAX side
 @dataclasses.dataclass(frozen=True)
 class _Host:
@@ -361,6 +418,33 @@ def _roi_pool_bwd(
 
 _roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
 _roi_pool_jit = jax.jit(_roi_pool, static_argnums=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _multi_scale(
+    static: _PyramidStatic, features: tuple[jax.Array, ...], rois: jax.Array
+) -> jax.Array:
+    shape = (rois.shape[0], static.shapes[0][1]) + static.output_size
+    out = jax.ShapeDtypeStruct(shape, features[0].dtype)
+    return _callback(_multi_scale_forward, static, out, *features, rois)
+
+
+def _multi_scale_fwd(
+    static: _PyramidStatic, features: tuple[jax.Array, ...], rois: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    return _multi_scale(static, features, rois), rois
+
+
+def _multi_scale_bwd(
+    static: _PyramidStatic, rois: jax.Array, g: jax.Array
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    grads = [jax.ShapeDtypeStruct(shape, g.dtype) for shape in static.shapes]
+    grads = _callback(_multi_scale_backward, static, grads, g, rois)
+    return tuple(grads), jnp.zeros_like(rois)
+
+
+_multi_scale.defvjp(_multi_scale_fwd, _multi_scale_bwd)
+_multi_scale_jit = jax.jit(_multi_scale, static_argnums=0)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -572,4 +656,60 @@ def ps_roi_pool(
     _args.position_groups(static.shape[1], static.output_size, "input", output_size)
     return _ps_roi_pool_jit(
         static, features, _rois(boxes, features, _args.flag(validate, "validate"))
+    )
+
+
+def multi_scale_roi_align(
+    features: list[jax.Array],
+    boxes: BoxesLike,
+    output_size: int | tuple[int, int],
+    spatial_scales: list[float],
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = False,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    *,
+    validate: bool = True,
+) -> jax.Array:
+    """RoI Align over a feature pyramid (FPN) of JAX arrays: the numbers of
+    :func:`roi_cupy.multi_scale_roi_align`, each box pooled from the level torchvision's
+    ``MultiScaleRoIAlign`` picks for it.
+
+    Args:
+        features (list of Array[N, C, H_l, W_l]): 1 to 8 maps, finest first, of one dtype, N
+            and C.
+        boxes (Array[K, 5] or list of N Array[L_i, 4]): as for :func:`roi_align`.
+        output_size (int or (int, int)): ``PH, PW`` of each crop.
+        spatial_scales (list of float): each level's box-to-feature scale.
+        sampling_ratio (int or (int, int)): as for :func:`roi_align`. Default: -1.
+        aligned (bool): as for :func:`roi_align`. Default: False.
+        canonical_scale (int): the box side that maps to ``canonical_level``. Default: 224.
+        canonical_level (int): the level of a box of side ``canonical_scale``. Default: 4.
+        validate (bool): as for :func:`roi_align`. Default: True.
+
+    Returns:
+        Array[K, C, PH, PW]: in the features' dtype, in box order. ``jax.grad`` reaches every
+        level (one host call for all of them); the boxes' cotangent is zero. Under ``jax.vmap``
+        the mapped axes fold into N, as for :func:`roi_align`.
+    """
+    if not isinstance(features, (list, tuple)):
+        raise TypeError(
+            "features must be a list of JAX arrays [N, C, H_l, W_l], one per level, got "
+            f"{type(features).__qualname__}"
+        )
+    maps = tuple(_features(x) for x in features)
+    _args.pyramid_of([_placeholder(x) for x in maps])
+    compute = _args.compute_dtype(maps[0].dtype)
+    static = _PyramidStatic(
+        shapes=tuple(tuple(int(v) for v in x.shape) for x in maps),
+        output_size=_args.output_size_pair(output_size),
+        spatial_scales=tuple(_args.spatial_scales_of(spatial_scales, len(maps), compute)),
+        sampling_ratio=_args.sampling_of(sampling_ratio),
+        aligned=_args.flag(aligned, "aligned"),
+        canonical_scale=_args.canonical_of(canonical_scale, canonical_level)[0],
+        canonical_level=int(canonical_level),
+        backend=_backend.current_backend(),
+    )
+    return _multi_scale_jit(
+        static, maps, _rois(boxes, maps[0], _args.flag(validate, "validate"))
     )

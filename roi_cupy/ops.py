@@ -6,6 +6,10 @@ results back in the kind of array the caller passed. Each operator's entry point
 of its own under ``roi_cupy/_ops/``.
 """
 from roi_cupy._args import BoxesLike, SizeLike, convert_boxes_to_roi_format
+from roi_cupy._ops.multi_scale_roi_align import (
+    multi_scale_roi_align,
+    multi_scale_roi_align_backward,
+)
 from roi_cupy._ops.roi_align import roi_align, roi_align_backward
 from roi_cupy._ops.roi_pool import roi_pool, roi_pool_backward
 from roi_cupy._ops.ps_roi_align import ps_roi_align, ps_roi_align_backward
@@ -19,6 +23,8 @@ __all__ = [
     "ps_roi_align_backward",
     "ps_roi_pool",
     "ps_roi_pool_backward",
+    "multi_scale_roi_align",
+    "multi_scale_roi_align_backward",
     "roi_align",
     "roi_align_backward",
     "roi_pool",

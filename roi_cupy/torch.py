@@ -5,7 +5,9 @@
 with ``torch.library.custom_op``: each has a fake (meta) implementation, so ``torch.compile``
 traces through it with ``fullgraph=True``, and the forward operators have autograd formulas whose
 backward is itself one of these operators. The functions and modules below have the signatures,
-defaults and numbers of ``torchvision.ops``.
+defaults and numbers of ``torchvision.ops``. Two more operators, ``multi_scale_roi_align`` and
+``multi_scale_roi_align_backward``, take a feature pyramid as a list of tensors (every level in
+one kernel launch on a GPU); :class:`MultiScaleRoIAlign` runs through them.
 
 What runs where: CPU tensors run roi_cupy's NumPy backend on the tensor's own memory (no copy,
 any strides, bfloat16 reinterpreted bit for bit); CUDA tensors run the CUDA kernels through CuPy
@@ -37,6 +39,7 @@ __all__ = [
     "PSRoIPool",
     "RoIAlign",
     "RoIPool",
+    "multi_scale_roi_align",
     "ps_roi_align",
     "ps_roi_pool",
     "roi_align",
@@ -279,6 +282,111 @@ def _roi_pool_grad(ctx: Any, grad_output: Tensor, _grad_indices: Any) -> tuple[A
 _roi_pool.register_autograd(_roi_pool_grad, setup_context=_roi_pool_setup)
 
 
+# ----------------------------------------------------------------------------- multi-scale ops
+@torch.library.custom_op("roi_cupy::multi_scale_roi_align", mutates_args=())
+def _multi_scale_roi_align_op(
+    features: list[Tensor],
+    boxes: list[Tensor],
+    per_image: bool,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scales: Sequence[float],
+    sampling_ratio: Sequence[int],
+    aligned: bool,
+    canonical_scale: int,
+    canonical_level: int,
+    validate: bool,
+) -> Tensor:
+    _refuse_validation_in_capture(features[0], validate)
+    with _on_device_of(features[0]):
+        return ops.multi_scale_roi_align(
+            [f.detach() for f in features], _given_boxes(boxes, per_image), (pooled_h, pooled_w),
+            list(spatial_scales), sampling_ratio, aligned, canonical_scale, canonical_level,
+            validate=validate,
+        )
+
+
+@_multi_scale_roi_align_op.register_fake
+def _(features, boxes, per_image, pooled_h, pooled_w, spatial_scales, sampling_ratio, aligned,
+      canonical_scale, canonical_level, validate):
+    shape = (_roi_count(boxes, per_image), features[0].shape[1], pooled_h, pooled_w)
+    return features[0].new_empty(shape)
+
+
+@torch.library.custom_op("roi_cupy::multi_scale_roi_align_backward", mutates_args=())
+def _multi_scale_roi_align_backward_op(
+    grad_output: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    input_shapes: Sequence[int],
+    spatial_scales: Sequence[float],
+    sampling_ratio: Sequence[int],
+    aligned: bool,
+    canonical_scale: int,
+    canonical_level: int,
+) -> list[Tensor]:
+    """``input_shapes`` holds each level's (N, C, H, W), one after another (the schema has no
+    list of lists)."""
+    pooled = tuple(grad_output.shape[2:])
+    with _on_device_of(grad_output):
+        return ops.multi_scale_roi_align_backward(
+            grad_output.detach(), _given_boxes(boxes, per_image), _shapes(input_shapes), pooled,
+            list(spatial_scales), sampling_ratio, aligned, canonical_scale, canonical_level,
+            validate=False,
+        )
+
+
+@_multi_scale_roi_align_backward_op.register_fake
+def _(grad_output, boxes, per_image, input_shapes, spatial_scales, sampling_ratio, aligned,
+      canonical_scale, canonical_level):
+    return [grad_output.new_empty(shape) for shape in _shapes(input_shapes)]
+
+
+def _shapes(flat: Sequence[Any]) -> list[tuple[Any, ...]]:
+    return [tuple(flat[i : i + 4]) for i in range(0, len(flat), 4)]
+
+
+def _multi_scale_roi_align_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    features, boxes, per_image, _, _, *rule, _ = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (per_image, [v for f in features for v in f.shape], *rule)
+
+
+def _multi_scale_roi_align_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+    grads = _multi_scale_roi_align_backward_op(
+        grad_output, list(ctx.saved_tensors), *ctx.args
+    )
+    return (grads, [None] * len(ctx.saved_tensors)) + (None,) * 9
+
+
+_multi_scale_roi_align_op.register_autograd(
+    _multi_scale_roi_align_grad, setup_context=_multi_scale_roi_align_setup
+)
+
+
+def _multi_scale_roi_align_backward_setup(
+    ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]
+) -> None:
+    grad_output, boxes, per_image, _, *rule = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (per_image, *grad_output.shape[2:], *rule)
+
+
+def _multi_scale_roi_align_backward_grad(
+    ctx: Any, grad_grad_inputs: list[Tensor]
+) -> tuple[Any, ...]:
+    # The backward is linear in grad_output; its adjoint is the forward.
+    grad_grad_output = _multi_scale_roi_align_op(
+        list(grad_grad_inputs), list(ctx.saved_tensors), *ctx.args, False
+    )
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 7
+
+
+_multi_scale_roi_align_backward_op.register_autograd(
+    _multi_scale_roi_align_backward_grad, setup_context=_multi_scale_roi_align_backward_setup
+)
+
+
 # ----------------------------------------------------------------------------- functional
 def _boxes(boxes: Any) -> tuple[list[Tensor], bool]:
     """``(tensors, per_image)``: ``[boxes]`` for a ``Tensor[K, 5]``, else the per-image list."""
@@ -378,6 +486,59 @@ def roi_pool(
     return output
 
 
+def multi_scale_roi_align(
+    features: list[Tensor],
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scales: list[float],
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = False,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """RoI Align over a feature pyramid with autograd: :func:`roi_cupy.multi_scale_roi_align`.
+
+    Each box is pooled from the level torchvision's ``MultiScaleRoIAlign`` picks for it (see
+    :class:`MultiScaleRoIAlign`), here with the levels' scales given.
+
+    Args:
+        features (list of Tensor[N, C, H_l, W_l]): 1 to 8 maps, finest first, of one dtype and
+            device.
+        boxes (Tensor[K, 5] or list of N Tensor[L_i, 4]): as for :func:`roi_align`.
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scales (list of float): each level's box-to-feature scale.
+        sampling_ratio (int or (int, int)): as for :func:`roi_align`. Default: -1.
+        aligned (bool): as for :func:`roi_align`. Default: False.
+        canonical_scale (int): the box side that maps to ``canonical_level``. Default: 224.
+        canonical_level (int): the level of a box of side ``canonical_scale``. Default: 4.
+        validate (bool): as for :func:`roi_align`. Default: True.
+
+    Returns:
+        Tensor[K, C, PH, PW]: in the features' dtype and device, in box order; differentiable
+        in every level.
+    """
+    if not isinstance(features, (list, tuple)):
+        raise TypeError(
+            "features must be a list of torch.Tensor[N, C, H_l, W_l], one per level, got "
+            f"{type(features).__module__}.{type(features).__qualname__}"
+        )
+    for feature in features:
+        _check_input(feature)
+    tensors, per_image = _boxes(boxes)
+    pooled_h, pooled_w = _args.output_size_pair(output_size)
+    if not isinstance(spatial_scales, (list, tuple)):
+        raise TypeError(f"spatial_scales must be a list of real numbers, got {spatial_scales!r}")
+    scales = [_args.spatial_scale_of(scale) for scale in spatial_scales]
+    canonical = _args.canonical_of(canonical_scale, canonical_level)
+    return _multi_scale_roi_align_op(
+        list(features), tensors, per_image, pooled_h, pooled_w, scales,
+        _args.sampling_of(sampling_ratio), _args.flag(aligned, "aligned"), *canonical,
+        _args.flag(validate, "validate"),
+    )
+
+
 # ----------------------------------------------------------------------------- modules
 class RoIAlign(nn.Module):
     """:func:`roi_align` as a module, as ``torchvision.ops.RoIAlign``.
@@ -460,7 +621,8 @@ class MultiScaleRoIAlign(nn.Module):
     canonical_scale) + 1e-6)``, clamped to the levels present (the FPN paper's eq. 1). The
     level scales are inferred on the first call from the feature and image sizes,
     ``2 ** round(log2(feature_size / image_size))`` along the height, and kept. Results come in
-    the boxes' order.
+    the boxes' order. Every box goes through one :func:`multi_scale_roi_align` call (one kernel
+    launch for all levels on a GPU), so at most 8 maps are pooled from.
 
     Args:
         featmap_names (list[str]): the keys of the feature maps to pool from; maps are taken in
@@ -471,8 +633,8 @@ class MultiScaleRoIAlign(nn.Module):
         canonical_scale (int): box size that maps to ``canonical_level``. Default: 224.
         canonical_level (int): the level a box of side ``canonical_scale`` is pooled from (the
             FPN paper's k0). Default: 4.
-        validate (bool): as for :func:`roi_align`, once per level; ``False`` inside a CUDA
-            graph capture. Default: True.
+        validate (bool): as for :func:`roi_align`; ``False`` inside a CUDA graph capture.
+            Default: True.
     """
 
     def __init__(
@@ -549,18 +711,6 @@ def _infer_scales(features: list[Tensor], image_shapes: list[tuple[int, int]]) -
     return scales
 
 
-def _levels(
-    boxes: list[Tensor], scales: list[float], canonical_scale: int, canonical_level: int
-) -> Tensor:
-    """The level of each box, 0 for the finest map given."""
-    lowest = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
-    highest = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
-    size = torch.sqrt(torch.cat([(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for b in boxes]))
-    eps = torch.tensor(1e-6, dtype=size.dtype)
-    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + eps)
-    return torch.clamp(level, min=lowest, max=highest).to(torch.int64) - lowest
-
-
 def _multi_scale_roi_align(
     features: list[Tensor],
     boxes: list[Tensor],
@@ -572,20 +722,14 @@ def _multi_scale_roi_align(
     validate: bool,
 ) -> Tensor:
     """Each box pooled from its level, in box order (see :class:`MultiScaleRoIAlign`)."""
-    if len(features) == 1:
-        return roi_align(features[0], boxes, output_size, scales[0], sampling_ratio,
-                         validate=validate)
-    levels = _levels(boxes, scales, canonical_scale, canonical_level)
-    result = features[0].new_zeros((levels.shape[0], features[0].shape[1]) + output_size)
-    rois = torch.cat(
-        [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)]
+    # torchvision casts each level's crops to the first map's dtype (autocast may give levels
+    # different dtypes); one call needs one dtype, so the maps are cast instead.
+    first = features[0].dtype
+    features = [f if f.dtype == first else f.to(first) for f in features]
+    return multi_scale_roi_align(
+        features, boxes, output_size, scales, sampling_ratio, False, canonical_scale,
+        canonical_level, validate=validate,
     )
-    for level, (feature, scale) in enumerate(zip(features, scales)):
-        chosen = torch.where(levels == level)[0]
-        pooled = roi_align(feature, rois[chosen], output_size, scale, sampling_ratio,
-                           validate=validate)
-        result[chosen] = pooled.to(result.dtype)
-    return result
 
 
 # FX's symbolic tracing keeps these calls whole (they iterate over lists of tensors), so that a

@@ -625,3 +625,109 @@ def roi_align_max_backward_ref(
             with numpy.errstate(invalid="ignore"):  # inf * 0 is NaN
                 grad[b, ch, h, w] += g[k, ch, ph, pw] * weight
     return grad
+
+
+# ----------------------------------------------------------------------------- multi-scale RoI Align
+LEVEL_EPS = 1e-6  # torchvision's LevelMapper eps
+
+
+def pyramid_level(scale: float) -> int:
+    """A map's pyramid level ``k = int(-log2(scale))``, the scale and its log2 in float32."""
+    return int(-float(numpy.float32(math.log2(float(numpy.float32(scale))))))
+
+
+def level_of_q(
+    q: float,
+    spatial_scales: list[float],
+    canonical_level: int,
+    compute: numpy.dtype,
+) -> int | None:
+    """The level index of a box with ``q = sqrt(area) / canonical_scale`` (a value of the compute
+    dtype), None for no map: ``clamp(floor(canonical_level + log2(q) + eps), k_min, k_max) -
+    k_min``, each step rounded to the compute dtype, log2 rounded to nearest."""
+    t = numpy.dtype(compute).type
+    q = t(q)
+    if math.isnan(q):
+        return None
+    log2 = t(math.log2(q)) if q > 0 else t(-math.inf)
+    with numpy.errstate(over="ignore"):
+        v = t(t(t(canonical_level) + log2) + t(LEVEL_EPS))
+    raw = math.floor(v) if math.isfinite(v) else float(v)
+    k_min, k_max = pyramid_level(spatial_scales[0]), pyramid_level(spatial_scales[-1])
+    level = int(min(max(raw, k_min), k_max)) - k_min  # torch.clamp: max wins over min
+    return level if 0 <= level < len(spatial_scales) else None
+
+
+def box_level(
+    row: numpy.ndarray,
+    spatial_scales: list[float],
+    canonical_scale: int,
+    canonical_level: int,
+    compute: numpy.dtype,
+) -> int | None:
+    """The level index of RoI row ``(b, x1, y1, x2, y2)``, None for no map. With one level every
+    box is pooled from it. The area, its square root and the division are in the compute dtype
+    (the row is first converted to it)."""
+    if len(spatial_scales) == 1:
+        return 0
+    t = numpy.dtype(compute).type
+    x1, y1, x2, y2 = (t(v) for v in row[1:5])
+    with numpy.errstate(invalid="ignore", over="ignore"):  # negative area: NaN
+        q = numpy.sqrt(t(t(x2 - x1) * t(y2 - y1))) / t(canonical_scale)
+    return level_of_q(q, spatial_scales, canonical_level, compute)
+
+
+def multi_scale_roi_align_ref(
+    inputs: list[numpy.ndarray],
+    rois: numpy.ndarray,
+    output_size: int | tuple[int, int],
+    spatial_scales: list[float],
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = False,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    compute: numpy.dtype = numpy.dtype(numpy.float64),
+) -> numpy.ndarray:
+    """Multi-scale RoI Align forward: each RoI through :func:`roi_align_ref` on its level.
+
+    Returns:
+        ndarray[K, C, PH, PW]: float64; zeros for a RoI without a level (and invalid RoIs).
+    """
+    pooled_h, pooled_w = pair(output_size)
+    out = numpy.zeros((len(rois), inputs[0].shape[1], pooled_h, pooled_w))
+    for k, row in enumerate(rois):
+        level = box_level(row, spatial_scales, canonical_scale, canonical_level, compute)
+        if level is not None:
+            out[k] = roi_align_ref(
+                inputs[level], rois[k : k + 1], output_size, spatial_scales[level],
+                sampling_ratio, aligned,
+            )[0]
+    return out
+
+
+def multi_scale_roi_align_backward_ref(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shapes: list[tuple[int, int, int, int]],
+    spatial_scales: list[float],
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = False,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    compute: numpy.dtype = numpy.dtype(numpy.float64),
+) -> list[numpy.ndarray]:
+    """Multi-scale RoI Align backward: each RoI's gradient through :func:`roi_align_backward_ref`
+    into its level's map.
+
+    Returns:
+        list of ndarray[N, C, H_l, W_l]: float64.
+    """
+    grads = [numpy.zeros(shape) for shape in input_shapes]
+    for k, row in enumerate(rois):
+        level = box_level(row, spatial_scales, canonical_scale, canonical_level, compute)
+        if level is not None:
+            grads[level] += roi_align_backward_ref(
+                grad_output[k : k + 1], rois[k : k + 1], input_shapes[level],
+                spatial_scales[level], sampling_ratio, aligned,
+            )
+    return grads

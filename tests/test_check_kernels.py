@@ -52,6 +52,7 @@ def test_name_expressions_cover_every_kernel_dtype_and_index_width():
     assert len(set(kernels.NAME_EXPRESSIONS)) == (len(kernels.KERNELS) - 1) * 4 * 2 + 2 * 2 + 2
     assert "ps_roi_pool_backward<__nv_bfloat16, long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_align_max_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
+    assert "multi_scale_roi_align_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_check_indices<long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_pool_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_align_backward<__nv_bfloat16, int>" in kernels.NAME_EXPRESSIONS

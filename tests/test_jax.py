@@ -448,3 +448,118 @@ def test_per_image_index_column_holds_every_image_in_bfloat16():
     boxes = [jnp.zeros((0, 4), BFLOAT16)] * 257 + [jnp.asarray([[0, 0, 3, 3]], BFLOAT16)]
     out = rj.roi_align(jnp.asarray(x), boxes, 1, 1.0, 2, True)
     assert float(out[0, 0, 0, 0]) == 1.0
+
+
+# ----------------------------------------------------------------------------- multi-scale
+MS_SCALES = [0.5, 0.25, 0.125]
+MS_ARGS = dict(canonical_scale=16, canonical_level=2)  # sqrt(area) < 16: map 0, < 32: 1, else 2
+
+
+def pyramid(key, dtype, n=N, lead=()):
+    """Maps of a 24 x 28 image at MS_SCALES and boxes of every level [k, 5] (compute dtype)."""
+    rng = make_rng("jax multiscale", key, numpy.dtype(dtype).name)
+    maps = [random_features(rng, lead + (n, C, 24 // s, 28 // s), dtype) for s in (2, 4, 8)]
+    side = numpy.exp(rng.uniform(numpy.log(4), numpy.log(60), (K, 2)))
+    corner = rng.uniform(-2, 20, (K, 2))
+    rows = numpy.concatenate([rng.integers(0, n, (K, 1)), corner, corner + side], axis=1)
+    sized = [[i % n, 1, 2, 1 + s, 2 + s] for i, s in enumerate((6, 20, 40))]
+    boxes = numpy.concatenate([rows, sized]).astype(compute_dtype(dtype))
+    return maps, boxes
+
+
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES, ids=str)
+@pytest.mark.parametrize("sampling_ratio", [-1, (2, 1)], ids=str)
+def test_multi_scale_forward_and_vjp(dtype, sampling_ratio):
+    maps, boxes = pyramid(("vjp", sampling_ratio), dtype)
+    args = ((3, 2), MS_SCALES, sampling_ratio, True)
+    with dtype_context(dtype):
+        expected = ops.multi_scale_roi_align(maps, boxes, *args, **MS_ARGS)
+        out, vjp = jax.vjp(lambda *m: rj.multi_scale_roi_align(list(m), jnp.asarray(boxes), *args,
+                                                               **MS_ARGS),
+                           *[jnp.asarray(x) for x in maps])
+        assert_same(out, expected)
+        g = random_features(make_rng("jax ms g", str(dtype)), expected.shape, dtype)
+        grads = vjp(jnp.asarray(g))
+        wanted = ops.multi_scale_roi_align_backward(g, boxes, [x.shape for x in maps], *args,
+                                                    **MS_ARGS)
+        assert len(grads) == 3
+        for grad, want in zip(grads, wanted):
+            assert_same(grad, want)
+            assert numpy.abs(want.astype(numpy.float64)).max() > 0
+        listed = rj.multi_scale_roi_align([jnp.asarray(x) for x in maps],
+                                          [jnp.asarray(b) for b in per_image(boxes, N)], *args,
+                                          **MS_ARGS)
+        assert listed.shape == expected.shape
+
+
+def test_multi_scale_jit_grad_and_check_grads():
+    with jax.enable_x64(True):
+        maps, boxes = pyramid("check grads", numpy.float64)
+
+        def f(*m):
+            return rj.multi_scale_roi_align(list(m), boxes, 2, MS_SCALES, 2, False, **MS_ARGS)
+
+        maps = [jnp.asarray(x) for x in maps]
+        check_grads(f, maps, order=1, modes=["rev"])
+        loss = jax.jit(jax.grad(lambda m: jnp.sum(f(*m) ** 2)))
+        grads = loss(maps)
+        eager = jax.grad(lambda m: jnp.sum(f(*m) ** 2))(maps)
+        for a, b in zip(grads, eager):
+            assert_same(a, numpy.asarray(b))
+
+
+@pytest.mark.parametrize("in_axes", [(0, 0), (None, 0)], ids=str)
+def test_multi_scale_vmap_is_one_call(in_axes, monkeypatch):
+    calls = []
+    for name in ("multi_scale_roi_align", "multi_scale_roi_align_backward"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name,
+                            lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    maps, _ = pyramid("vmap", numpy.float32, lead=(B,))
+    boxes = numpy.stack([pyramid(("vmap", b), numpy.float32)[1] for b in range(B)])
+    boxes[1, 0, 0] = N  # invalid in its own element: must stay invalid once folded
+    g = random_features(make_rng("jax ms vmap g"), (len(boxes[0]), C, 2, 2), numpy.float32)
+
+    def grad(m, b):
+        return jax.grad(lambda m: jnp.vdot(
+            rj.multi_scale_roi_align(m, b, 2, MS_SCALES, 2, validate=False, **MS_ARGS), g))(m)
+
+    def at(b):
+        return [x[b] if in_axes[0] == 0 else x[0] for x in maps]
+
+    expected = [ops.multi_scale_roi_align(at(b), boxes[b], 2, MS_SCALES, 2, validate=False,
+                                          **MS_ARGS) for b in range(B)]
+    m_arg = maps if in_axes[0] == 0 else [x[0] for x in maps]
+    calls.clear()
+    actual = jax.jit(jax.vmap(
+        lambda m, b: rj.multi_scale_roi_align(m, b, 2, MS_SCALES, 2, validate=False, **MS_ARGS),
+        in_axes=in_axes))(m_arg, boxes)
+    assert_same(actual, numpy.stack(expected))
+    assert not expected[1][0].any()
+    assert calls == ["multi_scale_roi_align"]
+    calls.clear()
+    grads = jax.jit(jax.vmap(grad, in_axes=in_axes))(m_arg, boxes)
+    assert calls == ["multi_scale_roi_align_backward"]
+    for b in range(B):
+        want = ops.multi_scale_roi_align_backward(g, boxes[b], [x.shape for x in at(b)], 2,
+                                                  MS_SCALES, 2, validate=False, **MS_ARGS)
+        for level in range(3):
+            assert_same(grads[level][b], want[level])
+
+
+def test_multi_scale_argument_and_box_errors():
+    maps, boxes = pyramid("errors", numpy.float32)
+    maps = [jnp.asarray(x) for x in maps]
+    with pytest.raises(ValueError, match=r"spatial_scales must hold one scale per level \(3\)"):
+        rj.multi_scale_roi_align(maps, boxes, 2, MS_SCALES[:2])
+    with pytest.raises(ValueError, match=r"features\[1\] must have the N and C"):
+        rj.multi_scale_roi_align([maps[0], maps[1][:, :2], maps[2]], boxes, 2, MS_SCALES)
+    with pytest.raises(TypeError, match="features must be a list of JAX arrays"):
+        rj.multi_scale_roi_align(maps[0], boxes, 2, MS_SCALES)
+    bad = boxes.copy()
+    bad[0, 0] = N
+    with pytest.raises(ValueError, match="batch index must be an integer"):
+        rj.multi_scale_roi_align(maps, bad, 2, MS_SCALES)
+    out = jax.jit(lambda m, b: rj.multi_scale_roi_align(m, b, 2, MS_SCALES, 2, **MS_ARGS))(
+        maps, bad)
+    assert not numpy.asarray(out[0]).any()

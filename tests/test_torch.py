@@ -334,6 +334,127 @@ def test_multi_scale_roi_align_traces_with_fx():
     assert torch.equal(traced(x, boxes, shapes), pooler(x, boxes, shapes))
 
 
+# ----------------------------------------------------------------------------- multi-scale ops
+MS_SCALES = [0.25, 0.125, 0.0625]
+MS_ARGS = dict(canonical_scale=28, canonical_level=4)  # sides < 14: p2, [14, 28): p3, >= 28: p4
+
+
+def _ms_features(dtype=torch.float64, c=C, shapes=((16, 24), (8, 12), (4, 6))):
+    return [_features(dtype, (2, c) + hw).requires_grad_() for hw in shapes]
+
+
+def _ms_boxes(dtype=torch.float64):
+    """Per-image boxes of every level, and one reversed along x (no level)."""
+    return [torch.cat([_level_boxes([10, 60, 30, 15]), torch.tensor([[9.0, 1, 3, 8]])]).to(dtype),
+            _level_boxes([45, 8, 20]).to(dtype)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi_scale_forward_and_gradients_are_roi_cupys(dtype):
+    features, boxes = _ms_features(dtype), _ms_boxes(torch.float32)
+    out = rt.multi_scale_roi_align(features, boxes, (3, 2), MS_SCALES, 2, True, **MS_ARGS)
+    assert out.dtype == dtype and out.shape == (8, C, 3, 2) and out.requires_grad
+    arrays, given = [_numpy(x) for x in features], [b.numpy() for b in boxes]
+    expected = roi_cupy.multi_scale_roi_align(arrays, given, (3, 2), MS_SCALES, 2, True, **MS_ARGS)
+    numpy.testing.assert_array_equal(_numpy(out), expected)
+    assert not expected[4].any() and expected[:4].all()
+    g = torch.from_numpy(RNG.uniform(-1, 1, tuple(out.shape))).to(dtype)
+    grads = torch.autograd.grad(out, features, g)
+    expected = roi_cupy.multi_scale_roi_align_backward(
+        _numpy(g), given, [x.shape for x in features], (3, 2), MS_SCALES, 2, True, **MS_ARGS
+    )
+    for grad, want in zip(grads, expected):
+        assert grad.dtype == dtype and grad.abs().sum() > 0
+        numpy.testing.assert_array_equal(_numpy(grad), want)
+
+
+def test_multi_scale_boxes_as_index_column_and_errors():
+    features, boxes = _ms_features(), _ms_boxes()
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=b.dtype), b], 1)
+                      for i, b in enumerate(boxes)])
+    listed = rt.multi_scale_roi_align(features, boxes, 2, MS_SCALES, -1, **MS_ARGS)
+    assert torch.equal(listed, rt.multi_scale_roi_align(features, rois, 2, MS_SCALES, -1, **MS_ARGS))
+    with pytest.raises(TypeError, match="features must be a list of torch.Tensor"):
+        rt.multi_scale_roi_align(features[0], boxes, 2, MS_SCALES)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got numpy.ndarray"):
+        rt.multi_scale_roi_align([features[0].detach().numpy()], boxes, 2, MS_SCALES[:1])
+    with pytest.raises(ValueError, match=r"spatial_scales must hold one scale per level \(3\)"):
+        rt.multi_scale_roi_align(features, boxes, 2, MS_SCALES[:2])
+    with pytest.raises(TypeError, match="canonical_level must be an int"):
+        rt.multi_scale_roi_align(features, boxes, 2, MS_SCALES, canonical_level=4.5)
+    with pytest.raises(ValueError, match="features must hold 1 to 8 levels, got 9"):
+        rt.multi_scale_roi_align([features[0]] * 9, boxes, 2, [0.25] * 9)
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, (2, 1)], ids=str)
+def test_gradcheck_multi_scale_roi_align(sampling_ratio):
+    # small maps, to keep it quick, and a box of each level on them
+    features = _ms_features(c=1, shapes=((8, 12), (4, 6), (2, 3)))
+    boxes = [torch.tensor([[1.0, 2, 9, 11], [3, 1, 20, 19]], dtype=torch.float64),
+             torch.tensor([[0.5, 1.5, 30, 31], [9, 1, 3, 8]], dtype=torch.float64)]
+
+    def fn(*features):
+        return rt.multi_scale_roi_align(list(features), boxes, (2, 3), MS_SCALES, sampling_ratio,
+                                        True, **MS_ARGS)
+
+    grads = torch.autograd.grad(fn(*features).sum(), features)
+    assert all(grad.abs().sum() > 0 for grad in grads)
+    assert torch.autograd.gradcheck(fn, tuple(features))
+    assert torch.autograd.gradgradcheck(fn, tuple(features), fast_mode=True)
+
+
+def test_opcheck_multi_scale_operators():
+    features, boxes = _ms_features(), _ms_boxes()
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=b.dtype), b], 1)
+                      for i, b in enumerate(boxes)])
+    ops = torch.ops.roi_cupy
+    shapes = [v for x in features for v in x.shape]
+    g = torch.randn(8, C, 3, 2, dtype=torch.float64)
+    cases = [
+        (ops.multi_scale_roi_align,
+         (features, boxes, True, 3, 2, MS_SCALES, [2, 2], True, 28, 4, True)),
+        (ops.multi_scale_roi_align,
+         (features, [rois], False, 2, 2, MS_SCALES, [-1, 3], False, 224, 4, False)),
+        (ops.multi_scale_roi_align,
+         (features[:1], boxes, True, 2, 2, MS_SCALES[:1], [2, 2], False, 224, 4, True)),
+        (ops.multi_scale_roi_align_backward,
+         (g.requires_grad_(), boxes, True, shapes, MS_SCALES, [2, 1], True, 28, 4)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_compile_multi_scale_fullgraph_forward_and_backward():
+    features, boxes = _ms_features(torch.float32), _ms_boxes(torch.float32)
+
+    def loss(features, boxes):
+        out = rt.multi_scale_roi_align([torch.tanh(x) for x in features], boxes, (3, 2),
+                                       MS_SCALES, 2, False, **MS_ARGS)
+        return (out**2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    eager, got = loss(features, boxes), compiled(features, boxes)
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=0)
+    for a, b in zip(torch.autograd.grad(got, features), torch.autograd.grad(eager, features)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_multi_scale_module_casts_levels_to_the_first_maps_dtype():
+    """Levels of other dtypes (autocast can give them) are cast to the first map's, as
+    torchvision casts each level's crops."""
+    x = _pyramid()
+    boxes = [_level_boxes([10, 60, 30, 15]), _level_boxes([45, 8, 20])]
+    pooler = rt.MultiScaleRoIAlign(["p2", "p3", "p4"], (3, 2), 2, canonical_scale=28)
+    mixed = dict(x, p3=x["p3"].double())
+    out = pooler(mixed, boxes, [(64, 96), (60, 90)])
+    assert out.dtype == torch.float32
+    assert torch.equal(out, pooler(dict(x, p3=x["p3"].double().float()), boxes,
+                                   [(64, 96), (60, 90)]))
+    out.sum().backward()
+    assert x["p3"].grad is not None and x["p3"].grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- CUDA tensors
 def _cuda():
     from roi_cupy import _cuda
@@ -424,3 +545,27 @@ def test_cuda_double_backward_and_a_second_device():
     out = rt.roi_align(x1, b1, 2, 1.0, 2, True)
     assert out.device == x1.device
     torch.testing.assert_close(out.cpu(), rt.roi_align(x.detach(), boxes, 2, 1.0, 2, True).cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_cuda_multi_scale_matches_the_cpu_in_one_launch(monkeypatch, dtype):
+    _cuda()
+    from roi_cupy._cuda import launch
+
+    names = []
+    original = launch.kernel_name
+    monkeypatch.setattr(launch, "kernel_name", lambda *a: names.append(original(*a)) or names[-1])
+    features, boxes = _ms_features(dtype), _ms_boxes(torch.float32)
+    on_gpu = [x.detach().cuda().requires_grad_() for x in features]
+    args = ((3, 2), MS_SCALES, 2, True)
+    out = rt.multi_scale_roi_align(features, boxes, *args, **MS_ARGS)
+    outc = rt.multi_scale_roi_align(on_gpu, [b.cuda() for b in boxes], *args, **MS_ARGS,
+                                    validate=False)
+    g = torch.randn_like(out)
+    gradsc = torch.autograd.grad(outc, on_gpu, g.cuda())
+    assert [n.split("<")[0] for n in names] == ["multi_scale_roi_align_forward",
+                                                "multi_scale_roi_align_backward"]
+    tol = TOLERANCE[numpy.dtype(str(dtype)[6:])]
+    torch.testing.assert_close(outc.cpu(), out, rtol=tol, atol=tol)
+    for a, b in zip(gradsc, torch.autograd.grad(out, features, g)):
+        torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)

@@ -215,3 +215,110 @@ def test_ps_roi_pool(backend, dtype, spatial_scale, output_size):
         grad = roi_cupy.ps_roi_pool_backward(backend.asarray(g), backend.asarray(rois), x.shape,
                                              output_size, spatial_scale)
     assert_parity(backend.to_numpy(grad), xt.grad, dtype)
+
+
+# ----------------------------------------------------------------------------- multi-scale RoI Align
+MULTI_SCALE = {
+    # strides 4 to 32 (levels 2 to 5) of images up to 128 x 160; canonical 32 at level 4:
+    # sqrt(area) < 16 goes to map 0, [16, 32) to 1, [32, 64) to 2, >= 64 to 3
+    "four levels": dict(strides=(4, 8, 16, 32), canonical_scale=32, canonical_level=4,
+                        output_size=(3, 4), sampling_ratio=2),
+    # torchvision's defaults (224 at level 4) on strides 1, 2, 4 (levels 0 to 2, the first
+    # -0.0): sqrt(area) < 56 to map 0, [56, 112) to 1, >= 112 to 2; adaptive sampling
+    "default canonical": dict(strides=(1, 2, 4), canonical_scale=224, canonical_level=4,
+                              output_size=7, sampling_ratio=-1),
+}
+IMAGES = [(120, 150), (96, 160), (128, 100)]  # padded to 128 x 160, as a detector batches them
+
+
+def multi_scale_boxes(rng, spec, dtype):
+    """Per image: boxes of sides 3 to 300 (every level), squares whose sqrt(area) is exactly a
+    level boundary, just inside and just outside torchvision's 1e-6 margin, and a box reversed
+    along x (a negative area, which torchvision pools from no map)."""
+    s0 = spec["canonical_scale"]
+    edges = [s0 / 4, s0 / 2, s0, 2 * s0]
+    exact = edges + [e * (1 - 2**-22) for e in edges] + [e * (1 - 2**-19) for e in edges]
+    boxes = []
+    for i, (height, width) in enumerate(IMAGES):
+        side = numpy.exp(rng.uniform(numpy.log(3), numpy.log(300), (6, 2)))
+        corner = rng.uniform(-0.1, 0.9, (6, 2)) * [width, height]
+        rows = numpy.concatenate([corner, corner + side], axis=1)
+        squares = [[1.0, 2.0, 1.0 + s, 2.0 + s] for s in exact[i::3]]
+        reversed_x = [[0.6 * width, 0.2 * height, 0.3 * width, 0.5 * height]]
+        boxes.append(numpy.concatenate([rows, squares, reversed_x]).astype(dtype))
+    return boxes
+
+
+@pytest.mark.parametrize("case", list(MULTI_SCALE))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_multi_scale_roi_align(backend, dtype, case):
+    """The functional op against torchvision's MultiScaleRoIAlign module: the same levels for
+    every box (boundaries included), forward and each map's gradient."""
+    from collections import OrderedDict
+
+    spec = MULTI_SCALE[case]
+    rng = make_rng("tv multiscale", numpy.dtype(dtype).name, case)
+    scales = [1.0 / s for s in spec["strides"]]
+    features = [random_features(rng, (3, 2, 128 // s, 160 // s), dtype) for s in spec["strides"]]
+    boxes = multi_scale_boxes(rng, spec, dtype)
+    canonical = dict(canonical_scale=spec["canonical_scale"],
+                     canonical_level=spec["canonical_level"])
+    size, ratio = spec["output_size"], spec["sampling_ratio"]
+
+    maps = OrderedDict((f"p{i}", torch_input(x)) for i, x in enumerate(features))
+    pooler = tv_ops.MultiScaleRoIAlign(list(maps), size, ratio, **canonical)
+    tv_boxes = [torch.from_numpy(b) for b in boxes]
+    expected = pooler(maps, tv_boxes, IMAGES)
+    assert pooler.scales == scales
+    tv_levels = pooler.map_levels(tv_boxes).tolist()
+    assert set(range(len(scales))) <= set(tv_levels)
+    g = random_features(rng, tuple(expected.shape), dtype)
+    expected.backward(torch.from_numpy(g))
+
+    rois = numpy.concatenate(boxes).astype(numpy.float64)
+    rois = numpy.concatenate([numpy.zeros((len(rois), 1)), rois], axis=1)
+    from reference import box_level
+
+    ours_levels = [box_level(r, scales, compute=numpy.dtype(dtype), **canonical) for r in rois]
+    assert [-1 if v is None else v for v in ours_levels] == [
+        v if 0 <= v < len(scales) else -1 for v in tv_levels
+    ]
+    with backend.active():
+        out = roi_cupy.multi_scale_roi_align(
+            [backend.asarray(x) for x in features], [backend.asarray(b) for b in boxes], size,
+            scales, ratio, **canonical,
+        )
+        grads = roi_cupy.multi_scale_roi_align_backward(
+            backend.asarray(g), [backend.asarray(b) for b in boxes], [x.shape for x in features],
+            size, scales, ratio, **canonical,
+        )
+    assert_parity(backend.to_numpy(out), expected, dtype)
+    for grad, x in zip(grads, maps.values()):
+        assert_parity(backend.to_numpy(grad), x.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_multi_scale_levels_near_every_bound(dtype):
+    """Squares within 300 ulps of each level's lower bound (torchvision's defaults on 4 maps):
+    roi_cupy's level is torchvision's LevelMapper's wherever torch's log2 is rounded to
+    nearest, and that is every one of them here."""
+    from torchvision.ops.poolers import LevelMapper
+
+    from roi_cupy._numpy.multi_scale_roi_align import levels_of
+    from roi_cupy._ops.multi_scale_roi_align import level_bounds
+
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    bounds = level_bounds(scales, 4, dtype)
+    bits = numpy.dtype(f"u{numpy.dtype(dtype).itemsize}")
+    sides = []
+    for bound in bounds:
+        side = numpy.array(224 * bound, dtype=dtype).view(bits).astype(numpy.int64)
+        sides.append((side + numpy.arange(-300, 300)).astype(bits).view(dtype))
+    side = numpy.concatenate(sides)
+    zeros = numpy.zeros_like(side)
+    boxes = numpy.stack([zeros, zeros, side, side], axis=1)
+    theirs = LevelMapper(2, 5)([torch.from_numpy(boxes)]).numpy()
+    rois = numpy.concatenate([zeros[:, None], boxes], axis=1)
+    ours = levels_of(rois, 224, bounds, len(scales))
+    assert len(set(ours.tolist())) == len(scales)
+    numpy.testing.assert_array_equal(ours, theirs)

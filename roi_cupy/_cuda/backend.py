@@ -11,6 +11,7 @@ from typing import Any
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import launch, roi_align, roi_check, roi_pool
 from roi_cupy._cuda import ps_roi_align, ps_roi_pool
+from roi_cupy._cuda import multi_scale_roi_align as _multi_scale_roi_align
 
 # C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
 CAPABILITIES = Capabilities()
@@ -168,4 +169,41 @@ def ps_roi_pool_backward(
     [N, C, H, W]."""
     return ps_roi_pool.backward(
         _runtime(grad_output), grad_output, rois, input_shape, spatial_scale
+    )
+
+
+def multi_scale_roi_align_forward(
+    inputs: list[Any],
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scales: list[float],
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    canonical_scale: int,
+    bounds: tuple[float, ...],
+) -> Any:
+    """RoI Align of each RoI on its level: ``inputs`` [N, C, H_l, W_l] -> [K, C, PH, PW], one
+    launch."""
+    return _multi_scale_roi_align.forward(
+        _runtime(inputs[0]), inputs, rois, pooled_h, pooled_w, spatial_scales, sampling_ratio,
+        aligned, canonical_scale, bounds,
+    )
+
+
+def multi_scale_roi_align_backward(
+    grad_output: Any,
+    rois: Any,
+    input_shapes: list[tuple[int, int, int, int]],
+    spatial_scales: list[float],
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    canonical_scale: int,
+    bounds: tuple[float, ...],
+) -> list[Any]:
+    """Input gradients of multi-scale RoI Align: ``grad_output`` [K, C, PH, PW] -> one
+    [N, C, H_l, W_l] per level, one launch."""
+    return _multi_scale_roi_align.backward(
+        _runtime(grad_output), grad_output, rois, input_shapes, spatial_scales, sampling_ratio,
+        aligned, canonical_scale, bounds,
     )

@@ -19,6 +19,7 @@ _FILES = (
     "roi_fixed.cu",
     "ps_roi_align.cu",
     "ps_roi_pool.cu",
+    "multi_scale_roi_align.cu",
 )
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"roi_common\.cuh"\s*$', re.MULTILINE)
 
@@ -39,6 +40,8 @@ KERNELS = (
     "roi_align_max_forward",
     "roi_align_max_backward",
     "roi_align_max_backward_deterministic",
+    "multi_scale_roi_align_forward",
+    "multi_scale_roi_align_backward",
 )
 # Storage dtype -> the kernel's scalar type T; the compute type is float for all but float64.
 SCALAR_TYPES = {

@@ -8,6 +8,7 @@ import roi_cupy._emulator as emulator
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import roi_align, roi_check, roi_pool
 from roi_cupy._cuda import ps_roi_align, ps_roi_pool
+from roi_cupy._cuda import multi_scale_roi_align as _multi_scale_roi_align
 
 # C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
 CAPABILITIES = Capabilities()
@@ -174,3 +175,40 @@ def ps_roi_pool_backward(
     """Input gradient of PS RoI Pool for ``grad_output [K, C / (PH * PW), PH, PW]``; returns
     ``[N, C, H, W]``."""
     return ps_roi_pool.backward(emulator.runtime(), grad_output, rois, input_shape, spatial_scale)
+
+
+def multi_scale_roi_align_forward(
+    inputs: list[numpy.ndarray],
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scales: list[float],
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    canonical_scale: int,
+    bounds: tuple[float, ...],
+) -> numpy.ndarray:
+    """RoI Align of each RoI of ``rois [K, 5]`` on its level of ``inputs [N, C, H_l, W_l]``;
+    returns ``[K, C, PH, PW]`` (one launch)."""
+    return _multi_scale_roi_align.forward(
+        emulator.runtime(), inputs, rois, pooled_h, pooled_w, spatial_scales, sampling_ratio,
+        aligned, canonical_scale, bounds,
+    )
+
+
+def multi_scale_roi_align_backward(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shapes: list[tuple[int, int, int, int]],
+    spatial_scales: list[float],
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    canonical_scale: int,
+    bounds: tuple[float, ...],
+) -> list[numpy.ndarray]:
+    """Input gradients for ``grad_output [K, C, PH, PW]``; returns one ``[N, C, H_l, W_l]`` per
+    level (one launch)."""
+    return _multi_scale_roi_align.backward(
+        emulator.runtime(), grad_output, rois, input_shapes, spatial_scales, sampling_ratio,
+        aligned, canonical_scale, bounds,
+    )

@@ -1,5 +1,9 @@
 """NumPy backend: RoI Align and RoI Pool on the CPU with the numbers of docs/semantics.md."""
 from roi_cupy._backend import Capabilities
+from roi_cupy._numpy.multi_scale_roi_align import (
+    multi_scale_roi_align_backward,
+    multi_scale_roi_align_forward,
+)
 from roi_cupy._numpy.roi_align import (
     roi_align_backward,
     roi_align_forward,
@@ -23,6 +27,8 @@ __all__ = [
     "ps_roi_align_forward",
     "ps_roi_pool_backward",
     "ps_roi_pool_forward",
+    "multi_scale_roi_align_backward",
+    "multi_scale_roi_align_forward",
     "roi_align_backward",
     "roi_align_forward",
     "roi_align_max_backward",
