@@ -111,12 +111,13 @@ __host__ __device__ __forceinline__ roi_bin<I> roi_split(
 
 // ----------------------------------------------------------------------------- RoIs
 // The image a RoI row (batch_index, x1, y1, x2, y2) refers to, or -1 when the row is invalid: a
-// batch index outside [0, batch) after truncation toward zero, or a non-finite value.
+// batch index outside [0, batch) after truncation toward zero, or a non-finite value. columns is
+// the row's width (6 for a rotated row (batch_index, cx, cy, w, h, angle)).
 template <typename C, typename I>
-__host__ __device__ __forceinline__ I roi_image(const C* roi, I batch)
+__host__ __device__ __forceinline__ I roi_image(const C* roi, I batch, int columns = 5)
 {
-    const bool finite = isfinite(roi[0]) && isfinite(roi[1]) && isfinite(roi[2]) &&
-                        isfinite(roi[3]) && isfinite(roi[4]);
+    bool finite = true;
+    for (int i = 0; i < columns; ++i) finite = finite && isfinite(roi[i]);
     const C b = roi_trunc(roi[0]);
     if (!finite || !(b >= C(0) && b < C(batch))) return -1;
     const I index = static_cast<I>(b);
@@ -126,9 +127,10 @@ __host__ __device__ __forceinline__ I roi_image(const C* roi, I batch)
 // The image a RoI reads, or -1 when the RoI is invalid (see roi_image) or the feature plane is
 // empty. An invalid RoI yields zeros, zero gradient and argmax -1.
 template <typename C, typename I>
-__host__ __device__ __forceinline__ I roi_batch(const C* roi, I batch, I height, I width)
+__host__ __device__ __forceinline__ I roi_batch(
+    const C* roi, I batch, I height, I width, int columns = 5)
 {
-    return height > 0 && width > 0 ? roi_image(roi, batch) : I(-1);
+    return height > 0 && width > 0 ? roi_image(roi, batch, columns) : I(-1);
 }
 
 // ----------------------------------------------------------------------------- RoI Align
