@@ -142,6 +142,16 @@ struct roi_align_axis {
     int grid;
 };
 
+// Samples per bin along an axis of size (feature pixels) cut into pooled bins: sampling_ratio,
+// or with sampling_ratio <= 0 ceil(size / pooled) (adaptive, per RoI); capped at ROI_MAX_GRID.
+template <typename C, typename I>
+__host__ __device__ __forceinline__ int roi_align_grid(C size, I pooled, int sampling_ratio)
+{
+    if (sampling_ratio > 0) return sampling_ratio < ROI_MAX_GRID ? sampling_ratio : ROI_MAX_GRID;
+    // A negative size gives 0 samples; clamping precedes the conversion.
+    return static_cast<int>(roi_clamp(roi_ceil(size / C(pooled)), C(0), C(ROI_MAX_GRID)));
+}
+
 // start: the scaled box corner; end: the opposite corner; pooled: bins along the axis.
 template <typename C, typename I>
 __host__ __device__ __forceinline__ roi_align_axis<C> roi_align_geometry(
@@ -153,12 +163,7 @@ __host__ __device__ __forceinline__ roi_align_axis<C> roi_align_geometry(
     C size = hi * scale - offset - a.start;
     if (!aligned) size = roi_max(size, C(1));
     a.bin = size / C(pooled);
-    if (sampling_ratio > 0) {
-        a.grid = sampling_ratio < ROI_MAX_GRID ? sampling_ratio : ROI_MAX_GRID;
-    } else {
-        // Adaptive, per RoI. A negative size gives 0 samples; clamping precedes the conversion.
-        a.grid = static_cast<int>(roi_clamp(roi_ceil(size / C(pooled)), C(0), C(ROI_MAX_GRID)));
-    }
+    a.grid = roi_align_grid(size, pooled, sampling_ratio);
     return a;
 }
 
