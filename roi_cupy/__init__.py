@@ -7,6 +7,8 @@ from roi_cupy.ops import (
     convert_boxes_to_roi_format,
     roi_align,
     roi_align_backward,
+    roi_align_rotated,
+    roi_align_rotated_backward,
     roi_pool,
     roi_pool_backward,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "convert_boxes_to_roi_format",
     "roi_align",
     "roi_align_backward",
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
     "roi_pool",
     "roi_pool_backward",
     "use_backend",

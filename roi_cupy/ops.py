@@ -7,6 +7,7 @@ of its own under ``roi_cupy/_ops/``.
 """
 from roi_cupy._args import BoxesLike, SizeLike, convert_boxes_to_roi_format
 from roi_cupy._ops.roi_align import roi_align, roi_align_backward
+from roi_cupy._ops.roi_align_rotated import roi_align_rotated, roi_align_rotated_backward
 from roi_cupy._ops.roi_pool import roi_pool, roi_pool_backward
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "convert_boxes_to_roi_format",
     "roi_align",
     "roi_align_backward",
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
     "roi_pool",
     "roi_pool_backward",
 ]

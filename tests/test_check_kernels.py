@@ -46,9 +46,11 @@ def test_no_kernel_spills_or_uses_shared_memory(results):
 
 
 def test_name_expressions_cover_every_kernel_dtype_and_index_width():
-    # Four op kernels x four storage dtypes x two index widths, roi_check for the two compute
-    # dtypes the RoIs come in, and roi_check_indices for each index width.
-    assert len(set(kernels.NAME_EXPRESSIONS)) == 4 * 4 * 2 + 2 * 2 + 2
+    # Six op kernels (RoI Align, RoI Pool, RoI Align Rotated) x four storage dtypes x two index
+    # widths, roi_check for the two compute dtypes the RoIs come in, and roi_check_indices for
+    # each index width.
+    assert len(set(kernels.NAME_EXPRESSIONS)) == 6 * 4 * 2 + 2 * 2 + 2
+    assert "roi_align_rotated_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_check_indices<long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_pool_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_align_backward<__nv_bfloat16, int>" in kernels.NAME_EXPRESSIONS

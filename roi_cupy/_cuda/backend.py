@@ -10,6 +10,7 @@ from typing import Any
 
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import launch, roi_align, roi_check, roi_pool
+from roi_cupy._cuda import roi_align_rotated
 
 # C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
 CAPABILITIES = Capabilities()
@@ -78,3 +79,36 @@ def first_invalid(
     too) and the first of ``indices`` outside ``[-1, plane)``, -1 for none: one or two small
     kernels and one synchronisation."""
     return roi_check.first_invalid(_runtime(rois), rois, batch, limit, indices, plane)
+
+
+def roi_align_rotated_forward(
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> Any:
+    """RoI Align Rotated: ``input`` [N, C, H, W], ``rois`` [K, 6] -> output [K, C, PH, PW]."""
+    return roi_align_rotated.forward(
+        _runtime(input), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+        clockwise,
+    )
+
+
+def roi_align_rotated_backward(
+    grad_output: Any,
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> Any:
+    """Input gradient of RoI Align Rotated: ``grad_output`` [K, C, PH, PW] -> [N, C, H, W]."""
+    return roi_align_rotated.backward(
+        _runtime(grad_output), grad_output, rois, input_shape, spatial_scale, sampling_ratio,
+        aligned, clockwise,
+    )

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 # Header first: the .cu files' own #include of it is dropped when they are concatenated.
-_FILES = ("roi_common.cuh", "roi_align.cu", "roi_pool.cu", "roi_check.cu")
+_FILES = ("roi_common.cuh", "roi_align.cu", "roi_pool.cu", "roi_check.cu", "roi_align_rotated.cu")
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"roi_common\.cuh"\s*$', re.MULTILINE)
 
 KERNELS = (
@@ -20,6 +20,8 @@ KERNELS = (
     "roi_pool_forward",
     "roi_pool_backward",
     "roi_check",
+    "roi_align_rotated_forward",
+    "roi_align_rotated_backward",
 )
 # Storage dtype -> the kernel's scalar type T; the compute type is float for all but float64.
 SCALAR_TYPES = {

@@ -7,6 +7,7 @@ import numpy
 import roi_cupy._emulator as emulator
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import roi_align, roi_check, roi_pool
+from roi_cupy._cuda import roi_align_rotated
 
 # C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
 CAPABILITIES = Capabilities()
@@ -78,3 +79,38 @@ def first_invalid(
     """The first invalid RoI of ``rois [K, 5]`` (a value of magnitude above ``limit`` is invalid
     too) and the first of ``indices`` outside ``[-1, plane)``; -1 for none."""
     return roi_check.first_invalid(emulator.runtime(), rois, batch, limit, indices, plane)
+
+
+def roi_align_rotated_forward(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> numpy.ndarray:
+    """RoI Align Rotated of ``input [N, C, H, W]`` over ``rois [K, 6]``; returns
+    ``[K, C, PH, PW]``."""
+    return roi_align_rotated.forward(
+        emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio,
+        aligned, clockwise,
+    )
+
+
+def roi_align_rotated_backward(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> numpy.ndarray:
+    """Input gradient of RoI Align Rotated for ``grad_output [K, C, PH, PW]``; returns
+    ``[N, C, H, W]``."""
+    return roi_align_rotated.backward(
+        emulator.runtime(), grad_output, rois, input_shape, spatial_scale, sampling_ratio,
+        aligned, clockwise,
+    )

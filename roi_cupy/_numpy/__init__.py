@@ -1,6 +1,10 @@
 """NumPy backend: RoI Align and RoI Pool on the CPU with the numbers of docs/semantics.md."""
 from roi_cupy._backend import Capabilities
 from roi_cupy._numpy.roi_align import roi_align_backward, roi_align_forward
+from roi_cupy._numpy.roi_align_rotated import (
+    roi_align_rotated_backward,
+    roi_align_rotated_forward,
+)
 from roi_cupy._numpy.roi_check import first_invalid
 from roi_cupy._numpy.roi_pool import roi_pool_backward, roi_pool_forward
 
@@ -14,6 +18,8 @@ __all__ = [
     "first_invalid",
     "roi_align_backward",
     "roi_align_forward",
+    "roi_align_rotated_backward",
+    "roi_align_rotated_forward",
     "roi_pool_backward",
     "roi_pool_forward",
 ]

@@ -97,6 +97,18 @@ inline int __float2int_ru(float a) { return static_cast<int>(ceilf(a)); }
 inline int __float2int_rn(float a) { return static_cast<int>(nearbyintf(a)); }
 inline int __double2int_rz(double a) { return static_cast<int>(a); }
 inline float __int2float_rn(int a) { return static_cast<float>(a); }
+// sin(pi x) and cos(pi x), which glibc only offers from 2.41: evaluated in a wider type and
+// rounded once (CUDA documents 1 ulp for its own; these are correctly rounded but for rare ties).
+inline float sinpif(float a) { return static_cast<float>(sin(M_PI * static_cast<double>(a))); }
+inline float cospif(float a) { return static_cast<float>(cos(M_PI * static_cast<double>(a))); }
+inline double sinpi(double a)
+{
+    return static_cast<double>(sinl(3.14159265358979323846264338327950288L * a));
+}
+inline double cospi(double a)
+{
+    return static_cast<double>(cosl(3.14159265358979323846264338327950288L * a));
+}
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 
