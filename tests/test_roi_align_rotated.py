@@ -525,7 +525,9 @@ def test_nonfinite_features_reach_only_their_bins(backend, dtype):
     assert not numpy.isfinite(got[:, 1][reads[1]]).any()
     finite = numpy.stack([~reads[0], ~reads[1]], axis=1)
     assert numpy.isfinite(got[finite]).all()
-    assert_matches(numpy.where(finite, out, 0).astype(dtype), numpy.where(finite, expected, 0), dtype)
+    assert_matches(
+        numpy.where(finite, out, 0).astype(dtype), numpy.where(finite, expected, 0), dtype
+    )
 
 
 # ----------------------------------------------------------------------------- gradients
