@@ -7,8 +7,11 @@ whose four corner samples lie inside the map is visited whole; otherwise binary 
 predicates that are monotone in the sample indices bound the rows, and in each row the columns,
 that can lie inside), then expanded a bounded number at a time. Their bilinear corners are folded
 into one float64 weight per (bin, pixel), and the features are gathered once per such pair from a
-channels-last copy, in slices of bounded size. The memory is bounded by the chunk sizes, not by
-the number of samples; the sums run in a fixed order, so results are deterministic.
+channels-first copy ``[C, N * H * W]``, in slices of bounded size: every gather, product and
+segment sum then runs along contiguous rows, one per channel (three times faster than along the
+rows of a channels-last copy, measured on [2, 256, 64, 64]). The memory is bounded by the chunk
+sizes, not by the number of samples; the sums run in a fixed order, so results are
+deterministic.
 
 Positions, bilinear weights and the sample count are computed in the compute dtype in the
 kernels' order of operations (cuda/roi_common.cuh), so the samples and their inside test are the
@@ -300,6 +303,25 @@ def _starts(key: numpy.ndarray) -> numpy.ndarray:
     return numpy.flatnonzero(numpy.concatenate([[True], key[1:] != key[:-1]]))
 
 
+def _channels_first(array: numpy.ndarray, c0: int, c1: int, dtype: numpy.dtype) -> numpy.ndarray:
+    """Channels ``c0:c1`` of ``array`` [N, C, H, W] (any strides) as a contiguous
+    ``[c1 - c0, N * H * W]`` of ``dtype``: each channel one row, pixels ``(b * H + y) * W + x``."""
+    n, _, h, w = array.shape
+    out = numpy.empty((c1 - c0, n, h, w), dtype=dtype)
+    out[...] = array[:, c0:c1].transpose(1, 0, 2, 3)
+    return out.reshape(c1 - c0, n * h * w)
+
+
+def _weigh(values: numpy.ndarray, weight: numpy.ndarray, zero: numpy.ndarray) -> None:
+    """``values`` [Cc, U] (compute dtype) times each pair's weight, in place, in the compute dtype
+    (a float32 product is twice as fast as a mixed one; the sums are then taken in float64, so
+    their error stays that of one product per term, however many terms a bin has). A pair that
+    a corner of weight 0 also reads gets ``+ 0 * value``: NaN where the value is not finite."""
+    values *= weight.astype(values.dtype)
+    if zero.any():
+        values[:, zero] += values[:, zero] * values.dtype.type(0)
+
+
 def _slices(taps: _Taps, channels: int) -> Iterator[slice]:
     """Slices of the taps whose gathered features stay within ``_GATHER`` bytes."""
     step = max(1, _GATHER // (8 * max(1, channels)))
@@ -366,21 +388,19 @@ def roi_align_rotated_forward(
     cc = _common.channel_chunk(c, n * h * w, ct.itemsize)
     for c0 in range(0, c, cc):
         c1 = min(c, c0 + cc)
-        x = _common.channels_last(input, c0, c1, ct)
+        x = _channels_first(input, c0, c1, ct)
         for bins, g, ph, pw in _chunks(geometry, pooled_h, pooled_w):
-            acc = numpy.zeros((bins.size, c1 - c0))
+            acc = numpy.zeros((bins.size, c1 - c0))  # rows: a fancy-indexed add along rows is fast
             # inf - inf and 0 * inf are NaN; float16 rounds to inf past its range.
             with numpy.errstate(invalid="ignore", over="ignore"):
                 for taps in _taps(g, ph, pw, h, w, ct):
                     for part in _slices(taps, c1 - c0):
-                        pixel, zero = taps.pixel[part], taps.zero[part]
-                        values = x[pixel].astype(numpy.float64)
-                        terms = values * taps.weight[part][:, None]
-                        if zero.any():
-                            terms[zero] += values[zero] * 0.0
+                        terms = x.take(taps.pixel[part], axis=1)
+                        _weigh(terms, taps.weight[part], taps.zero[part])
                         bin_ = taps.bin[part]
                         start = _starts(bin_)
-                        acc[bin_[start]] += numpy.add.reduceat(terms, start, axis=0)
+                        sums = numpy.add.reduceat(terms, start, axis=1, dtype=numpy.float64)
+                        acc[bin_[start]] += sums.T
                 kk = bins // (pooled_h * pooled_w)
                 out[kk, c0:c1, ph, pw] = acc.astype(ct)
     return out
@@ -422,23 +442,24 @@ def roi_align_rotated_backward(
     cc = _common.channel_chunk(c, n * h * w, ct.itemsize)
     for c0 in range(0, c, cc):
         c1 = min(c, c0 + cc)
-        acc = numpy.zeros((n * h * w, c1 - c0), dtype=ct)
+        acc = numpy.zeros((n * h * w, c1 - c0), dtype=ct)  # rows, as in the forward
         for bins, g, ph, pw in _chunks(geometry, pooled_h, pooled_w):
             kk = bins // (pooled_h * pooled_w)
-            grad = grad_output[kk, c0:c1, ph, pw].astype(numpy.float64)  # [bins, Cc]
+            grad = numpy.empty((c1 - c0, bins.size), dtype=ct)
+            grad[...] = grad_output[kk, c0:c1, ph, pw].T
             with numpy.errstate(invalid="ignore", over="ignore"):  # inf - inf, 0 * inf: NaN
                 for taps in _taps(g, ph, pw, h, w, ct):
                     for part in _slices(taps, c1 - c0):
-                        bin_, zero = taps.bin[part], taps.zero[part]
-                        values = grad[bin_]
-                        terms = values * taps.weight[part][:, None]
-                        if zero.any():
-                            terms[zero] += values[zero] * 0.0
                         # Sum per pixel (stable: a fixed order), then one buffered add.
                         order = numpy.argsort(taps.pixel[part], kind="stable")
                         pixel = taps.pixel[part][order]
+                        terms = grad.take(taps.bin[part][order], axis=1)
+                        _weigh(terms, taps.weight[part][order], taps.zero[part][order])
                         start = _starts(pixel)
-                        acc[pixel[start]] += numpy.add.reduceat(terms[order], start, axis=0)
+                        # In the accumulator's dtype: a pixel's few terms add as they would into
+                        # it one by one (float64 accumulation would be slower here, where runs
+                        # are short, and rounded away by the accumulator anyway).
+                        acc[pixel[start]] += numpy.add.reduceat(terms, start, axis=1).T
         with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
             grad_input[:, c0:c1] = acc.reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
     return grad_input
