@@ -6,16 +6,18 @@ A turned bin's samples form no Cartesian product on the map, so the separable pr
 whose four corner samples lie inside the map is visited whole; otherwise binary searches on
 predicates that are monotone in the sample indices bound the rows, and in each row the columns,
 that can lie inside), then expanded a bounded number at a time. Their bilinear corners are folded
-into one float64 weight per (bin, pixel), and the features are gathered once per such pair from a
-channels-first copy ``[C, N * H * W]``, in slices of bounded size: every gather, product and
-segment sum then runs along contiguous rows, one per channel (three times faster than along the
-rows of a channels-last copy, measured on [2, 256, 64, 64]). The memory is bounded by the chunk
-sizes, not by the number of samples; the sums run in a fixed order, so results are
-deterministic.
+into one weight per (bin, pixel) (summed in float64, divided by the bin's sample count), and the
+features are gathered once per such pair from a channels-first copy ``[C, N * H * W]``, in slices
+of bounded size: every gather, product and segment sum then runs along contiguous rows, one per
+channel (three times faster than along the rows of a channels-last copy, measured on
+[2, 256, 64, 64]). The forward pass multiplies in the compute dtype and sums each bin in float64,
+so a bin's mean keeps its precision however many pixels it reads; the backward pass sums into an
+accumulator of the compute dtype, as the kernels do. The memory is bounded by the chunk sizes,
+not by the number of samples; the sums run in a fixed order, so results are deterministic.
 
 Positions, bilinear weights and the sample count are computed in the compute dtype in the
 kernels' order of operations (cuda/roi_common.cuh), so the samples and their inside test are the
-kernels'; only the summation differs (float64 per-pixel weights here, a compensated sum there).
+kernels'; only the summation differs (per-pixel weights here, a compensated sum there).
 """
 from __future__ import annotations
 
