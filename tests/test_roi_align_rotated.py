@@ -219,19 +219,24 @@ def test_angle_zero_is_roi_align(backend, ratio):
             numpy.testing.assert_array_equal(out, upright_out)
 
 
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
-def test_angle_zero_matches_roi_align_for_any_box(backend, dtype):
+def test_angle_zero_matches_roi_align_for_any_box(backend, dtype, aligned):
     """Continuous boxes: the sample positions round differently (the rotated op adds the
     centre to an offset from it, roi_align walks from a corner), so the two agree within the
-    dtype's tolerance, not bit for bit."""
-    rng = make_rng("rotated upright continuous", numpy.dtype(dtype).name)
+    dtype's tolerance, not bit for bit. Unaligned, both clamp sizes to 1 but grow a smaller box
+    differently (roi_align from its corner): boxes of at least 1 x 1 only."""
+    rng = make_rng("rotated upright continuous", numpy.dtype(dtype).name, aligned)
     x = random_features(rng, (2, 3, 10, 12), dtype)
     rois = random_rotated_boxes(rng, 2, 16, 10, 12)
     rois[:, 5] = 0.0
-    out = run(backend, x, rois.astype(compute_dtype(dtype)), (3, 4), sampling_ratio=2)
+    if not aligned:
+        rois = rois[(rois[:, 3] >= 1) & (rois[:, 4] >= 1)]
+    kwargs = dict(sampling_ratio=2, aligned=aligned)
+    out = run(backend, x, rois.astype(compute_dtype(dtype)), (3, 4), **kwargs)
     with backend.active():
         boxes = backend.asarray(upright(rois).astype(compute_dtype(dtype)))
-        expected = roi_cupy.roi_align(backend.asarray(x), boxes, (3, 4), 1.0, 2, True)
+        expected = roi_cupy.roi_align(backend.asarray(x), boxes, (3, 4), 1.0, 2, aligned)
     expected = backend.to_numpy(expected).astype(numpy.float64)
     assert_matches(out, expected, dtype, scale=1.0)
 
