@@ -625,3 +625,26 @@ def test_numpy_chunks_do_not_change_results(monkeypatch):
     assert_matches(roi_cupy.roi_align_rotated(x, rois, (3, 2), **kwargs), out, numpy.float64)
     assert_matches(roi_cupy.roi_align_rotated_backward(g, rois, x.shape, (3, 2), **kwargs), grad,
                    numpy.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_64_bit_index_path(backend, dtype, monkeypatch):
+    """With the 32-bit limit lowered below every array's size, the kernels' long long
+    instantiations run, with the numbers of the reference."""
+    if backend.name == "numpy":
+        pytest.skip("the NumPy backend has no index width")
+    from roi_cupy._cuda import launch
+
+    names = []
+    original = launch.kernel_name
+    monkeypatch.setattr(launch, "INDEX32_LIMIT", 20)
+    monkeypatch.setattr(
+        launch, "kernel_name", lambda *a: names.append(original(*a)) or original(*a)
+    )
+    x, rois, g, kwargs, expected = backward_case(numpy.dtype(dtype).name, True, True, (1, 3))
+    grad = run_backward(backend, g, rois, x.shape, (3, 2), **kwargs)
+    assert_matches(grad, expected, dtype, x.shape)
+    out = run(backend, x, rois, (3, 2), **kwargs)
+    assert_matches(out, roi_align_rotated_ref(x, rois, (3, 2), **kwargs), dtype)
+    assert names and all(name.endswith("long long>") for name in names), names
+    assert any(name.startswith("roi_align_rotated_forward<") for name in names)
