@@ -204,6 +204,13 @@ def _lerp(v, extent: int, ct):
     return low, high, numpy.where(edge, ct.type(0), v - low.astype(ct))
 
 
+def _inside_tests(h: int, w: int) -> tuple[Callable, ...]:
+    """The four tests of a position ``(y, x)`` that together say it lies in [-1, H] x [-1, W]."""
+    return (
+        lambda y, x: y >= -1, lambda y, x: y <= h, lambda y, x: x >= -1, lambda y, x: x <= w
+    )
+
+
 def _taps(g: _Geometry, ph, pw, h: int, w: int, ct) -> Iterator[_Taps]:
     """The folded taps of the bins (``g``, ``ph``, ``pw`` indexed by bin), in chunks."""
     nb = ph.size
@@ -234,12 +241,10 @@ def _taps(g: _Geometry, ph, pw, h: int, w: int, ct) -> Iterator[_Taps]:
 
         return holds
 
-    f, l_ = first[part], last[part]
-    for test in (
-        lambda y, x: y >= -1, lambda y, x: y <= h, lambda y, x: x >= -1, lambda y, x: x <= w
-    ):
-        _run(sub.grid_y, rows(test), f, l_)
-    first[part], last[part] = f, l_
+    run_first, run_last = first[part], last[part]
+    for test in _inside_tests(h, w):
+        _run(sub.grid_y, rows(test), run_first, run_last)
+    first[part], last[part] = run_first, run_last
 
     for row_bin, iy in _expand(first, last, _ROWS):
         yy = _sample(g.start_y[row_bin], g.bin_y[row_bin], g.grid_y[row_bin], ph[row_bin], iy)
@@ -257,12 +262,10 @@ def _taps(g: _Geometry, ph, pw, h: int, w: int, ct) -> Iterator[_Taps]:
 
             return holds
 
-        f, l_ = c_first[part], c_last[part]
-        for test in (
-            lambda y, x: y >= -1, lambda y, x: y <= h, lambda y, x: x >= -1, lambda y, x: x <= w
-        ):
-            _run(sub.grid_x, cols(test), f, l_)
-        c_first[part], c_last[part] = f, l_
+        run_first, run_last = c_first[part], c_last[part]
+        for test in _inside_tests(h, w):
+            _run(sub.grid_x, cols(test), run_first, run_last)
+        c_first[part], c_last[part] = run_first, run_last
 
         for row, ix in _expand(c_first, c_last, _SAMPLES):
             tap = _fold(g, row_bin[row], yy[row], pw[row_bin[row]], ix, h, w, ct)
