@@ -9,19 +9,20 @@
 // to, so that float64 boxes for float32 features are checked before they are narrowed. The
 // caller initialises *first_invalid to count, so count afterwards means every RoI is valid.
 //
-// Parameters: const C* rois [K, 5], I count (= K), I batch (= N), C limit, I* first_invalid.
+// Parameters: const C* rois [K, columns], I count (= K), I batch (= N), C limit,
+// I* first_invalid, int columns (5, or 6 for rotated RoIs).
 template <typename T, typename I>
 __global__ void roi_check(
     const typename roi_compute<T>::type* __restrict__ rois, I count, I batch,
-    typename roi_compute<T>::type limit, I* __restrict__ first_invalid)
+    typename roi_compute<T>::type limit, I* __restrict__ first_invalid, int columns)
 {
     typedef typename roi_compute<T>::type C;
     for (I k = roi_first<I>(); k < count; k = roi_next(k, count)) {
-        const C* roi = rois + k * 5;
+        const C* roi = rois + k * columns;
         const C b = roi[0];
         // roi_image accepts what truncates into range; validation wants an exact integer.
-        bool bad = b != roi_trunc(b) || roi_image(roi, batch) < 0;
-        for (int i = 0; i < 5; ++i) bad = bad || !(roi_abs(roi[i]) <= limit);
+        bool bad = b != roi_trunc(b) || roi_image(roi, batch, columns) < 0;
+        for (int i = 0; i < columns; ++i) bad = bad || !(roi_abs(roi[i]) <= limit);
         if (bad) atomicMin(first_invalid, k);
     }
 }

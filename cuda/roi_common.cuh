@@ -35,6 +35,17 @@ __host__ __device__ __forceinline__ float roi_max(float a, float b) { return fma
 __host__ __device__ __forceinline__ double roi_max(double a, double b) { return fmax(a, b); }
 __host__ __device__ __forceinline__ float roi_sqrt(float v) { return sqrtf(v); }
 __host__ __device__ __forceinline__ double roi_sqrt(double v) { return sqrt(v); }
+__host__ __device__ __forceinline__ float roi_fmod(float a, float b) { return fmodf(a, b); }
+__host__ __device__ __forceinline__ double roi_fmod(double a, double b) { return fmod(a, b); }
+// cos(pi v) and sin(pi v): unlike cosf/sinf they need no large-argument reduction (which CUDA
+// does in double precision, even for float).
+__host__ __device__ __forceinline__ float roi_cospi(float v) { return cospif(v); }
+__host__ __device__ __forceinline__ double roi_cospi(double v) { return cospi(v); }
+__host__ __device__ __forceinline__ float roi_sinpi(float v) { return sinpif(v); }
+__host__ __device__ __forceinline__ double roi_sinpi(double v) { return sinpi(v); }
+// The machine epsilon of the compute type (the argument only selects the overload).
+__host__ __device__ __forceinline__ float roi_epsilon(float) { return 1.1920929e-7f; }
+__host__ __device__ __forceinline__ double roi_epsilon(double) { return 2.220446049250313e-16; }
 
 // fmin/fmax drop a NaN, so a NaN lands on lo: the result always converts to an integer safely.
 // A compensated (Kahan) sum. A plain float32 sum stops taking in small terms once it has grown
@@ -180,12 +191,13 @@ __host__ __device__ __forceinline__ roi_bin<I> roi_split(
 
 // ----------------------------------------------------------------------------- RoIs
 // The image a RoI row (batch_index, x1, y1, x2, y2) refers to, or -1 when the row is invalid: a
-// batch index outside [0, batch) after truncation toward zero, or a non-finite value.
+// batch index outside [0, batch) after truncation toward zero, or a non-finite value. columns is
+// the row's width (6 for a rotated row (batch_index, cx, cy, w, h, angle)).
 template <typename C, typename I>
-__host__ __device__ __forceinline__ I roi_image(const C* roi, I batch)
+__host__ __device__ __forceinline__ I roi_image(const C* roi, I batch, int columns = 5)
 {
-    const bool finite = isfinite(roi[0]) && isfinite(roi[1]) && isfinite(roi[2]) &&
-                        isfinite(roi[3]) && isfinite(roi[4]);
+    bool finite = true;
+    for (int i = 0; i < columns; ++i) finite = finite && isfinite(roi[i]);
     const C b = roi_trunc(roi[0]);
     if (!finite || !(b >= C(0) && b < C(batch))) return -1;
     const I index = static_cast<I>(b);
@@ -195,9 +207,10 @@ __host__ __device__ __forceinline__ I roi_image(const C* roi, I batch)
 // The image a RoI reads, or -1 when the RoI is invalid (see roi_image) or the feature plane is
 // empty. An invalid RoI yields zeros, zero gradient and argmax -1.
 template <typename C, typename I>
-__host__ __device__ __forceinline__ I roi_batch(const C* roi, I batch, I height, I width)
+__host__ __device__ __forceinline__ I roi_batch(
+    const C* roi, I batch, I height, I width, int columns = 5)
 {
-    return height > 0 && width > 0 ? roi_image(roi, batch) : I(-1);
+    return height > 0 && width > 0 ? roi_image(roi, batch, columns) : I(-1);
 }
 
 // ----------------------------------------------------------------------------- RoI Align
@@ -208,6 +221,16 @@ struct roi_align_axis {
     C bin;
     int grid;
 };
+
+// Samples per bin along an axis of size (feature pixels) cut into pooled bins: sampling_ratio,
+// or with sampling_ratio <= 0 ceil(size / pooled) (adaptive, per RoI); capped at ROI_MAX_GRID.
+template <typename C, typename I>
+__host__ __device__ __forceinline__ int roi_align_grid(C size, I pooled, int sampling_ratio)
+{
+    if (sampling_ratio > 0) return sampling_ratio < ROI_MAX_GRID ? sampling_ratio : ROI_MAX_GRID;
+    // A negative size gives 0 samples; clamping precedes the conversion.
+    return static_cast<int>(roi_clamp(roi_ceil(size / C(pooled)), C(0), C(ROI_MAX_GRID)));
+}
 
 // start: the scaled box corner; end: the opposite corner; pooled: bins along the axis.
 template <typename C, typename I>
@@ -220,12 +243,7 @@ __host__ __device__ __forceinline__ roi_align_axis<C> roi_align_geometry(
     C size = hi * scale - offset - a.start;
     if (!aligned) size = roi_max(size, C(1));
     a.bin = size / C(pooled);
-    if (sampling_ratio > 0) {
-        a.grid = sampling_ratio < ROI_MAX_GRID ? sampling_ratio : ROI_MAX_GRID;
-    } else {
-        // Adaptive, per RoI. A negative size gives 0 samples; clamping precedes the conversion.
-        a.grid = static_cast<int>(roi_clamp(roi_ceil(size / C(pooled)), C(0), C(ROI_MAX_GRID)));
-    }
+    a.grid = roi_align_grid(size, pooled, sampling_ratio);
     return a;
 }
 
@@ -488,4 +506,221 @@ __host__ __device__ __forceinline__ void roi_ps_pool_window(
                     h_first, h_last);
     roi_pool_window(roi_ps_pool_geometry(roi[1], roi[3], scale, pooled_w), pw, width - 1,
                     w_first, w_last);
+}
+
+// ----------------------------------------------------------------------------- RoI Align Rotated
+// A rotated RoI row (batch_index, cx, cy, w, h, angle) is a w x h box centred on (cx, cy) and
+// turned by angle degrees, counter-clockwise as an image is shown (x right, y down); clockwise
+// with the flag. A bin's samples are placed as RoI Align places them in the box's own frame,
+// (yy, xx) measured from the centre, then turned onto the map:
+//     y = yy * cos - xx * sin + cy,    x = yy * sin + xx * cos + cx.
+
+// cos and sin of a turn given in degrees. The angle is first reduced exactly, in degrees: to
+// a = fmod(angle, 360) moved into [-180, 180] by one more turn where it lies beyond, then to
+// r = a - 90 q with q = trunc(a / 90) quarter turns (every step is exact in floating point), so
+// |r| < 90, and only r is converted, to half turns r / 180 (rounded once), whose cos and sin are
+// cospi and sinpi. The quarter turns are applied by swapping and negating, exactly: multiples of
+// 90 degrees give cos and sin of exactly 0 and +-1, and angles equal modulo 360 (370, 10, -350)
+// give the same numbers, bit for bit.
+template <typename C>
+struct roi_turn {
+    C cos_a, sin_a;
+};
+
+template <typename C>
+__host__ __device__ __forceinline__ roi_turn<C> roi_rotation(C degrees)
+{
+    C a = roi_fmod(degrees, C(360));
+    if (a > C(180)) {
+        a -= C(360);  // exact: a and 360 are within a factor of two (Sterbenz)
+    } else if (a < C(-180)) {
+        a += C(360);
+    }
+    const C q = roi_trunc(a / C(90));  // -2 .. 2
+    const C t = (a - q * C(90)) / C(180);
+    const C c = roi_cospi(t), s = roi_sinpi(t);
+    roi_turn<C> o;
+    switch (static_cast<int>(q) & 3) {  // q mod 4, also for negative q
+    case 0: o.cos_a = c; o.sin_a = s; break;
+    case 1: o.cos_a = -s; o.sin_a = c; break;
+    case 2: o.cos_a = -c; o.sin_a = -s; break;
+    default: o.cos_a = s; o.sin_a = -c; break;
+    }
+    return o;
+}
+
+// One rotated RoI: its centre and turn on the feature map, and its two axes in its own frame
+// (start -h / 2 or -w / 2 from the centre, bin size, samples per bin).
+template <typename C>
+struct roi_rotated {
+    C cy, cx;
+    C cos_a, sin_a;
+    roi_align_axis<C> y, x;
+    // How far beyond the map the sample windows reach (see roi_rotated_rows).
+    C margin;
+};
+
+// The geometry of a rotated RoI row: as RoI Align, offset = 0.5 with aligned (subtracted from
+// the centre only) and sizes of at least 1 without it; clockwise negates the angle.
+template <typename C, typename I>
+__host__ __device__ __forceinline__ roi_rotated<C> roi_rotated_geometry(
+    const C* roi, C scale, bool aligned, bool clockwise, I pooled_h, I pooled_w, int sampling_h,
+    int sampling_w)
+{
+    const C offset = aligned ? C(0.5) : C(0);
+    roi_rotated<C> r;
+    r.cx = roi[1] * scale - offset;
+    r.cy = roi[2] * scale - offset;
+    C w = roi[3] * scale;
+    C h = roi[4] * scale;
+    if (!aligned) {
+        w = roi_max(w, C(1));
+        h = roi_max(h, C(1));
+    }
+    const roi_turn<C> t = roi_rotation(clockwise ? -roi[5] : roi[5]);
+    r.cos_a = t.cos_a;
+    r.sin_a = t.sin_a;
+    r.y.start = h * C(-0.5);
+    r.y.bin = h / C(pooled_h);
+    r.y.grid = roi_align_grid(h, pooled_h, sampling_h);
+    r.x.start = w * C(-0.5);
+    r.x.bin = w / C(pooled_w);
+    r.x.grid = roi_align_grid(w, pooled_w, sampling_w);
+    // Some units in the last place of the magnitudes in play (each capped so that the sum stays
+    // finite): more than two evaluations of one position can differ by where a compiler fuses a
+    // product and a sum (fused multiply-add) in one place and not in another.
+    const C big = C(1e30);
+    const C size = roi_min(roi_abs(r.cx), big) + roi_min(roi_abs(r.cy), big) +
+                   roi_min(roi_abs(w), big) + roi_min(roi_abs(h), big);
+    r.margin = C(16) * roi_epsilon(C(0)) * (size + C(1));
+    return r;
+}
+
+// The map position of the sample at (yy, xx) in the box's frame.
+template <typename C>
+__host__ __device__ __forceinline__ void roi_rotated_point(
+    const roi_rotated<C>& r, C yy, C xx, C& y, C& x)
+{
+    y = yy * r.cos_a - xx * r.sin_a + r.cy;
+    x = yy * r.sin_a + xx * r.cos_a + r.cx;
+}
+
+// Narrows [first, last) to the indices i in [0, n) where holds(i) is true, for a predicate that
+// is monotone in i (true on a prefix, on a suffix, everywhere or nowhere): its values at both
+// ends tell which, and one binary search finds where it changes.
+template <typename F>
+__host__ __device__ __forceinline__ void roi_run(int n, const F& holds, int& first, int& last)
+{
+    if (n <= 0 || first >= last) return;
+    const bool head = holds(0);
+    const bool tail = holds(n - 1);
+    if (head == tail) {
+        if (!head) last = first;
+        return;
+    }
+    int lo = 0, hi = n - 1;  // holds(lo) == head, holds(hi) != head
+    while (hi - lo > 1) {
+        const int mid = lo + (hi - lo) / 2;
+        if (holds(mid) == head) lo = mid; else hi = mid;
+    }
+    if (head) {
+        last = last < hi ? last : hi;
+    } else {
+        first = first > hi ? first : hi;
+    }
+}
+
+// The samples of one bin of a rotated RoI worth visiting: rows [y_first, y_last), and in each row
+// the columns roi_rotated_columns gives; whole when every sample of the bin is inside the map.
+struct roi_rotated_bin {
+    int y_first, y_last;
+    bool whole;
+};
+
+// Positions are monotone in each sample index (every rounding step is), so along a row the
+// samples inside [-1, height] x [-1, width] are a run, and a row's samples lie between its two
+// end samples. Skipping only rows and columns that are certainly outside (the bounds widened by
+// r.margin) never changes a result: every visited sample is still tested.
+template <typename C, typename I>
+__host__ __device__ __forceinline__ roi_rotated_bin roi_rotated_rows(
+    const roi_rotated<C>& r, I ph, I pw, I height, I width)
+{
+    roi_rotated_bin o;
+    o.y_first = 0;
+    o.y_last = r.x.grid > 0 ? r.y.grid : 0;
+    o.whole = false;
+    if (o.y_last == 0) return o;
+    const C xx0 = roi_align_sample(r.x, pw, 0);
+    const C xx1 = roi_align_sample(r.x, pw, r.x.grid - 1);
+    const C yy0 = roi_align_sample(r.y, ph, 0);
+    const C yy1 = roi_align_sample(r.y, ph, r.y.grid - 1);
+    // The four corner samples bound every sample of the bin.
+    C y[4], x[4];
+    roi_rotated_point(r, yy0, xx0, y[0], x[0]);
+    roi_rotated_point(r, yy0, xx1, y[1], x[1]);
+    roi_rotated_point(r, yy1, xx0, y[2], x[2]);
+    roi_rotated_point(r, yy1, xx1, y[3], x[3]);
+    o.whole = true;
+    for (int i = 0; i < 4; ++i) {
+        o.whole = o.whole && y[i] >= C(-1) && y[i] <= C(height) && x[i] >= C(-1) &&
+                  x[i] <= C(width);
+    }
+    if (o.whole) return o;
+    const C y_lo = C(-1) - r.margin, y_hi = C(height) + r.margin;
+    const C x_lo = C(-1) - r.margin, x_hi = C(width) + r.margin;
+    // Row iy's samples span [min, max] of its two end samples in y and in x; each bound is
+    // monotone in iy, so each test below holds on a run of rows.
+    const auto ends = [&](int iy, C* ey, C* ex) {
+        const C yy = roi_align_sample(r.y, ph, iy);
+        roi_rotated_point(r, yy, xx0, ey[0], ex[0]);
+        roi_rotated_point(r, yy, xx1, ey[1], ex[1]);
+    };
+    const int n = r.y.grid;
+    // Written as "either end" rather than with min and max, so that NaN passes no test.
+    const auto y_after_lo = [&](int iy) {
+        C ey[2], ex[2];
+        ends(iy, ey, ex);
+        return ey[0] >= y_lo || ey[1] >= y_lo;
+    };
+    const auto y_before_hi = [&](int iy) {
+        C ey[2], ex[2];
+        ends(iy, ey, ex);
+        return ey[0] <= y_hi || ey[1] <= y_hi;
+    };
+    const auto x_after_lo = [&](int iy) {
+        C ey[2], ex[2];
+        ends(iy, ey, ex);
+        return ex[0] >= x_lo || ex[1] >= x_lo;
+    };
+    const auto x_before_hi = [&](int iy) {
+        C ey[2], ex[2];
+        ends(iy, ey, ex);
+        return ex[0] <= x_hi || ex[1] <= x_hi;
+    };
+    roi_run(n, y_after_lo, o.y_first, o.y_last);
+    roi_run(n, y_before_hi, o.y_first, o.y_last);
+    roi_run(n, x_after_lo, o.y_first, o.y_last);
+    roi_run(n, x_before_hi, o.y_first, o.y_last);
+    return o;
+}
+
+// The columns [first, last) of the row at yy (in the box's frame) of bin column pw worth visiting.
+template <typename C, typename I>
+__host__ __device__ __forceinline__ void roi_rotated_columns(
+    const roi_rotated<C>& r, const roi_rotated_bin& bin, C yy, I pw, I height, I width,
+    int& first, int& last)
+{
+    first = 0;
+    last = r.x.grid;
+    if (bin.whole) return;
+    const C y_lo = C(-1) - r.margin, y_hi = C(height) + r.margin;
+    const C x_lo = C(-1) - r.margin, x_hi = C(width) + r.margin;
+    const auto at = [&](int ix, C& y, C& x) {
+        roi_rotated_point(r, yy, roi_align_sample(r.x, pw, ix), y, x);
+    };
+    const int n = r.x.grid;
+    roi_run(n, [&](int ix) { C y, x; at(ix, y, x); return y >= y_lo; }, first, last);
+    roi_run(n, [&](int ix) { C y, x; at(ix, y, x); return y <= y_hi; }, first, last);
+    roi_run(n, [&](int ix) { C y, x; at(ix, y, x); return x >= x_lo; }, first, last);
+    roi_run(n, [&](int ix) { C y, x; at(ix, y, x); return x <= x_hi; }, first, last);
 }

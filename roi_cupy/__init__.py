@@ -13,6 +13,8 @@ from roi_cupy.ops import (
     multi_scale_roi_align_backward,
     roi_align,
     roi_align_backward,
+    roi_align_rotated,
+    roi_align_rotated_backward,
     roi_pool,
     roi_pool_backward,
 )
@@ -33,6 +35,8 @@ __all__ = [
     "multi_scale_roi_align_backward",
     "roi_align",
     "roi_align_backward",
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
     "roi_pool",
     "roi_pool_backward",
     "use_backend",

@@ -154,8 +154,9 @@ def convert_boxes_to_roi_format(boxes: BoxesLike) -> Any:
     return _interop.wrap(concat_per_image(list(array)), kind)
 
 
-def concat_per_image(per_image: list[Any], compute: Any = None) -> Any:
-    """``[L_i, 4]`` arrays (one per image, one device) -> ``[sum L_i, 5]`` with the index column.
+def concat_per_image(per_image: list[Any], compute: Any = None, columns: int = 5) -> Any:
+    """``[L_i, 4]`` arrays (one per image, one device) -> ``[sum L_i, 5]`` with the index column
+    (``[L_i, columns - 1]`` -> ``[sum L_i, columns]`` for other row widths, 6 for rotated boxes).
 
     The result has the boxes' dtype, or with ``compute`` the wider of the two (the index column
     then holds every image index exactly, also for float16 and bfloat16 boxes); in the boxes'
@@ -176,15 +177,16 @@ def concat_per_image(per_image: list[Any], compute: Any = None) -> Any:
         if _interop.device_of(b) != device:
             raise ValueError(f"boxes[{i}] is on {_interop.device_of(b)} but boxes[0] is on {device}")
         check_box_dtype(b, f"boxes[{i}]")
-        if b.ndim != 2 or b.shape[1] != 4:
+        if b.ndim != 2 or b.shape[1] != columns - 1:
             raise ValueError(
-                f"boxes[{i}] must have shape [L, 4] (one image's boxes), got {tuple(b.shape)}"
+                f"boxes[{i}] must have shape [L, {columns - 1}] (one image's boxes), "
+                f"got {tuple(b.shape)}"
             )
         if b.dtype != dtype:
             raise TypeError(f"boxes[{i}] has dtype {b.dtype} but boxes[0] has {dtype}")
     with device_scope(first):
         counts = [b.shape[0] for b in per_image]
-        rois = xp.empty((sum(counts), 5), dtype=wide)
+        rois = xp.empty((sum(counts), columns), dtype=wide)
         # One fill per image, on the device: no host-to-device copy (CUDA graph capture allows
         # none from pageable memory).
         start = 0
@@ -196,13 +198,14 @@ def concat_per_image(per_image: list[Any], compute: Any = None) -> Any:
         return rois
 
 
-def refuse_nested_lists(boxes: Sequence[Any]) -> None:
+def refuse_nested_lists(boxes: Sequence[Any], columns: int = 5) -> None:
     """A list is taken as one array per image; a list of Python lists or numbers is most likely
-    a ``[K, 5]`` table written out, so say how to pass it."""
+    a ``[K, 5]`` (``[K, columns]``) table written out, so say how to pass it."""
     plain = next((b for b in boxes if isinstance(b, (list, tuple, numbers.Number))), None)
     if plain is not None:
         raise TypeError(
-            "boxes must be an array [K, 5] or a list of one array [L_i, 4] per image, got a "
+            f"boxes must be an array [K, {columns}] or a list of one array [L_i, {columns - 1}] "
+            "per image, got a "
             f"list of {type(plain).__module__}.{type(plain).__qualname__}: pass "
             "numpy.asarray(boxes, dtype=numpy.float32)"
         )
@@ -217,30 +220,33 @@ def device_scope(array: Any) -> Any:
     return contextlib.nullcontext()
 
 
-def normalise_boxes(boxes: BoxesLike, n: int, device: str, compute: numpy.dtype) -> Rois:
+def normalise_boxes(
+    boxes: BoxesLike, n: int, device: str, compute: numpy.dtype, columns: int = 5
+) -> Rois:
     """Normalise ``boxes`` (an array [K, 5] or a list of N arrays [L_i, 4]) to a contiguous
-    ``[K, 5]`` array of the compute dtype on ``device``."""
+    ``[K, 5]`` array of the compute dtype on ``device``; ``columns`` is the row width with the
+    batch index (6 for rotated boxes ``(batch_index, cx, cy, w, h, angle)``)."""
     if isinstance(boxes, (list, tuple)):
-        refuse_nested_lists(boxes)
+        refuse_nested_lists(boxes, columns)
         if len(boxes) != n:
             raise ValueError(
                 f"boxes must hold one array per image: got a list of {len(boxes)} for N = {n}"
             )
         if n == 0:
             xp = numpy if device == "cpu" else _interop.cupy_or_none()
-            empty = xp.empty((0, 5), dtype=compute)
+            empty = xp.empty((0, columns), dtype=compute)
             return Rois(empty, empty)
         per_image = [
             _interop.unwrap_like(b, f"boxes[{i}]", device, "input") for i, b in enumerate(boxes)
         ]
-        rois = concat_per_image(per_image, compute)
+        rois = concat_per_image(per_image, compute, columns)
     else:
         rois = _interop.unwrap_like(boxes, "boxes", device, "input")
         check_box_dtype(rois, "boxes")
-        if rois.ndim != 2 or rois.shape[1] != 5:
+        if rois.ndim != 2 or rois.shape[1] != columns:
             raise ValueError(
-                "boxes must have shape [K, 5] or be a list of [L, 4] per image, "
-                f"got {tuple(rois.shape)}"
+                f"boxes must have shape [K, {columns}] or be a list of [L, {columns - 1}] per "
+                f"image, got {tuple(rois.shape)}"
             )
     xp = _interop.array_module(rois)
     with device_scope(rois):

@@ -1,6 +1,6 @@
 """Backend selection and the contract every backend implements.
 
-A backend is a module that provides five functions. ``roi_cupy.ops`` validates and normalises
+A backend is a module that provides seven functions. ``roi_cupy.ops`` validates and normalises
 everything before calling them, so a backend may rely on the following:
 
 - Every backend module states what it can do in ``CAPABILITIES``, a :class:`Capabilities`.
@@ -12,14 +12,15 @@ everything before calling them, so a backend may rely on the following:
   ``roi_pool_backward(..., check_indices=True)`` pass (raising :class:`IndexOutOfRange`) rather
   than in ``first_invalid``.
 - ``rois`` is a C-contiguous ``[K, 5]`` array ``(batch_index, x1, y1, x2, y2)`` of the *compute*
-  dtype: float64 for float64 features, float32 otherwise.  ``validate=False`` lets invalid rows
-  through (a batch index outside ``[0, N)`` or a non-finite value anywhere in the row): a backend
-  must give such a RoI zeros, zero gradient and argmax -1, and never index out of bounds with it.
-  The batch index is read by truncation toward zero.
+  dtype: float64 for float64 features, float32 otherwise; for the rotated functions a ``[K, 6]``
+  array ``(batch_index, cx, cy, w, h, angle)``, the angle in degrees.  ``validate=False`` lets
+  invalid rows through (a batch index outside ``[0, N)`` or a non-finite value anywhere in the
+  row): a backend must give such a RoI zeros, zero gradient and argmax -1, and never index out of
+  bounds with it. The batch index is read by truncation toward zero.
 - ``pooled_h``, ``pooled_w`` are Python ints >= 1, ``sampling_ratio`` a pair of Python ints
   ``(sampling_h, sampling_w)`` (``<= 0``: that axis adaptive),
-  ``spatial_scale`` a positive finite Python float, ``aligned`` a bool, ``input_shape`` a tuple of
-  four Python ints ``(N, C, H, W)``.
+  ``spatial_scale`` a positive finite Python float, ``aligned`` and ``clockwise`` bools,
+  ``input_shape`` a tuple of four Python ints ``(N, C, H, W)``.
 - ``argmax`` is a C-contiguous int64 array ``[K, C, PH, PW]`` (flat index in the H x W plane, -1
   for an empty bin).
 
@@ -30,6 +31,12 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
     roi_align_backward(grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned,
                        deterministic=False)
         -> grad_input [N, C, H, W]; ``deterministic`` as for roi_pool_backward
+    roi_align_rotated_forward(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio,
+                              aligned, clockwise)
+        -> output [K, C, PH, PW]                          (rois [K, 6])
+    roi_align_rotated_backward(grad_output, rois, input_shape, spatial_scale, sampling_ratio,
+                               aligned, clockwise)
+        -> grad_input [N, C, H, W]
     roi_pool_forward(input, rois, pooled_h, pooled_w, spatial_scale, indices=True)
         -> (output [K, C, PH, PW], argmax int64 [K, C, PH, PW]; may be None when not indices)
     roi_pool_backward(grad_output, rois, argmax, input_shape, deterministic=False)
@@ -40,7 +47,8 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
            infinities included) or a batch index that is not an integer in [0, batch), and the
            first flat position of ``indices`` outside [-1, plane); -1 for none (what
            ``validate=True`` checks; one synchronisation on a GPU). ``rois`` is float32 or
-           float64, possibly wider than the compute dtype, whose range ``limit`` then is.
+           float64, possibly wider than the compute dtype, whose range ``limit`` then is, with
+           5 or 6 columns.
     multi_scale_roi_align_forward(inputs, rois, pooled_h, pooled_w, spatial_scales,
                                   sampling_ratio, aligned, canonical_scale, bounds)
         -> output [K, C, PH, PW]: RoI k through roi_align_forward on inputs[level(k)] at

@@ -85,7 +85,14 @@ try:  # experimental in jax 0.10; without it every platform takes jax.pure_callb
 except ImportError:
     buffer_callback = None
 
-__all__ = ["multi_scale_roi_align", "ps_roi_align", "ps_roi_pool", "roi_align", "roi_pool"]
+__all__ = [
+    "multi_scale_roi_align",
+    "ps_roi_align",
+    "ps_roi_pool",
+    "roi_align",
+    "roi_align_rotated",
+    "roi_pool",
+]
 
 BoxesLike = Any  # a jax array [K, 5], or a sequence of N jax arrays [L_i, 4]
 
@@ -105,6 +112,7 @@ class _Static:
     backend: str = "numpy"  # roi_cupy.use_backend's choice when the call was traced
     index_dtype: Any = None  # RoI Pool's argmax residual
     mode: str = "avg"  # RoI Align's: "avg" or "max"
+    clockwise: bool = False  # RoI Align Rotated's flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,25 +145,26 @@ def _placeholder(array: Any) -> numpy.ndarray:
     return numpy.broadcast_to(numpy.zeros((), dtype=array.dtype), array.shape)
 
 
-def _rois(boxes: BoxesLike, features: jax.Array, validate: bool) -> jax.Array:
-    """``boxes`` as a ``[K, 5]`` jax array, checked as :mod:`roi_cupy.ops` checks them."""
+def _rois(boxes: BoxesLike, features: jax.Array, validate: bool, columns: int = 5) -> jax.Array:
+    """``boxes`` as a ``[K, 5]`` (``[K, columns]``) jax array, checked as :mod:`roi_cupy.ops`
+    checks them."""
     n = features.shape[0]
     compute = _args.compute_dtype(features.dtype)
     if isinstance(boxes, (list, tuple)):
         per_image = [jnp.asarray(b) for b in boxes]
-        _args.normalise_boxes([_placeholder(b) for b in per_image], n, "cpu", compute)
+        _args.normalise_boxes([_placeholder(b) for b in per_image], n, "cpu", compute, columns)
         # The index column in a dtype that holds every image index exactly (not bfloat16's).
         wide = jnp.promote_types(per_image[0].dtype, compute) if per_image else compute
-        columns = [
+        rows = [
             jnp.concatenate([jnp.full((b.shape[0], 1), i, wide), b.astype(wide)], axis=1)
             for i, b in enumerate(per_image)
         ]
-        rois = jnp.concatenate(columns) if columns else jnp.zeros((0, 5), compute)
+        rois = jnp.concatenate(rows) if rows else jnp.zeros((0, columns), compute)
     else:
         rois = jnp.asarray(boxes)
-        _args.normalise_boxes(_placeholder(rois), n, "cpu", compute)
+        _args.normalise_boxes(_placeholder(rois), n, "cpu", compute, columns)
     if validate and not isinstance(rois, jax.core.Tracer):
-        prepared = _args.normalise_boxes(numpy.asarray(rois), n, "cpu", compute)
+        prepared = _args.normalise_boxes(numpy.asarray(rois), n, "cpu", compute, columns)
         prepared.check(_backend.backend_for(numpy), n)
     if not jnp.issubdtype(rois.dtype, jnp.floating):
         # Integer boxes have no cotangent space; the ops read them in the compute dtype anyway.
@@ -713,3 +722,92 @@ def multi_scale_roi_align(
     return _multi_scale_jit(
         static, maps, _rois(boxes, maps[0], _args.flag(validate, "validate"))
     )
+
+
+# ----------------------------------------------------------------------------- RoI Align Rotated
+def _rotated_forward(static: _Static, x: numpy.ndarray, rois: numpy.ndarray) -> numpy.ndarray:
+    k = rois.shape[-2]
+    x, rois, lead = _fold_forward(static, x, rois)
+    out = ops.roi_align_rotated(
+        x, rois, static.output_size, static.spatial_scale, static.sampling_ratio,
+        static.aligned, static.clockwise, validate=False,
+    )
+    return out.reshape(lead + (k,) + out.shape[1:])
+
+
+def _rotated_backward(static: _Static, g: numpy.ndarray, rois: numpy.ndarray) -> numpy.ndarray:
+    n, c, h, w = static.shape
+    lead = _lead((g, 4), (rois, 2))
+    rois = _fold_rois(rois, lead, n, _args.compute_dtype(g.dtype))
+    grad = ops.roi_align_rotated_backward(
+        _flat(g, lead, 4), rois, (math.prod(lead) * n, c, h, w), static.output_size,
+        static.spatial_scale, static.sampling_ratio, static.aligned, static.clockwise,
+        validate=False,
+    )
+    return grad.reshape(lead + static.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _roi_align_rotated(static: _Static, input: jax.Array, rois: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct(_out_shape(static, rois), input.dtype)
+    return _callback(_rotated_forward, static, out, input, rois)
+
+
+def _roi_align_rotated_fwd(
+    static: _Static, input: jax.Array, rois: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    return _roi_align_rotated(static, input, rois), rois
+
+
+def _roi_align_rotated_bwd(
+    static: _Static, rois: jax.Array, g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    grad = jax.ShapeDtypeStruct(static.shape, g.dtype)
+    grad = _callback(_rotated_backward, static, grad, g, rois)
+    return grad, jnp.zeros_like(rois)
+
+
+_roi_align_rotated.defvjp(_roi_align_rotated_fwd, _roi_align_rotated_bwd)
+_roi_align_rotated_jit = jax.jit(_roi_align_rotated, static_argnums=0)
+
+
+def roi_align_rotated(
+    input: jax.Array,
+    boxes: BoxesLike,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = True,
+    clockwise: bool = False,
+    *,
+    validate: bool = True,
+) -> jax.Array:
+    """RoI Align of rotated boxes, JAX arrays: :func:`roi_cupy.roi_align_rotated`'s numbers.
+
+    Args:
+        input (Array[N, C, H, W]): features, float16, bfloat16, float32 or float64 (with x64).
+        boxes (Array[K, 6] or list of N Array[L_i, 5]): ``(batch_index, cx, cy, w, h, angle)``
+            rows, or each image's ``(cx, cy, w, h, angle)`` boxes, the angle in degrees
+            (counter-clockwise as the image is shown).
+        output_size (int or (int, int)): ``PH, PW`` of each crop.
+        spatial_scale (float): multiplies box centres and sizes to reach feature coordinates.
+            Default: 1.0.
+        sampling_ratio (int or (int, int)): samples per bin along both box axes, or
+            ``(sampling_h, sampling_w)``; ``<= 0`` adaptive. Default: -1.
+        aligned (bool): half-pixel shift of the centre (detectron2); ``False`` is mmcv's legacy
+            rule. Default: True.
+        clockwise (bool): the angle turns clockwise. Default: False.
+        validate (bool): as for :func:`roi_align` (concrete boxes only). Default: True.
+
+    Returns:
+        Array[K, C, PH, PW]: in the input's dtype. ``jax.grad`` reaches the input; the boxes'
+        cotangent is zero.
+    """
+    features = _features(input)
+    static = _static(
+        features, output_size, spatial_scale,
+        sampling_ratio=_args.sampling_of(sampling_ratio), aligned=_args.flag(aligned, "aligned"),
+        clockwise=_args.flag(clockwise, "clockwise"),
+    )
+    rois = _rois(boxes, features, _args.flag(validate, "validate"), columns=6)
+    return _roi_align_rotated_jit(static, features, rois)

@@ -11,6 +11,7 @@ from roi_cupy._ops.multi_scale_roi_align import (
     multi_scale_roi_align_backward,
 )
 from roi_cupy._ops.roi_align import roi_align, roi_align_backward
+from roi_cupy._ops.roi_align_rotated import roi_align_rotated, roi_align_rotated_backward
 from roi_cupy._ops.roi_pool import roi_pool, roi_pool_backward
 from roi_cupy._ops.ps_roi_align import ps_roi_align, ps_roi_align_backward
 from roi_cupy._ops.ps_roi_pool import ps_roi_pool, ps_roi_pool_backward
@@ -27,6 +28,8 @@ __all__ = [
     "multi_scale_roi_align_backward",
     "roi_align",
     "roi_align_backward",
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
     "roi_pool",
     "roi_pool_backward",
 ]

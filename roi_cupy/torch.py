@@ -38,11 +38,13 @@ __all__ = [
     "PSRoIAlign",
     "PSRoIPool",
     "RoIAlign",
+    "RoIAlignRotated",
     "RoIPool",
     "multi_scale_roi_align",
     "ps_roi_align",
     "ps_roi_pool",
     "roi_align",
+    "roi_align_rotated",
     "roi_pool",
 ]
 
@@ -388,8 +390,9 @@ _multi_scale_roi_align_backward_op.register_autograd(
 
 
 # ----------------------------------------------------------------------------- functional
-def _boxes(boxes: Any) -> tuple[list[Tensor], bool]:
-    """``(tensors, per_image)``: ``[boxes]`` for a ``Tensor[K, 5]``, else the per-image list."""
+def _boxes(boxes: Any, columns: int = 5) -> tuple[list[Tensor], bool]:
+    """``(tensors, per_image)``: ``[boxes]`` for a ``Tensor[K, 5]`` (``[K, columns]``), else the
+    per-image list."""
     if isinstance(boxes, Tensor):
         return [boxes], False
     if isinstance(boxes, (list, tuple)):
@@ -400,8 +403,8 @@ def _boxes(boxes: Any) -> tuple[list[Tensor], bool]:
     else:
         got = f"{type(boxes).__module__}.{type(boxes).__qualname__}"
     raise TypeError(
-        "boxes must be a torch.Tensor[K, 5] or a list of torch.Tensor[L, 4] (one per image), "
-        f"got {got}"
+        f"boxes must be a torch.Tensor[K, {columns}] or a list of torch.Tensor[L, {columns - 1}] "
+        f"(one per image), got {got}"
     )
 
 
@@ -1047,4 +1050,185 @@ class PSRoIPool(nn.Module):
         return (
             f"{type(self).__name__}(output_size={self.output_size}, "
             f"spatial_scale={self.spatial_scale})"
+        )
+
+
+# ----------------------------------------------------------------------------- RoI Align Rotated
+@torch.library.custom_op("roi_cupy::roi_align_rotated", mutates_args=())
+def _roi_align_rotated(
+    input: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: Sequence[int],
+    aligned: bool,
+    clockwise: bool,
+    validate: bool,
+) -> Tensor:
+    _refuse_validation_in_capture(input, validate)
+    with _on_device_of(input):
+        return ops.roi_align_rotated(
+            input.detach(), _given_boxes(boxes, per_image), (pooled_h, pooled_w), spatial_scale,
+            sampling_ratio, aligned, clockwise, validate=validate,
+        )
+
+
+@_roi_align_rotated.register_fake
+def _(input, boxes, per_image, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+      clockwise, validate):
+    return input.new_empty((_roi_count(boxes, per_image), input.shape[1], pooled_h, pooled_w))
+
+
+@torch.library.custom_op("roi_cupy::roi_align_rotated_backward", mutates_args=())
+def _roi_align_rotated_backward(
+    grad_output: Tensor,
+    boxes: list[Tensor],
+    per_image: bool,
+    input_shape: Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: Sequence[int],
+    aligned: bool,
+    clockwise: bool,
+) -> Tensor:
+    pooled = tuple(grad_output.shape[2:])
+    with _on_device_of(grad_output):
+        return ops.roi_align_rotated_backward(
+            grad_output.detach(), _given_boxes(boxes, per_image), tuple(input_shape), pooled,
+            spatial_scale, sampling_ratio, aligned, clockwise, validate=False,
+        )
+
+
+@_roi_align_rotated_backward.register_fake
+def _(grad_output, boxes, per_image, input_shape, spatial_scale, sampling_ratio, aligned,
+      clockwise):
+    return grad_output.new_empty(tuple(input_shape))
+
+
+def _roi_align_rotated_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    input, boxes, per_image, _, _, spatial_scale, sampling_ratio, aligned, clockwise, _ = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (per_image, tuple(input.shape), spatial_scale, sampling_ratio, aligned, clockwise)
+
+
+def _roi_align_rotated_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+    grad_input = _roi_align_rotated_backward(grad_output, list(ctx.saved_tensors), *ctx.args)
+    return (grad_input, [None] * len(ctx.saved_tensors)) + (None,) * 8
+
+
+_roi_align_rotated.register_autograd(
+    _roi_align_rotated_grad, setup_context=_roi_align_rotated_setup
+)
+
+
+def _roi_align_rotated_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio, aligned, clockwise = inputs
+    ctx.save_for_backward(*boxes)
+    ctx.args = (
+        per_image, tuple(grad_output.shape[2:]), spatial_scale, sampling_ratio, aligned, clockwise
+    )
+
+
+def _roi_align_rotated_backward_grad(ctx: Any, grad_grad_input: Tensor) -> tuple[Any, ...]:
+    # The backward is linear in grad_output; its adjoint is the forward.
+    per_image, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned, clockwise = ctx.args
+    grad_grad_output = _roi_align_rotated(
+        grad_grad_input, list(ctx.saved_tensors), per_image, pooled_h, pooled_w, spatial_scale,
+        sampling_ratio, aligned, clockwise, False,
+    )
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 6
+
+
+_roi_align_rotated_backward.register_autograd(
+    _roi_align_rotated_backward_grad, setup_context=_roi_align_rotated_backward_setup
+)
+
+
+def roi_align_rotated(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = True,
+    clockwise: bool = False,
+    *,
+    validate: bool = True,
+) -> Tensor:
+    """RoI Align of rotated boxes with autograd: :func:`roi_cupy.roi_align_rotated`'s numbers
+    (detectron2's ROIAlignRotated, mmcv's roi_align_rotated with the angle in degrees).
+
+    Args:
+        input (Tensor[N, C, H, W]): features, float16, bfloat16, float32 or float64, on the CPU
+            or a CUDA device.
+        boxes (Tensor[K, 6] or list of N Tensor[L_i, 5]): ``(batch_index, cx, cy, w, h, angle)``
+            rows, or each image's ``(cx, cy, w, h, angle)`` boxes, the angle in degrees
+            (counter-clockwise as the image is shown), on the input's device.
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor. Default: 1.0.
+        sampling_ratio (int or (int, int)): samples per bin along both box axes, or
+            ``(sampling_h, sampling_w)``; ``<= 0`` adaptive. Default: -1.
+        aligned (bool): half-pixel shift of the centre (detectron2); ``False`` is mmcv's legacy
+            rule. Default: True.
+        clockwise (bool): the angle turns clockwise. Default: False.
+        validate (bool): as for :func:`roi_align`. Default: True.
+
+    Returns:
+        Tensor[K, C, PH, PW]: in the input's dtype and device; differentiable in ``input``.
+    """
+    _check_input(input)
+    tensors, per_image = _boxes(boxes, 6)
+    pooled_h, pooled_w = _args.output_size_pair(output_size)
+    return _roi_align_rotated(
+        input, tensors, per_image, pooled_h, pooled_w, _args.spatial_scale_of(spatial_scale),
+        _args.sampling_of(sampling_ratio), _args.flag(aligned, "aligned"),
+        _args.flag(clockwise, "clockwise"), _args.flag(validate, "validate"),
+    )
+
+
+class RoIAlignRotated(nn.Module):
+    """:func:`roi_align_rotated` as a module, as detectron2's ``ROIAlignRotated`` and mmcv's
+    ``RoIAlignRotated``.
+
+    Args:
+        output_size (int or (int, int)): ``PH, PW``.
+        spatial_scale (float): box-to-feature coordinate factor.
+        sampling_ratio (int or (int, int)): samples per bin along both box axes or per axis,
+            ``<= 0`` adaptive.
+        aligned (bool): half-pixel shift of the centre. Default: True.
+        clockwise (bool): the angle turns clockwise. Default: False.
+        validate (bool): as for :func:`roi_align`; ``False`` inside a CUDA graph capture.
+            Default: True.
+    """
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float,
+        sampling_ratio: int | tuple[int, int],
+        aligned: bool = True,
+        clockwise: bool = False,
+        *,
+        validate: bool = True,
+    ):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.clockwise = clockwise
+        self.validate = validate
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_align_rotated(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+            self.clockwise, validate=self.validate,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(output_size={self.output_size}, "
+            f"spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, "
+            f"aligned={self.aligned}, clockwise={self.clockwise})"
         )

@@ -264,3 +264,59 @@ def per_image(rois: numpy.ndarray, n: int) -> list[numpy.ndarray]:
 def image_major(rois: numpy.ndarray) -> numpy.ndarray:
     """The rows stably sorted by batch index: the order a per-image list expands to."""
     return rois[numpy.argsort(rois[:, 0], kind="stable")]
+
+
+# ----------------------------------------------------------------------------- rotated boxes
+# Angles (degrees) the rotated boxes cycle through: exact quarter turns, beyond a full turn, and
+# a continuous one drawn per box.
+ROTATED_ANGLES = (0.0, 90.0, -45.0, 180.0, 370.0, 270.0, -90.0, None)
+
+
+def random_rotated_boxes(
+    rng: numpy.random.Generator,
+    n: int,
+    k: int,
+    height: int,
+    width: int,
+    spatial_scale: float = 1.0,
+    dtype: Any = numpy.float64,
+) -> numpy.ndarray:
+    """``[k, 6]`` valid rotated RoI rows ``(batch_index, cx, cy, w, h, angle)`` of many shapes,
+    in input-image coordinates, angles in degrees.
+
+    The shapes cycle through: inside the map, partly outside, fully outside, tiny (under a
+    pixel), much larger than the map, zero width, negative height (mmcv lets it through); the
+    angles cycle through :data:`ROTATED_ANGLES` independently. Batch indices are integers in
+    ``[0, n)``; coordinates are continuous, so no sample lands on a pixel boundary.
+    """
+    size = numpy.array([width, height], dtype=numpy.float64)
+    rows = numpy.empty((k, 6))
+    for i in range(k):
+        kind = i % 7
+        if kind == 0:  # inside
+            centre = rng.uniform(0.3, 0.7, 2) * size
+            extent = rng.uniform(0.15, 0.4, 2) * size
+        elif kind == 1:  # partly outside
+            centre = rng.uniform(-0.1, 1.1, 2) * size
+            extent = rng.uniform(0.3, 0.8, 2) * size
+        elif kind == 2:  # fully outside, on a random side
+            centre = rng.uniform(1.6, 2.0, 2) * size * rng.choice([-1, 1], 2)
+            extent = rng.uniform(0.1, 0.3, 2) * size
+        elif kind == 3:  # tiny
+            centre = rng.uniform(0, 1, 2) * size
+            extent = rng.uniform(0.05, 0.9, 2)
+        elif kind == 4:  # much larger than the map
+            centre = rng.uniform(0.3, 0.7, 2) * size
+            extent = rng.uniform(1.3, 2.0, 2) * size
+        elif kind == 5:  # zero width
+            centre = rng.uniform(0.2, 0.8, 2) * size
+            extent = numpy.array([0.0, rng.uniform(1.0, 4.0)])
+        else:  # negative height
+            centre = rng.uniform(0.2, 0.8, 2) * size
+            extent = numpy.array([rng.uniform(1.0, 4.0), -rng.uniform(1.0, 4.0)])
+        angle = ROTATED_ANGLES[i % len(ROTATED_ANGLES)]
+        rows[i, 0] = rng.integers(0, n)
+        rows[i, 1:3], rows[i, 3:5] = centre, extent
+        rows[i, 5] = rng.uniform(-720.0, 720.0) if angle is None else angle
+    rows[:, 1:5] /= spatial_scale
+    return rows.astype(dtype)

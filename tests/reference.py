@@ -731,3 +731,138 @@ def multi_scale_roi_align_backward_ref(
                 spatial_scales[level], sampling_ratio, aligned,
             )
     return grads
+
+
+# ----------------------------------------------------------------------------- RoI Align Rotated
+def rotation(degrees: float) -> tuple[float, float]:
+    """``(cos, sin)`` of a turn in degrees: reduced exactly to ``a = fmod(angle, 360)`` moved
+    into ``[-180, 180]``, then to ``r = a - 90 q`` with ``q = trunc(a / 90)``; cos and sin of
+    ``pi * (r / 180)``, then q quarter turns."""
+    a = math.fmod(degrees, 360.0)
+    a = a - 360.0 if a > 180.0 else a + 360.0 if a < -180.0 else a
+    q = math.trunc(a / 90.0)
+    t = math.pi * ((a - 90.0 * q) / 180.0)
+    c, s = math.cos(t), math.sin(t)
+    return [(c, s), (-s, c), (-c, -s), (s, -c)][q % 4]
+
+
+def roi_align_rotated_geometry(
+    row: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: int | tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> tuple[float, float, float, float, float, float, float, float, int, int]:
+    """``(cy, cx, cos, sin, start_y, start_x, bin_h, bin_w, grid_h, grid_w)`` of a rotated RoI
+    row ``(batch_index, cx, cy, w, h, angle)``: the centre on the map, the turn, and the box's
+    own axes measured from its centre (grid sizes may be <= 0)."""
+    offset = 0.5 if aligned else 0.0
+    cx = float(row[1]) * spatial_scale - offset
+    cy = float(row[2]) * spatial_scale - offset
+    roi_w = float(row[3]) * spatial_scale
+    roi_h = float(row[4]) * spatial_scale
+    if not aligned:
+        roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+    cos, sin = rotation(-float(row[5]) if clockwise else float(row[5]))
+    bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
+    sampling_h, sampling_w = (
+        (sampling_ratio, sampling_ratio) if isinstance(sampling_ratio, int) else sampling_ratio
+    )
+    grid_h = sampling_h if sampling_h > 0 else math.ceil(roi_h / pooled_h)
+    grid_w = sampling_w if sampling_w > 0 else math.ceil(roi_w / pooled_w)
+    return cy, cx, cos, sin, -roi_h / 2, -roi_w / 2, bin_h, bin_w, grid_h, grid_w
+
+
+def rotated_samples(ph, pw, geometry) -> list[tuple[float, float]]:
+    """The map positions ``(y, x)`` of bin ``(ph, pw)``'s samples, row by row."""
+    cy, cx, cos, sin, start_y, start_x, bin_h, bin_w, grid_h, grid_w = geometry
+    points = []
+    for yy in sample_points(start_y, bin_h, grid_h, ph):
+        for xx in sample_points(start_x, bin_w, grid_w, pw):
+            points.append((yy * cos - xx * sin + cy, yy * sin + xx * cos + cx))
+    return points
+
+
+def roi_align_rotated_ref(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = True,
+    clockwise: bool = False,
+) -> numpy.ndarray:
+    """RoI Align Rotated forward.
+
+    Args:
+        input (ndarray[N, C, H, W]): features, any float dtype.
+        rois (ndarray[K, 6]): ``(batch_index, cx, cy, w, h, angle)`` rows, angles in degrees.
+        output_size, spatial_scale, sampling_ratio: as for :func:`roi_align_ref`.
+        aligned (bool): Default: True.
+        clockwise (bool): Default: False.
+
+    Returns:
+        ndarray[K, C, PH, PW]: float64. Invalid RoIs give zeros.
+    """
+    x = numpy.asarray(input, dtype=numpy.float64)
+    n, c, height, width = x.shape
+    pooled_h, pooled_w = pair(output_size)
+    out = numpy.zeros((len(rois), c, pooled_h, pooled_w))
+    for k, row in enumerate(rois):
+        b = batch_index(row, n)
+        if b is None:
+            continue
+        geometry = roi_align_rotated_geometry(
+            row, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, clockwise
+        )
+        count = max(geometry[8] * geometry[9], 1)  # outside samples are counted too
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                total = numpy.zeros(c)
+                for y, xs in rotated_samples(ph, pw, geometry):
+                    for h, w, weight in bilinear_corners(y, xs, height, width):
+                        total += weight * x[b, :, h, w]
+                out[k, :, ph, pw] = total / count
+    return out
+
+
+def roi_align_rotated_backward_ref(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int | tuple[int, int] = -1,
+    aligned: bool = True,
+    clockwise: bool = False,
+) -> numpy.ndarray:
+    """RoI Align Rotated backward: the gradient with respect to the input.
+
+    Args:
+        grad_output (ndarray[K, C, PH, PW]): any float dtype.
+        rois (ndarray[K, 6]): as for :func:`roi_align_rotated_ref`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)``.
+        spatial_scale, sampling_ratio, aligned, clockwise: as for :func:`roi_align_rotated_ref`.
+
+    Returns:
+        ndarray[N, C, H, W]: float64. Invalid RoIs contribute nothing.
+    """
+    g = numpy.asarray(grad_output, dtype=numpy.float64)
+    n, c, height, width = input_shape
+    pooled_h, pooled_w = g.shape[2], g.shape[3]
+    grad = numpy.zeros((n, c, height, width))
+    for k, row in enumerate(rois):
+        b = batch_index(row, n)
+        if b is None:
+            continue
+        geometry = roi_align_rotated_geometry(
+            row, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, clockwise
+        )
+        count = geometry[8] * geometry[9]  # no max(., 1): no sample, no loop iteration
+        for ph in range(pooled_h):
+            for pw in range(pooled_w):
+                for y, xs in rotated_samples(ph, pw, geometry):
+                    for h, w, weight in bilinear_corners(y, xs, height, width):
+                        grad[b, :, h, w] += g[k, :, ph, pw] * weight / count
+    return grad

@@ -53,6 +53,7 @@ def test_name_expressions_cover_every_kernel_dtype_and_index_width():
     assert "ps_roi_pool_backward<__nv_bfloat16, long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_align_max_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
     assert "multi_scale_roi_align_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
+    assert "roi_align_rotated_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_check_indices<long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_pool_backward<__half, long long>" in kernels.NAME_EXPRESSIONS
     assert "roi_align_backward<__nv_bfloat16, int>" in kernels.NAME_EXPRESSIONS

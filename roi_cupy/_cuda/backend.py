@@ -10,7 +10,7 @@ from typing import Any
 
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import launch, roi_align, roi_check, roi_pool
-from roi_cupy._cuda import ps_roi_align, ps_roi_pool
+from roi_cupy._cuda import ps_roi_align, ps_roi_pool, roi_align_rotated
 from roi_cupy._cuda import multi_scale_roi_align as _multi_scale_roi_align
 
 # C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
@@ -206,4 +206,38 @@ def multi_scale_roi_align_backward(
     return _multi_scale_roi_align.backward(
         _runtime(grad_output), grad_output, rois, input_shapes, spatial_scales, sampling_ratio,
         aligned, canonical_scale, bounds,
+    )
+
+
+# ----------------------------------------------------------------------------- RoI Align Rotated
+def roi_align_rotated_forward(
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> Any:
+    """RoI Align Rotated: ``input`` [N, C, H, W], ``rois`` [K, 6] -> output [K, C, PH, PW]."""
+    return roi_align_rotated.forward(
+        _runtime(input), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+        clockwise,
+    )
+
+
+def roi_align_rotated_backward(
+    grad_output: Any,
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> Any:
+    """Input gradient of RoI Align Rotated: ``grad_output`` [K, C, PH, PW] -> [N, C, H, W]."""
+    return roi_align_rotated.backward(
+        _runtime(grad_output), grad_output, rois, input_shape, spatial_scale, sampling_ratio,
+        aligned, clockwise,
     )

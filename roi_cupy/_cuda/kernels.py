@@ -20,6 +20,7 @@ _FILES = (
     "ps_roi_align.cu",
     "ps_roi_pool.cu",
     "multi_scale_roi_align.cu",
+    "roi_align_rotated.cu",
 )
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"roi_common\.cuh"\s*$', re.MULTILINE)
 
@@ -42,6 +43,8 @@ KERNELS = (
     "roi_align_max_backward_deterministic",
     "multi_scale_roi_align_forward",
     "multi_scale_roi_align_backward",
+    "roi_align_rotated_forward",
+    "roi_align_rotated_backward",
 )
 # Storage dtype -> the kernel's scalar type T; the compute type is float for all but float64.
 SCALAR_TYPES = {

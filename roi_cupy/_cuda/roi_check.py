@@ -16,7 +16,8 @@ def first_invalid(
 
     Args:
         rt: the runtime (``xp`` and ``function``).
-        rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)``, float32 or float64.
+        rois (ndarray[K, 5] or [K, 6]): ``(batch_index, x1, y1, x2, y2)`` or rotated
+            ``(batch_index, cx, cy, w, h, angle)`` rows, float32 or float64.
         batch (int): the batch size N.
         limit (float): the largest magnitude a value may have (the dtype's largest finite
             value where that is smaller).
@@ -40,7 +41,7 @@ def first_invalid(
         bound = rois.dtype.type(min(limit, numpy.finfo(rois.dtype).max))
         grid, block = launch.grid(count)
         rt.function(launch.kernel_name("roi_check", rois.dtype, index64))(
-            grid, block, (rois, i(count), i(batch), bound, first[:1])
+            grid, block, (rois, i(count), i(batch), bound, first[:1], numpy.int32(rois.shape[1]))
         )
     if total:
         grid, block = launch.grid(total)

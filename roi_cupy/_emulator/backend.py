@@ -7,7 +7,7 @@ import numpy
 import roi_cupy._emulator as emulator
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import roi_align, roi_check, roi_pool
-from roi_cupy._cuda import ps_roi_align, ps_roi_pool
+from roi_cupy._cuda import ps_roi_align, ps_roi_pool, roi_align_rotated
 from roi_cupy._cuda import multi_scale_roi_align as _multi_scale_roi_align
 
 # C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
@@ -211,4 +211,40 @@ def multi_scale_roi_align_backward(
     return _multi_scale_roi_align.backward(
         emulator.runtime(), grad_output, rois, input_shapes, spatial_scales, sampling_ratio,
         aligned, canonical_scale, bounds,
+    )
+
+
+# ----------------------------------------------------------------------------- RoI Align Rotated
+def roi_align_rotated_forward(
+    input: numpy.ndarray,
+    rois: numpy.ndarray,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> numpy.ndarray:
+    """RoI Align Rotated of ``input [N, C, H, W]`` over ``rois [K, 6]``; returns
+    ``[K, C, PH, PW]``."""
+    return roi_align_rotated.forward(
+        emulator.runtime(), input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio,
+        aligned, clockwise,
+    )
+
+
+def roi_align_rotated_backward(
+    grad_output: numpy.ndarray,
+    rois: numpy.ndarray,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> numpy.ndarray:
+    """Input gradient of RoI Align Rotated for ``grad_output [K, C, PH, PW]``; returns
+    ``[N, C, H, W]``."""
+    return roi_align_rotated.backward(
+        emulator.runtime(), grad_output, rois, input_shape, spatial_scale, sampling_ratio,
+        aligned, clockwise,
     )

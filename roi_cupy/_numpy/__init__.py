@@ -10,6 +10,10 @@ from roi_cupy._numpy.roi_align import (
     roi_align_max_backward,
     roi_align_max_forward,
 )
+from roi_cupy._numpy.roi_align_rotated import (
+    roi_align_rotated_backward,
+    roi_align_rotated_forward,
+)
 from roi_cupy._numpy.roi_check import first_invalid
 from roi_cupy._numpy.roi_pool import roi_pool_backward, roi_pool_forward
 from roi_cupy._numpy.ps_roi_align import ps_roi_align_backward, ps_roi_align_forward
@@ -33,6 +37,8 @@ __all__ = [
     "roi_align_forward",
     "roi_align_max_backward",
     "roi_align_max_forward",
+    "roi_align_rotated_backward",
+    "roi_align_rotated_forward",
     "roi_pool_backward",
     "roi_pool_forward",
 ]

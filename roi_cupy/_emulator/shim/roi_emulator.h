@@ -119,6 +119,18 @@ inline unsigned int __float_as_uint(float a) { return __builtin_bit_cast(unsigne
 inline long long __double_as_longlong(double a) { return __builtin_bit_cast(long long, a); }
 inline float __int_as_float(int a) { return __builtin_bit_cast(float, a); }
 inline double __longlong_as_double(long long a) { return __builtin_bit_cast(double, a); }
+// sin(pi x) and cos(pi x), which glibc only offers from 2.41: evaluated in a wider type and
+// rounded once (CUDA documents 1 ulp for its own; these are correctly rounded but for rare ties).
+inline float sinpif(float a) { return static_cast<float>(sin(M_PI * static_cast<double>(a))); }
+inline float cospif(float a) { return static_cast<float>(cos(M_PI * static_cast<double>(a))); }
+inline double sinpi(double a)
+{
+    return static_cast<double>(sinl(3.14159265358979323846264338327950288L * a));
+}
+inline double cospi(double a)
+{
+    return static_cast<double>(cosl(3.14159265358979323846264338327950288L * a));
+}
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 

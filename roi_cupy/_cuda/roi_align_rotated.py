@@ -1,0 +1,112 @@
+"""Launchers of the RoI Align Rotated kernels (cuda/roi_align_rotated.cu), for any runtime (GPU or
+emulator).
+
+Arguments arrive as ``roi_cupy._backend`` promises: C-contiguous arrays of ``rt.xp``, rois
+``[K, 6]`` of the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from roi_cupy._cuda import launch
+from roi_cupy._cuda.roi_align import _sampling
+
+
+def forward(
+    rt: Any,
+    input: Any,
+    rois: Any,
+    pooled_h: int,
+    pooled_w: int,
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> Any:
+    """RoI Align Rotated of every RoI.
+
+    Args:
+        rt: the runtime (``xp`` and ``function``).
+        input (ndarray[N, C, H, W]): features, float16, bfloat16, float32 or float64.
+        rois (ndarray[K, 6]): ``(batch_index, cx, cy, w, h, angle)`` in the compute dtype, the
+            angle in degrees.
+        pooled_h, pooled_w (int): bins per RoI, >= 1.
+        spatial_scale (float): box-to-feature coordinate factor.
+        sampling_ratio ((int, int)): samples per bin along the box's height and width; <= 0
+            for adaptive.
+        aligned (bool): shift the centre by -0.5 pixel (else sizes are at least 1).
+        clockwise (bool): the angle turns clockwise.
+
+    Returns:
+        ndarray[K, C, PH, PW] in the input's dtype.
+    """
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    output = rt.xp.empty((k, c, pooled_h, pooled_w), dtype=input.dtype)
+    if output.size == 0:
+        return output
+    if input.size == 0:  # no pixel to sample: every RoI is invalid
+        output[...] = 0
+        return output
+    index64 = launch.use_index64(input.size, output.size, rois.size)
+    i = launch.index_scalar(index64)
+    real = launch.compute_dtype(input.dtype).type
+    grid, block = launch.grid(output.size)
+    rt.function(launch.kernel_name("roi_align_rotated_forward", input.dtype, index64))(
+        grid,
+        block,
+        (
+            input, rois, output,
+            i(output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+            real(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
+            numpy.bool_(clockwise),
+        ),
+    )
+    return output
+
+
+def backward(
+    rt: Any,
+    grad_output: Any,
+    rois: Any,
+    input_shape: tuple[int, int, int, int],
+    spatial_scale: float,
+    sampling_ratio: tuple[int, int],
+    aligned: bool,
+    clockwise: bool,
+) -> Any:
+    """Gradient of :func:`forward` with respect to its input.
+
+    Args:
+        rt: the runtime.
+        grad_output (ndarray[K, C, PH, PW]): float16, bfloat16, float32 or float64.
+        rois (ndarray[K, 6]): as for :func:`forward`.
+        input_shape ((int, int, int, int)): ``(N, C, H, W)``.
+        spatial_scale, sampling_ratio, aligned, clockwise: as for :func:`forward`.
+
+    Returns:
+        ndarray[N, C, H, W] in grad_output's dtype.
+    """
+    n, c, h, w = input_shape
+    _, _, pooled_h, pooled_w = grad_output.shape
+    real = launch.compute_dtype(grad_output.dtype)
+    # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
+    grad_input = rt.xp.zeros(input_shape, dtype=real)
+    if grad_output.size and grad_input.size:
+        index64 = launch.use_index64(grad_input.size, grad_output.size, rois.size)
+        i = launch.index_scalar(index64)
+        grid, block = launch.grid(grad_output.size)
+        name = launch.kernel_name("roi_align_rotated_backward", grad_output.dtype, index64)
+        rt.function(name)(
+            grid,
+            block,
+            (
+                grad_output, rois, grad_input,
+                i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+                real.type(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
+                numpy.bool_(clockwise),
+            ),
+        )
+    return grad_input.astype(grad_output.dtype, copy=False)
