@@ -113,6 +113,7 @@ class _Static:
     index_dtype: Any = None  # RoI Pool's argmax residual
     mode: str = "avg"  # RoI Align's: "avg" or "max"
     clockwise: bool = False  # RoI Align Rotated's flag
+    deterministic: bool = False  # the backward passes' sums (on a GPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +255,7 @@ def _align_backward(
         _flat(g, lead, 4), rois, (math.prod(lead) * n, c, h, w), static.output_size,
         static.spatial_scale, static.sampling_ratio, static.aligned, validate=False,
         mode=static.mode, input=None if x is None else _flat(x, lead, 4),
+        deterministic=static.deterministic,
     )
     return grad.reshape(lead + static.shape)
 
@@ -278,7 +280,7 @@ def _pool_backward(
     rois = _fold_rois(rois, lead, n, _args.compute_dtype(g.dtype))
     grad = ops.roi_pool_backward(
         _flat(g, lead, 4), rois, _flat(argmax, lead, 4), (math.prod(lead) * n, c, h, w),
-        validate=False,
+        validate=False, deterministic=static.deterministic,
     )
     return grad.reshape(lead + static.shape)
 
@@ -462,11 +464,12 @@ def roi_align(
     boxes: BoxesLike,
     output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
-    sampling_ratio: int = -1,
+    sampling_ratio: int | tuple[int, int] = -1,
     aligned: bool = False,
     *,
     validate: bool = True,
     mode: str = "avg",
+    deterministic: bool = False,
 ) -> jax.Array:
     """RoI Align (Mask R-CNN) of JAX arrays: :func:`roi_cupy.roi_align`'s numbers.
 
@@ -488,6 +491,9 @@ def roi_align(
         mode (str): ``"avg"`` (a bin's mean) or ``"max"`` (its largest sample, mmcv's
             ``pool_mode="max"``; the vjp keeps the features as a residual to find it again).
             Default: "avg".
+        deterministic (bool): the gradient with the same bits on every run: on a GPU it is
+            summed in fixed point (:func:`roi_cupy.roi_align_backward`'s ``deterministic``);
+            on the CPU it always is. Default: False.
 
     Returns:
         Array[K, C, PH, PW]: in the input's dtype. ``jax.grad`` reaches the input; the boxes'
@@ -497,7 +503,7 @@ def roi_align(
     static = _static(
         features, output_size, spatial_scale,
         sampling_ratio=_args.sampling_of(sampling_ratio), aligned=_args.flag(aligned, "aligned"),
-        mode=_args.align_mode(mode),
+        mode=_args.align_mode(mode), deterministic=_args.flag(deterministic, "deterministic"),
     )
     return _roi_align_jit(
         static, features, _rois(boxes, features, _args.flag(validate, "validate"))
@@ -511,6 +517,7 @@ def roi_pool(
     spatial_scale: float = 1.0,
     *,
     validate: bool = True,
+    deterministic: bool = False,
 ) -> jax.Array:
     """RoI Pool (Fast R-CNN) of JAX arrays: :func:`roi_cupy.roi_pool`'s numbers.
 
@@ -521,6 +528,7 @@ def roi_pool(
         spatial_scale (float): multiplies box coordinates to reach feature coordinates.
             Default: 1.0.
         validate (bool): as for :func:`roi_align`. Default: True.
+        deterministic (bool): as for :func:`roi_align`. Default: False.
 
     Returns:
         Array[K, C, PH, PW]: in the input's dtype. ``jax.grad`` reaches the input (through the
@@ -529,7 +537,8 @@ def roi_pool(
     """
     features = _features(input)
     static = _static(
-        features, output_size, spatial_scale, index_dtype=_index_dtype(*features.shape[2:])
+        features, output_size, spatial_scale, index_dtype=_index_dtype(*features.shape[2:]),
+        deterministic=_args.flag(deterministic, "deterministic"),
     )
     return _roi_pool_jit(static, features, _rois(boxes, features, _args.flag(validate, "validate")))
 

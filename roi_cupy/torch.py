@@ -1,13 +1,15 @@
 """PyTorch adapter: roi_cupy's operators as torch operators that train and compile.
 
-``import roi_cupy.torch`` registers four operators in the ``roi_cupy`` namespace
-(``torch.ops.roi_cupy.roi_align``, ``roi_align_backward``, ``roi_pool``, ``roi_pool_backward``)
-with ``torch.library.custom_op``: each has a fake (meta) implementation, so ``torch.compile``
-traces through it with ``fullgraph=True``, and the forward operators have autograd formulas whose
-backward is itself one of these operators. The functions and modules below have the signatures,
-defaults and numbers of ``torchvision.ops``. Two more operators, ``multi_scale_roi_align`` and
-``multi_scale_roi_align_backward``, take a feature pyramid as a list of tensors (every level in
-one kernel launch on a GPU); :class:`MultiScaleRoIAlign` runs through them.
+``import roi_cupy.torch`` registers each operator and its backward pass in the ``roi_cupy``
+namespace with ``torch.library.custom_op`` (``torch.ops.roi_cupy.roi_align`` and
+``roi_align_backward``; likewise ``roi_pool``, ``ps_roi_align``, ``ps_roi_pool``,
+``roi_align_rotated`` and ``multi_scale_roi_align``): each has a fake (meta) implementation, so
+``torch.compile`` traces through it with ``fullgraph=True``, and each forward operator has an
+autograd formula whose backward is itself one of these operators. The functions and modules
+below have the signatures, defaults and numbers of ``torchvision.ops`` (of detectron2's
+``ROIAlignRotated`` for the rotated one). :class:`MultiScaleRoIAlign` pools every level of a
+feature pyramid in one call (one kernel launch on a GPU). The operators that are linear in the
+features (all but RoI Pool and RoI Align's max mode) have second derivatives too.
 
 What runs where: CPU tensors run roi_cupy's NumPy backend on the tensor's own memory (no copy,
 any strides, bfloat16 reinterpreted bit for bit); CUDA tensors run the CUDA kernels through CuPy
@@ -15,12 +17,10 @@ on the tensor's device, launched on ``torch.cuda.current_stream()``, with every 
 launch needs (the output included) allocated by torch's caching allocator on that stream.
 
 Gradients flow to the features; boxes get none, as in torchvision. Argument checks are roi_cupy's
-own (:mod:`roi_cupy.ops`), so errors read the same as for the functional ops.
-
-The position-sensitive :func:`ps_roi_align` and :func:`ps_roi_pool` (modules :class:`PSRoIAlign`,
-:class:`PSRoIPool`) are four more operators of the same kind (``torch.ops.roi_cupy.ps_roi_align``,
-``ps_roi_align_backward``, ``ps_roi_pool``, ``ps_roi_pool_backward``); both are linear in the
-features, so each backward operator's own backward is the forward one (second derivatives work).
+own (:mod:`roi_cupy.ops`), so errors read the same as for the functional ops. Under
+``torch.use_deterministic_algorithms(True)`` the backward passes of ``roi_align`` (both modes)
+and ``roi_pool`` on a GPU sum in fixed point, bitwise the same on every run
+(``deterministic=True`` of the functional ops); on the CPU every backward pass always is.
 """
 from __future__ import annotations
 
@@ -116,6 +116,13 @@ def _roi_count(boxes: list[Tensor], per_image: bool) -> Any:
     return sum(b.shape[0] for b in boxes) if per_image else boxes[0].shape[0]
 
 
+def _deterministic() -> bool:
+    """Whether the backward passes must give the same bits on every run: PyTorch's own switch,
+    ``torch.use_deterministic_algorithms(True)``, read when the backward pass runs (under
+    ``torch.compile`` when it is traced; the compiled graph is guarded on it)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
 # ----------------------------------------------------------------------------- RoI Align operators
 @torch.library.custom_op("roi_cupy::roi_align", mutates_args=())
 def _roi_align(
@@ -155,19 +162,20 @@ def _roi_align_backward(
     aligned: bool,
     mode: str = "avg",
     input: Tensor | None = None,
+    deterministic: bool = False,
 ) -> Tensor:
     pooled = tuple(grad_output.shape[2:])
     with _on_device_of(grad_output):
         return ops.roi_align_backward(
             grad_output.detach(), _given_boxes(boxes, per_image), tuple(input_shape), pooled,
             spatial_scale, sampling_ratio, aligned, validate=False, mode=mode,
-            input=None if input is None else input.detach(),
+            input=None if input is None else input.detach(), deterministic=deterministic,
         )
 
 
 @_roi_align_backward.register_fake
 def _(grad_output, boxes, per_image, input_shape, spatial_scale, sampling_ratio, aligned,
-      mode="avg", input=None):
+      mode="avg", input=None, deterministic=False):
     return grad_output.new_empty(tuple(input_shape))
 
 
@@ -185,7 +193,7 @@ def _roi_align_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
     boxes, features = list(saved[: ctx.boxes]), (saved[ctx.boxes] if mode == "max" else None)
     grad_input = _roi_align_backward(
         grad_output, boxes, per_image, shape, spatial_scale, sampling_ratio, aligned, mode,
-        features,
+        features, _deterministic(),
     )
     # One None per other argument as dispatched: torch leaves out those equal to their defaults.
     return (grad_input, [None] * len(boxes)) + (None,) * (len(ctx.needs_input_grad) - 2)
@@ -195,7 +203,7 @@ _roi_align.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
 
 
 def _roi_align_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio, aligned, mode, _ = inputs
+    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio, aligned, mode = inputs[:8]
     ctx.save_for_backward(*boxes)
     ctx.args = (
         per_image, tuple(grad_output.shape[2:]), spatial_scale, sampling_ratio, aligned, mode
@@ -255,16 +263,17 @@ def _roi_pool_backward(
     per_image: bool,
     indices: Tensor,
     input_shape: Sequence[int],
+    deterministic: bool = False,
 ) -> Tensor:
     with _on_device_of(grad_output):
         return ops.roi_pool_backward(
             grad_output.detach(), _given_boxes(boxes, per_image), indices.detach(),
-            tuple(input_shape), validate=False,
+            tuple(input_shape), validate=False, deterministic=deterministic,
         )
 
 
 @_roi_pool_backward.register_fake
-def _(grad_output, boxes, per_image, indices, input_shape):
+def _(grad_output, boxes, per_image, indices, input_shape, deterministic=False):
     return grad_output.new_empty(tuple(input_shape))
 
 
@@ -277,7 +286,9 @@ def _roi_pool_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Ten
 def _roi_pool_grad(ctx: Any, grad_output: Tensor, _grad_indices: Any) -> tuple[Any, ...]:
     per_image, shape = ctx.args
     indices, *boxes = ctx.saved_tensors
-    grad_input = _roi_pool_backward(grad_output, boxes, per_image, indices, shape)
+    grad_input = _roi_pool_backward(
+        grad_output, boxes, per_image, indices, shape, _deterministic()
+    )
     return (grad_input, [None] * len(boxes)) + (None,) * 5
 
 

@@ -563,3 +563,31 @@ def test_multi_scale_argument_and_box_errors():
     out = jax.jit(lambda m, b: rj.multi_scale_roi_align(m, b, 2, MS_SCALES, 2, **MS_ARGS))(
         maps, bad)
     assert not numpy.asarray(out[0]).any()
+
+
+# ----------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("op", ["roi_align", "roi_pool"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_reaches_the_backward_pass(monkeypatch, op, deterministic):
+    name = f"{op}_backward"
+    seen = []
+    original = getattr(ops, name)
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, name, recording)
+    x, boxes = inputs(("deterministic", op), numpy.float32)
+    call = getattr(rj, op)
+    args = ((2, 2), 1.0, 2, True) if op == "roi_align" else ((2, 2), 1.0)
+    grad = jax.grad(lambda x: call(x, boxes, *args, deterministic=deterministic).sum())(
+        jnp.asarray(x)
+    )
+    assert seen == [deterministic] and bool(jnp.any(grad != 0))
+
+
+def test_deterministic_must_be_a_bool():
+    x, boxes = inputs("deterministic flag", numpy.float32)
+    with pytest.raises(TypeError, match="deterministic must be a bool, got 'yes'"):
+        rj.roi_align(jnp.asarray(x), boxes, 2, deterministic="yes")

@@ -569,3 +569,75 @@ def test_cuda_multi_scale_matches_the_cpu_in_one_launch(monkeypatch, dtype):
     torch.testing.assert_close(outc.cpu(), out, rtol=tol, atol=tol)
     for a, b in zip(gradsc, torch.autograd.grad(out, features, g)):
         torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------- determinism
+@pytest.fixture
+def deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("op", ["roi_align", "roi_align_max", "roi_pool"])
+@pytest.mark.parametrize("switch", [False, True], ids=["default", "deterministic"])
+def test_backward_follows_torch_use_deterministic_algorithms(monkeypatch, request, op, switch):
+    """The backward passes ask the functional ops for deterministic sums exactly when torch's
+    own switch is on."""
+    if switch:
+        request.getfixturevalue("deterministic_algorithms")
+    name = "roi_pool_backward" if op == "roi_pool" else "roi_align_backward"
+    seen = []
+    original = getattr(rt.ops, name)
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rt.ops, name, recording)
+    x, boxes = _features().requires_grad_(), _boxes()
+    if op == "roi_pool":
+        out = rt.roi_pool(x, boxes, 3)
+    else:
+        out = rt.roi_align(x, boxes, 3, 1.0, 2, True, mode="max" if op == "roi_align_max" else "avg")
+    out.sum().backward()
+    assert seen == [switch]
+
+
+def test_deterministic_backward_operators_pass_opcheck():
+    x, boxes = _features(), _boxes()
+    g = torch.rand(len(boxes), C, 3, 2, dtype=torch.float64)
+    _, indices = torch.ops.roi_cupy.roi_pool(x, [boxes], False, 3, 2, 0.5, True)
+    torch.library.opcheck(
+        torch.ops.roi_cupy.roi_align_backward,
+        (g, [boxes], False, [N, C, H, W], 0.5, [2, 2], True, "avg", None, True),
+    )
+    torch.library.opcheck(
+        torch.ops.roi_cupy.roi_pool_backward, (g, [boxes], False, indices, [N, C, H, W], True)
+    )
+
+
+@pytest.mark.parametrize("op", ["roi_align", "roi_pool"])
+def test_cuda_deterministic_backward_repeats_bit_for_bit(deterministic_algorithms, op):
+    """Many RoIs on one region, so that every pixel there takes many terms: atomics could order
+    them differently from run to run, the fixed-point sums cannot."""
+    _cuda()
+    torch.manual_seed(0)
+    x = torch.rand(2, 16, 32, 32, device="cuda", requires_grad=True)
+    boxes = torch.rand(400, 4, device="cuda") * 8
+    boxes[:, 2:] += boxes[:, :2] + 8
+    rois = torch.cat([torch.randint(0, 2, (400, 1), device="cuda").float(), boxes], dim=1)
+    run = (lambda: rt.roi_align(x, rois, 7, 1.0, 2, True)) if op == "roi_align" else (
+        lambda: rt.roi_pool(x, rois, 7))
+    g = torch.randn_like(run())
+    first = torch.autograd.grad(run(), x, g)[0]
+    for _ in range(3):
+        assert torch.equal(torch.autograd.grad(run(), x, g)[0], first)
+    # and it is the gradient: against float64 sums of the same terms
+    x64 = x.detach().double().requires_grad_()
+    out64 = (rt.roi_align(x64, rois.double(), 7, 1.0, 2, True) if op == "roi_align"
+             else rt.roi_pool(x64, rois.double(), 7))
+    reference = torch.autograd.grad(out64, x64, g.double())[0]
+    assert first.abs().sum() > 0
+    torch.testing.assert_close(first.double(), reference, rtol=1e-5, atol=1e-5)
