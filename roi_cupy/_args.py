@@ -187,14 +187,15 @@ def concat_per_image(per_image: list[Any], compute: Any = None, columns: int = 5
     with device_scope(first):
         counts = [b.shape[0] for b in per_image]
         rois = xp.empty((sum(counts), columns), dtype=wide)
-        # One fill per image, on the device: no host-to-device copy (CUDA graph capture allows
-        # none from pageable memory).
+        # A fill and a copy per image that has boxes, on the device: no host-to-device copy
+        # (CUDA graph capture allows none from pageable memory; CuPy's concatenate of more than
+        # a few arrays sends their pointers from the host).
         start = 0
-        for i, count in enumerate(counts):
-            rois[start : start + count, 0] = i
+        for i, (b, count) in enumerate(zip(per_image, counts)):
+            if count:
+                rois[start : start + count, 0] = i
+                rois[start : start + count, 1:] = b
             start += count
-        if counts and sum(counts):
-            rois[:, 1:] = xp.concatenate(per_image, axis=0)
         return rois
 
 

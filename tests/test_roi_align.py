@@ -408,3 +408,31 @@ def test_the_mean_of_millions_of_samples_keeps_float32_precision(backend, dtype)
         out = backend.to_numpy(roi_cupy.roi_align(backend.asarray(x), backend.asarray(boxes), 1,
                                                   1.0, -1, True))
     assert abs(float(out.ravel()[0]) - exact) <= TOLERANCE[numpy.dtype(dtype)], (out, exact)
+
+
+def test_many_images_of_boxes_are_placed_without_concatenate(monkeypatch):
+    """Each image's boxes are copied into place on the array's own device: no concatenate, which
+    CuPy does for more than a few arrays by sending a pointer table from the host (a CUDA graph
+    capture allows no such copy)."""
+    rng = make_rng("twelve images")
+    x = random_features(rng, (12, 2, 9, 10), numpy.float32)
+    rois = image_major(random_boxes(rng, 12, 30, 9, 10))
+    expected = roi_cupy.roi_align(x, rois, 2, 1.0, 2, True)
+    boxes = per_image(rois, 12)
+    assert sum(len(b) == 0 for b in boxes) < 12
+
+    class NoConcatenate:
+        """NumPy for the boxes' normalisation, minus concatenate."""
+
+        def __getattr__(self, name):
+            if name == "concatenate":
+                raise AssertionError("concatenate was called")
+            return getattr(numpy, name)
+
+    from roi_cupy import _interop
+
+    real = _interop.array_module
+    monkeypatch.setattr(
+        _interop, "array_module", lambda a: NoConcatenate() if real(a) is numpy else real(a)
+    )
+    numpy.testing.assert_array_equal(roi_cupy.roi_align(x, boxes, 2, 1.0, 2, True), expected)
