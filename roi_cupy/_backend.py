@@ -1,7 +1,9 @@
 """Backend selection and the contract every backend implements.
 
-A backend is a module that provides seven functions. ``roi_cupy.ops`` validates and normalises
-everything before calling them, so a backend may rely on the following:
+A backend is a module that provides the functions listed below, one or two per operator (the
+cuda and emulator backends both take them from one table of kernel launchers,
+``roi_cupy._cuda.kernel_backend``; the NumPy backend has a file per operator). ``roi_cupy.ops``
+validates and normalises everything before calling them, so a backend may rely on the following:
 
 - Every backend module states what it can do in ``CAPABILITIES``, a :class:`Capabilities`.
 - ``input`` / ``grad_output`` are C-contiguous arrays of the backend's array library, dtype
