@@ -556,11 +556,11 @@ def _as_numpy(t):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_torch_forward_and_gradient_are_roi_cupys(dtype):
-    import roi_cupy.torch as rt
 
     if dtype == "bfloat16":
         pytest.importorskip("ml_dtypes", reason="NumPy's bfloat16 needs ml_dtypes")
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import roi_cupy.torch as rt
     x, boxes = _torch_inputs(dtype)
     out = rt.roi_align(x, boxes, (3, 2), 0.5, 2, True, mode="max")
     assert out.dtype == x.dtype and out.requires_grad
@@ -579,9 +579,8 @@ def test_torch_forward_and_gradient_are_roi_cupys(dtype):
 @pytest.mark.parametrize("aligned", [True, False])
 def test_torch_gradcheck(aligned, sampling_ratio):
     """float64 gradcheck: random features keep each bin's pick clear of a tie."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
     import roi_cupy.torch as rt
-
-    torch = pytest.importorskip("torch")
     x, boxes = _torch_inputs("float64", (2, 2, 8, 9), 4, ("gradcheck", aligned, sampling_ratio))
     boxes = boxes.double()
 
@@ -592,9 +591,8 @@ def test_torch_gradcheck(aligned, sampling_ratio):
 
 
 def test_torch_opcheck_and_no_second_derivative():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
     import roi_cupy.torch as rt
-
-    torch = pytest.importorskip("torch")
     x, boxes = _torch_inputs("float64")
     per_image = [boxes[:3, 1:].double(), boxes[3:, 1:].double()]
     ops = torch.ops.roi_cupy
@@ -614,9 +612,8 @@ def test_torch_opcheck_and_no_second_derivative():
 
 
 def test_torch_compile_fullgraph_and_the_module():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
     import roi_cupy.torch as rt
-
-    torch = pytest.importorskip("torch")
     x, boxes = _torch_inputs("float64")
     align = rt.RoIAlign((3, 2), 0.5, 2, aligned=True, mode="max")
     assert repr(align) == (
