@@ -140,8 +140,8 @@ __device__ __forceinline__ roi_align_pick<C, I> roi_align_max_pick(
         for (int ix = s.x_first; ix < s.x_last; ++ix) {
             roi_lerp<C, I> wx;
             const bool inside = row && roi_lerp_weights(roi_align_sample(s.x, pw, ix), width, wx);
-            const C v = inside ? roi_bilinear(plane + wy.lo * width, plane + wy.hi * width, wy, wx)
-                               : C(0);
+            const C v = inside
+                ? roi_bilinear_rn(plane + wy.lo * width, plane + wy.hi * width, wy, wx) : C(0);
             if (roi_align_max_takes(v, best.value, best.found)) {
                 best.value = v;
                 best.iy = iy;

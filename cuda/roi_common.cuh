@@ -112,10 +112,11 @@ __device__ __forceinline__ I roi_next(I i, I total)
 // The scale: |term| <= max_abs = max |grad_output| (finite values), and no gradient element takes
 // terms of more than 2^count_bits grad_output elements, each of total weight <= 1, so with
 // exponent = 61 - e(max_abs) - count_bits (max_abs < 2^e(max_abs)) every partial sum of terms *
-// 2^exponent stays below 2^61 in magnitude, also after rounding. A term is rounded to the nearest
-// multiple of 2^-exponent. For float64 a second word keeps the rounding residue of each term,
-// scaled by 2^low_bits (the host picks low_bits so that its sum cannot overflow either), which
-// gives float64 sums more bits than a float64 atomicAdd keeps. Non-finite terms set flags instead:
+// 2^exponent stays below 2^61 in magnitude (plus half a unit per term of rounding: int64 holds
+// 2^63). A term is rounded to the nearest multiple of 2^-exponent: the same absolute error for
+// every element, small against the largest gradient. For float64 a second word keeps the
+// rounding residue of each term, scaled by 2^low_bits (the host picks low_bits so that its sum
+// cannot overflow either). Non-finite terms set flags instead:
 // two bits per element (+inf seen, -inf seen; both for NaN), so the result is the one IEEE
 // addition gives: NaN, or an infinity, whatever the finite terms.
 template <typename C, typename I>
@@ -351,6 +352,25 @@ __device__ __forceinline__ C roi_bilinear(
 {
     return wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) + wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
            wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) + wy.whi * wx.whi * roi_load(row_hi[wx.hi]);
+}
+
+// roi_bilinear with every product and sum rounded on its own (no fused multiply-add, which nvcc
+// may use in one kernel and not in another): the value RoI Align's max mode compares, so that its
+// forward and backward kernels, and the CPU backends, pick the same sample of a near tie.
+__device__ __forceinline__ float roi_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double roi_mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float roi_add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double roi_add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+template <typename T, typename C, typename I>
+__device__ __forceinline__ C roi_bilinear_rn(
+    const T* row_lo, const T* row_hi, const roi_lerp<C, I>& wy, const roi_lerp<C, I>& wx)
+{
+    const C a = roi_mul_rn(roi_mul_rn(wy.wlo, wx.wlo), roi_load(row_lo[wx.lo]));
+    const C b = roi_mul_rn(roi_mul_rn(wy.wlo, wx.whi), roi_load(row_lo[wx.hi]));
+    const C c = roi_mul_rn(roi_mul_rn(wy.whi, wx.wlo), roi_load(row_hi[wx.lo]));
+    const C d = roi_mul_rn(roi_mul_rn(wy.whi, wx.whi), roi_load(row_hi[wx.hi]));
+    return roi_add_rn(roi_add_rn(roi_add_rn(a, b), c), d);
 }
 
 // The first sample of bin s in row-major (iy, ix) order that lies outside its window

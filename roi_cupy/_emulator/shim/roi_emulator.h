@@ -112,6 +112,11 @@ inline int __float2int_ru(float a) { return static_cast<int>(ceilf(a)); }
 inline int __float2int_rn(float a) { return static_cast<int>(nearbyintf(a)); }
 inline int __double2int_rz(double a) { return static_cast<int>(a); }
 inline float __int2float_rn(int a) { return static_cast<float>(a); }
+// Products and sums rounded on their own (the host never fuses them: -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
 // Round to nearest even, as CUDA's _rn conversions (the host's default rounding mode).
 inline long long __float2ll_rn(float a) { return llrintf(a); }
 inline long long __double2ll_rn(double a) { return llrint(a); }
