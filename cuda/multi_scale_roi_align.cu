@@ -94,35 +94,48 @@ __global__ void multi_scale_roi_align_forward(
 }
 
 // The input gradient of every level: for each grad_output element, RoI Align's backward on its
-// RoI's level, atomicAdd into one zero-filled accumulator of C holding the levels' [N, C, H, W]
-// gradients back to back (half is rounded once afterwards).
+// RoI's level, added into one zero-filled accumulator holding the levels' [N, C, H, W] gradients
+// back to back: with atomicAdd into grad_input, of C (half is rounded once afterwards), or, when
+// grad_input is null (deterministic=True), in fixed point into hi, lo and flags (roi_fixed_sink of
+// roi_common.cuh; roi_fixed_finish turns them into the gradient).
 //
 // Parameters: const T* grad_output [K, C, PH, PW], const C* rois [K, 5], C* grad_input (all
-// levels), I total (= K * C * PH * PW), I channels, I batch, I pooled_h, I pooled_w,
-// int sampling_h, int sampling_w, bool aligned, C canonical_scale, int levels, int bounds, then
-// for each of the eight levels: I offset (of its gradient in grad_input), I height, I width,
+// levels) or null, unsigned long long* hi (all levels) or null, unsigned long long* lo or null,
+// unsigned int* flags or null, const C* max_abs [1] or null, int count_bits, int low_bits,
+// I total (= K * C * PH * PW), I channels, I batch, I pooled_h, I pooled_w, int sampling_h,
+// int sampling_w, bool aligned, C canonical_scale, int levels, int bounds, then for each of the
+// eight levels: I offset (of its gradient in the accumulator), I height, I width,
 // C spatial_scale, C bound.
 template <typename T, typename I>
 __global__ void multi_scale_roi_align_backward(
     const T* __restrict__ grad_output, const msra_compute<T>* __restrict__ rois,
-    msra_compute<T>* __restrict__ grad_input, I total, I channels, I batch, I pooled_h,
-    I pooled_w, int sampling_h, int sampling_w, bool aligned, msra_compute<T> canonical_scale,
-    int levels, int bounds, MSRA_LEVELS(I))
+    msra_compute<T>* __restrict__ grad_input, unsigned long long* __restrict__ hi,
+    unsigned long long* __restrict__ lo, unsigned int* __restrict__ flags,
+    const msra_compute<T>* __restrict__ max_abs, int count_bits, int low_bits, I total,
+    I channels, I batch, I pooled_h, I pooled_w, int sampling_h, int sampling_w, bool aligned,
+    msra_compute<T> canonical_scale, int levels, int bounds, MSRA_LEVELS(I))
 {
     typedef msra_compute<T> C;
-    const roi_atomic_sink<C, I> sink{grad_input};
-    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
-        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
-        const C* roi = rois + o.k * 5;
-        const int l = msra_level(roi, canonical_scale, levels, bounds, bound0, bound1, bound2,
-                                 bound3, bound4, bound5, bound6, bound7);
-        const I height = MSRA_PICK(l, height);
-        const I width = MSRA_PICK(l, width);
-        const I b = l < 0 ? I(-1) : roi_batch(roi, batch, height, width);
-        if (b < 0) continue;
-        roi_align_spread(
-            sink, MSRA_PICK(l, array) + (b * channels + o.c) * height * width,
-            grad_output + index, roi, o.ph, o.pw, height, width, pooled_h, pooled_w,
-            MSRA_PICK(l, scale), aligned, sampling_h, sampling_w);
+    const auto spread_all = [&](const auto& sink) {
+        for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+            const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
+            const C* roi = rois + o.k * 5;
+            const int l = msra_level(roi, canonical_scale, levels, bounds, bound0, bound1, bound2,
+                                     bound3, bound4, bound5, bound6, bound7);
+            const I height = MSRA_PICK(l, height);
+            const I width = MSRA_PICK(l, width);
+            const I b = l < 0 ? I(-1) : roi_batch(roi, batch, height, width);
+            if (b < 0) continue;
+            roi_align_spread(
+                sink, MSRA_PICK(l, array) + (b * channels + o.c) * height * width,
+                grad_output + index, roi, o.ph, o.pw, height, width, pooled_h, pooled_w,
+                MSRA_PICK(l, scale), aligned, sampling_h, sampling_w);
+        }
+    };
+    if (grad_input != nullptr) {
+        spread_all(roi_atomic_sink<C, I>{grad_input});
+    } else {
+        spread_all(roi_fixed_sink<C, I>{
+            hi, lo, flags, roi_fixed_exponent(*max_abs, count_bits), low_bits});
     }
 }

@@ -63,7 +63,8 @@ Functions (results are new arrays of the input's dtype; grad_input is ``[N, C, H
            in the compute dtype; none when q is NaN or reaches len(inputs) bounds. On a GPU one
            kernel launch.
     multi_scale_roi_align_backward(grad_output, rois, input_shapes, spatial_scales,
-                                   sampling_ratio, aligned, canonical_scale, bounds)
+                                   sampling_ratio, aligned, canonical_scale, bounds,
+                                   deterministic=False)
         -> [grad_input [N, C, H_l, W_l] for each level]: the adjoint, with ``input_shapes`` a
            list of 2 to 8 shapes as ``input_shape`` above.
 

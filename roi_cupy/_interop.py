@@ -155,14 +155,14 @@ def _refuse_traced(obj: Any, what: str) -> None:
     if is_tracer(obj):
         raise TypeError(
             f"{what} is a JAX tracer (inside jax.jit, jax.grad or jax.vmap), which has no data "
-            "for roi_cupy to read: use roi_cupy.jax.roi_align / roi_pool, which trace, "
-            "differentiate and vectorise"
+            "for roi_cupy to read: use the same operator from roi_cupy.jax (roi_cupy.jax.roi_align "
+            "and the others), which traces, differentiates and vectorises"
         )
     if _framework(obj) == "torch" and obj.requires_grad:
         raise TypeError(
             f"{what} requires grad, and the functional roi_cupy ops keep no autograd graph: "
-            "use roi_cupy.torch.roi_align / roi_pool (autograd, torch.compile), or pass "
-            "tensor.detach() if no gradient should flow"
+            "use the same operator from roi_cupy.torch (roi_cupy.torch.roi_align and the others: "
+            "autograd, torch.compile), or pass tensor.detach() if no gradient should flow"
         )
 
 

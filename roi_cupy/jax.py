@@ -491,9 +491,10 @@ def roi_align(
         mode (str): ``"avg"`` (a bin's mean) or ``"max"`` (its largest sample, mmcv's
             ``pool_mode="max"``; the vjp keeps the features as a residual to find it again).
             Default: "avg".
-        deterministic (bool): the gradient with the same bits on every run: on a GPU it is
-            summed in fixed point (:func:`roi_cupy.roi_align_backward`'s ``deterministic``);
-            on the CPU it always is. Default: False.
+        deterministic (bool): passed to :func:`roi_cupy.roi_align_backward`. The host calls run
+            roi_cupy's NumPy backend, whose gradients have the same bits on every run anyway;
+            the flag matters under ``roi_cupy.use_backend("emulator")``, which runs the GPU's
+            fixed-point sums. Default: False.
 
     Returns:
         Array[K, C, PH, PW]: in the input's dtype. ``jax.grad`` reaches the input; the boxes'

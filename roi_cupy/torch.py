@@ -25,6 +25,7 @@ and ``roi_pool`` on a GPU sum in fixed point, bitwise the same on every run
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -121,6 +122,24 @@ def _deterministic() -> bool:
     ``torch.use_deterministic_algorithms(True)``, read when the backward pass runs (under
     ``torch.compile`` when it is traced; the compiled graph is guarded on it)."""
     return torch.are_deterministic_algorithms_enabled()
+
+
+def _alert_not_deterministic(name: str, grad_output: Tensor) -> None:
+    """What PyTorch does for an operator without a deterministic CUDA backward under
+    ``torch.use_deterministic_algorithms(True)``: raise, or warn in ``warn_only`` mode. The CPU
+    backward passes always are deterministic."""
+    if not (grad_output.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return
+    message = (
+        f"{name} has no deterministic CUDA implementation (its gradient is summed with "
+        "atomicAdd), but torch.use_deterministic_algorithms(True) is on: use roi_align or "
+        "multi_scale_roi_align, whose backward passes are deterministic then, or "
+        "torch.use_deterministic_algorithms(True, warn_only=True)"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 # ----------------------------------------------------------------------------- RoI Align operators
@@ -337,6 +356,7 @@ def _multi_scale_roi_align_backward_op(
     aligned: bool,
     canonical_scale: int,
     canonical_level: int,
+    deterministic: bool = False,
 ) -> list[Tensor]:
     """``input_shapes`` holds each level's (N, C, H, W), one after another (the schema has no
     list of lists)."""
@@ -345,13 +365,13 @@ def _multi_scale_roi_align_backward_op(
         return ops.multi_scale_roi_align_backward(
             grad_output.detach(), _given_boxes(boxes, per_image), _shapes(input_shapes), pooled,
             list(spatial_scales), sampling_ratio, aligned, canonical_scale, canonical_level,
-            validate=False,
+            validate=False, deterministic=deterministic,
         )
 
 
 @_multi_scale_roi_align_backward_op.register_fake
 def _(grad_output, boxes, per_image, input_shapes, spatial_scales, sampling_ratio, aligned,
-      canonical_scale, canonical_level):
+      canonical_scale, canonical_level, deterministic=False):
     return [grad_output.new_empty(shape) for shape in _shapes(input_shapes)]
 
 
@@ -367,7 +387,7 @@ def _multi_scale_roi_align_setup(ctx: Any, inputs: tuple[Any, ...], output: Tens
 
 def _multi_scale_roi_align_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
     grads = _multi_scale_roi_align_backward_op(
-        grad_output, list(ctx.saved_tensors), *ctx.args
+        grad_output, list(ctx.saved_tensors), *ctx.args, _deterministic()
     )
     return (grads, [None] * len(ctx.saved_tensors)) + (None,) * 9
 
@@ -380,7 +400,8 @@ _multi_scale_roi_align_op.register_autograd(
 def _multi_scale_roi_align_backward_setup(
     ctx: Any, inputs: tuple[Any, ...], output: list[Tensor]
 ) -> None:
-    grad_output, boxes, per_image, _, *rule = inputs
+    grad_output, boxes, per_image = inputs[:3]
+    rule = inputs[4:9]  # spatial_scales .. canonical_level
     ctx.save_for_backward(*boxes)
     ctx.args = (per_image, *grad_output.shape[2:], *rule)
 
@@ -392,7 +413,8 @@ def _multi_scale_roi_align_backward_grad(
     grad_grad_output = _multi_scale_roi_align_op(
         list(grad_grad_inputs), list(ctx.saved_tensors), *ctx.args, False
     )
-    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 7
+    rest = (None,) * (len(ctx.needs_input_grad) - 2)  # as dispatched: defaults may be left out
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + rest
 
 
 _multi_scale_roi_align_backward_op.register_autograd(
@@ -815,6 +837,7 @@ def _ps_roi_align_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> No
 
 def _ps_roi_align_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
     per_image, shape, spatial_scale, sampling_ratio = ctx.args
+    _alert_not_deterministic("roi_cupy.torch.ps_roi_align's backward", grad_output)
     grad_input = _ps_roi_align_backward(
         grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale, sampling_ratio
     )
@@ -897,6 +920,7 @@ def _ps_roi_pool_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> Non
 
 def _ps_roi_pool_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
     per_image, shape, spatial_scale = ctx.args
+    _alert_not_deterministic("roi_cupy.torch.ps_roi_pool's backward", grad_output)
     grad_input = _ps_roi_pool_backward(
         grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale
     )
@@ -1124,6 +1148,7 @@ def _roi_align_rotated_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) 
 
 
 def _roi_align_rotated_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+    _alert_not_deterministic("roi_cupy.torch.roi_align_rotated's backward", grad_output)
     grad_input = _roi_align_rotated_backward(grad_output, list(ctx.saved_tensors), *ctx.args)
     return (grad_input, [None] * len(ctx.saved_tensors)) + (None,) * 8
 

@@ -641,3 +641,41 @@ def test_cuda_deterministic_backward_repeats_bit_for_bit(deterministic_algorithm
     reference = torch.autograd.grad(out64, x64, g.double())[0]
     assert first.abs().sum() > 0
     torch.testing.assert_close(first.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_scale_backward_follows_torch_use_deterministic_algorithms(
+    monkeypatch, deterministic_algorithms
+):
+    seen = []
+    original = rt.ops.multi_scale_roi_align_backward
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rt.ops, "multi_scale_roi_align_backward", recording)
+    maps = [_features().requires_grad_(), _features(shape=(N, C, 6, 7)).requires_grad_()]
+    out = rt.multi_scale_roi_align(maps, _boxes(), 2, [1.0, 0.5], 2, True, 8, 1)
+    out.sum().backward()
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("warn_only", [False, True])
+def test_ops_without_a_deterministic_cuda_backward_alert(warn_only):
+    """As PyTorch's own operators do: raise (or warn) for a CUDA gradient under the switch,
+    nothing for a CPU one."""
+    before = torch.are_deterministic_algorithms_enabled()
+    cuda_like = type("CudaLike", (), {"is_cuda": True})()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+        rt._alert_not_deterministic("ps_roi_align's backward", torch.zeros(1))  # CPU: silent
+        if warn_only:
+            with pytest.warns(UserWarning, match="ps_roi_align's backward has no deterministic"):
+                rt._alert_not_deterministic("ps_roi_align's backward", cuda_like)
+        else:
+            with pytest.raises(RuntimeError, match="ps_roi_align's backward has no determini"):
+                rt._alert_not_deterministic("ps_roi_align's backward", cuda_like)
+        torch.use_deterministic_algorithms(False)
+        rt._alert_not_deterministic("ps_roi_align's backward", cuda_like)
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy
 
-from roi_cupy._cuda import launch
+from roi_cupy._cuda import fixed, launch, roi_align
 from roi_cupy._cuda.roi_align import _sampling
 
 # The kernels take this many levels' parameters (MSRA_MAX_LEVELS).
@@ -106,6 +106,7 @@ def backward(
     aligned: bool,
     canonical_scale: int,
     bounds: Sequence[float],
+    deterministic: bool = False,
 ) -> list[Any]:
     """Gradient of :func:`forward` with respect to each level, one launch.
 
@@ -115,29 +116,43 @@ def backward(
         rois (ndarray[K, 5]): as for :func:`forward`.
         input_shapes (list of (int, int, int, int)): each level's ``(N, C, H_l, W_l)``.
         spatial_scales, sampling_ratio, aligned, canonical_scale, bounds: as for :func:`forward`.
+        deterministic (bool): sum in fixed point (``roi_cupy._cuda.fixed``), bitwise the same on
+            every run, instead of with floating-point atomicAdd. Default: False.
 
     Returns:
-        list of ndarray[N, C, H_l, W_l] in grad_output's dtype: views into one accumulator for
-        float32 and float64.
+        list of ndarray[N, C, H_l, W_l] in grad_output's dtype: views into one array holding
+        every level.
     """
     n, c = input_shapes[0][:2]
-    _, _, pooled_h, pooled_w = grad_output.shape
+    k, _, pooled_h, pooled_w = grad_output.shape
     real = launch.compute_dtype(grad_output.dtype)
     sizes = [math.prod(shape) for shape in input_shapes]
     offsets = [sum(sizes[:level]) for level in range(len(sizes))]
-    # Every level's gradient back to back, accumulated with atomicAdd in the compute dtype; half
-    # is rounded once at the end.
-    grad_input = rt.xp.zeros(sum(sizes), dtype=real)
-    if grad_output.size and grad_input.size:
-        index64 = launch.use_index64(grad_input.size, grad_output.size, rois.size)
+    total = sum(sizes)
+    # Every level's gradient back to back, in one accumulator: of the compute dtype for atomicAdd
+    # (half is rounded once at the end), or fixed point.
+    sums = grad_input = None
+    if deterministic:
+        bins = k * pooled_h * pooled_w
+        sums = fixed.FixedSum(
+            rt, (total,), real, sources=bins, terms=bins * roi_align.terms_per_bin(sampling_ratio)
+        )
+        accumulators = (None, *sums.sink_args())
+    else:
+        grad_input = rt.xp.zeros(total, dtype=real)
+        accumulators = (grad_input, None, None, None, None, numpy.int32(0), numpy.int32(0))
+    if grad_output.size and total:
+        index64 = launch.use_index64(total, grad_output.size, rois.size)
         i = launch.index_scalar(index64)
+        if sums is not None:
+            sums.measure(grad_output)
         grid, block = launch.grid(grad_output.size)
         name = launch.kernel_name("multi_scale_roi_align_backward", grad_output.dtype, index64)
         rt.function(name)(
             grid,
             block,
             (
-                grad_output, rois, grad_input, i(grad_output.size), i(c), i(n), i(pooled_h),
+                grad_output, rois, *accumulators, i(grad_output.size), i(c), i(n), i(pooled_h),
                 i(pooled_w), *_sampling(sampling_ratio), numpy.bool_(aligned),
                 real.type(canonical_scale), numpy.int32(len(input_shapes)),
                 numpy.int32(len(bounds)),
@@ -146,7 +161,11 @@ def backward(
                 ),
             ),
         )
+    flat = (
+        sums.finish(grad_output.dtype) if sums is not None
+        else grad_input.astype(grad_output.dtype, copy=False)
+    )
     return [
-        grad_input[offset : offset + size].reshape(shape).astype(grad_output.dtype, copy=False)
+        flat[offset : offset + size].reshape(shape)
         for offset, size, shape in zip(offsets, sizes, input_shapes)
     ]

@@ -100,7 +100,7 @@ def backward(
     """
     return _backward(
         rt, "roi_align_backward", (grad_output,), rois, input_shape, spatial_scale,
-        sampling_ratio, aligned, deterministic, _terms_per_bin(sampling_ratio),
+        sampling_ratio, aligned, deterministic, terms_per_bin(sampling_ratio),
     )
 
 
@@ -114,10 +114,10 @@ def _backward(
     sampling_ratio: tuple[int, int],
     aligned: bool,
     deterministic: bool,
-    terms_per_bin: int,
+    bin_terms: int,
 ) -> Any:
     """Launch backward ``kernel`` (or its ``_deterministic`` twin) on the arrays it reads
-    (grad_output first) and the RoIs; ``terms_per_bin`` bounds the terms one bin adds to one
+    (grad_output first) and the RoIs; ``bin_terms`` bounds the terms one bin adds to one
     gradient element."""
     grad_output = reads[0]
     n, c, h, w = input_shape
@@ -132,7 +132,7 @@ def _backward(
     )
     if deterministic:
         bins = k * pooled_h * pooled_w
-        sums = fixed.FixedSum(rt, input_shape, real, sources=bins, terms=bins * terms_per_bin)
+        sums = fixed.FixedSum(rt, input_shape, real, sources=bins, terms=bins * bin_terms)
         if work:
             sums.measure(grad_output)
             grid, block = launch.grid(grad_output.size)
@@ -149,7 +149,7 @@ def _backward(
     return grad_input.astype(grad_output.dtype, copy=False)
 
 
-def _terms_per_bin(sampling_ratio: tuple[int, int]) -> int:
+def terms_per_bin(sampling_ratio: tuple[int, int]) -> int:
     """The most terms one bin can add to one gradient element: four corners of each sample near
     it, with at most ``sampling`` samples per axis (fixed) or 5 (adaptive: samples are at least
     half a pixel apart, and a pixel takes samples from less than two pixels around it)."""

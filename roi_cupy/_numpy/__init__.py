@@ -1,4 +1,5 @@
-"""NumPy backend: RoI Align and RoI Pool on the CPU with the numbers of docs/semantics.md."""
+"""NumPy backend: every operator on the CPU with the numbers of docs/semantics.md, a file per
+operator."""
 from roi_cupy._backend import Capabilities
 from roi_cupy._numpy.multi_scale_roi_align import (
     multi_scale_roi_align_backward,

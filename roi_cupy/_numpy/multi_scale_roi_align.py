@@ -87,9 +87,10 @@ def multi_scale_roi_align_backward(
     aligned: bool,
     canonical_scale: int,
     bounds: Sequence[float],
+    deterministic: bool = False,
 ) -> list[numpy.ndarray]:
     """Gradient of :func:`multi_scale_roi_align_forward` with respect to each level;
-    deterministic.
+    deterministic (``deterministic`` is accepted for the backend contract).
 
     Args:
         grad_output (ndarray[K, C, PH, PW]): gradient of the output, any strides.

@@ -160,6 +160,7 @@ def multi_scale_roi_align_backward(
     canonical_level: int = 4,
     *,
     validate: bool = True,
+    deterministic: bool = False,
 ) -> list[Any]:
     """Gradient of :func:`multi_scale_roi_align` with respect to each level (boxes get none).
 
@@ -168,11 +169,13 @@ def multi_scale_roi_align_backward(
         boxes, output_size, spatial_scales, sampling_ratio, aligned, canonical_scale,
             canonical_level, validate: as passed to :func:`multi_scale_roi_align`.
         input_shapes (list of (int, int, int, int)): each level's ``(N, C, H_l, W_l)``.
+        deterministic (bool): as for :func:`roi_cupy.roi_align_backward`: the same bits on
+            every run, on a GPU too. Default: False.
 
     Returns:
         list of Tensor[N, C, H_l, W_l]: one gradient per level, in grad_output's dtype and
         array kind (a level no box is pooled from gets zeros). On a GPU one kernel launch
-        computes every level. Deterministic on NumPy.
+        computes every level.
     """
     call = _args.Call(grad_output, "grad_output")
     shapes = _args.input_shapes_of(input_shapes)
@@ -182,6 +185,7 @@ def multi_scale_roi_align_backward(
     ratio = _args.sampling_of(sampling_ratio)
     canonical_scale, canonical_level = _args.canonical_of(canonical_scale, canonical_level)
     aligned, validate = _args.flag(aligned, "aligned"), _args.flag(validate, "validate")
+    deterministic = _args.flag(deterministic, "deterministic")
     n, channels = shapes[0][:2]
     prepared = _args.normalise_boxes(boxes, n, call.device, compute)
     rois = prepared.array
@@ -192,13 +196,14 @@ def multi_scale_roi_align_backward(
         if len(shapes) == 1:
             grads = [
                 call.backend.roi_align_backward(
-                    call.native(), rois, shapes[0], scales[0], ratio, aligned
+                    call.native(), rois, shapes[0], scales[0], ratio, aligned,
+                    deterministic=deterministic,
                 )
             ]
         else:
             grads = call.backend.multi_scale_roi_align_backward(
                 call.native(), rois, shapes, scales, ratio, aligned, canonical_scale,
-                level_bounds(scales, canonical_level, compute),
+                level_bounds(scales, canonical_level, compute), deterministic=deterministic,
             )
     return [call.give_back(g) for g in grads]
 
