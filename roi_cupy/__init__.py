@@ -1,4 +1,5 @@
-"""roi_cupy: RoI Pool and RoI Align for NumPy, CuPy and any DLPack tensor."""
+"""roi_cupy: RoI operators (RoI Align and its max mode, RoI Pool, their position-sensitive,
+rotated and multi-scale versions) for NumPy, CuPy and any DLPack tensor."""
 from roi_cupy._backend import use_backend
 from roi_cupy._module import ModuleNative
 from roi_cupy._tensor import Tensor

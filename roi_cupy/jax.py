@@ -1,4 +1,4 @@
-"""JAX adapter: RoI Align and RoI Pool as JAX functions that jit, differentiate and vmap.
+"""JAX adapter: roi_cupy's operators as JAX functions that jit, differentiate and vmap.
 
 ``import roi_cupy.jax`` imports JAX (``import roi_cupy`` never does). :func:`roi_align` and
 :func:`roi_pool` take and return JAX arrays, with the signatures, defaults and numbers of
@@ -9,7 +9,8 @@ boxes get a zero cotangent, as torchvision gives them none. Forward mode (``jax.
 
 :func:`multi_scale_roi_align` does the same for a feature pyramid given as a list of arrays: one
 host call of :func:`roi_cupy.ops.multi_scale_roi_align` per forward, and one of its backward for
-every level's gradient.
+every level's gradient. :func:`ps_roi_align`, :func:`ps_roi_pool` and
+:func:`roi_align_rotated` work as :func:`roi_align` does.
 
 What runs where: each forward and each backward pass is one host callback into roi_cupy's own
 functional ops (:func:`roi_cupy.ops.roi_align`, ``roi_align_backward``,

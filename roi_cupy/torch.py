@@ -684,6 +684,11 @@ class MultiScaleRoIAlign(nn.Module):
         validate: bool = True,
     ):
         super().__init__()
+        if not 1 <= len(featmap_names) <= _args.MAX_LEVELS:
+            raise ValueError(
+                f"featmap_names must name 1 to {_args.MAX_LEVELS} maps (the levels of one call), "
+                f"got {len(featmap_names)}: {list(featmap_names)!r}"
+            )
         self.featmap_names = featmap_names
         self.output_size = _args.output_size_pair(output_size)
         _args.sampling_of(sampling_ratio)  # checked here, kept as given

@@ -679,3 +679,9 @@ def test_ops_without_a_deterministic_cuda_backward_alert(warn_only):
         rt._alert_not_deterministic("ps_roi_align's backward", cuda_like)
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("names", [[], [str(i) for i in range(9)]], ids=len)
+def test_multi_scale_module_refuses_a_level_count_it_cannot_pool(names):
+    with pytest.raises(ValueError, match=f"featmap_names must name 1 to 8 maps .*got {len(names)}"):
+        rt.MultiScaleRoIAlign(names, 3, 2)
