@@ -53,7 +53,7 @@ print('device', cupy.cuda.runtime.getDeviceProperties(0)['name'].decode(),
 PY"
 
 # The whole suite: on a GPU the cuda backend joins every parametrised test.
-step pytest 150 "$py" -m pytest tests -q -p no:cacheprovider
+step pytest 200 "$py" -m pytest tests -q -p no:cacheprovider
 
 # compute-sanitizer over the GPU cases of the tests that aim at the kernels' edges: invalid and
 # huge RoIs, both index widths, non-finite values, validation, torch CUDA tensors (the emulator
@@ -61,15 +61,17 @@ step pytest 150 "$py" -m pytest tests -q -p no:cacheprovider
 # accesses, with CuPy's and torch's memory pools off so that every array ends where its
 # allocation ends; racecheck: shared-memory hazards (the kernels use none today, so it guards
 # against new ones).
-edge_tests="tests/test_cuda.py tests/test_nonfinite.py tests/test_validation.py tests/test_torch.py"
+edge_tests="tests/test_cuda.py tests/test_nonfinite.py tests/test_validation.py tests/test_torch.py
+    tests/test_roi_align_max.py tests/test_ps_roi_align.py tests/test_ps_roi_pool.py
+    tests/test_roi_align_rotated.py tests/test_multi_scale_roi_align.py"
 step memcheck 120 env ROI_CUPY_TEST_NO_POOL=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 99 \
     "$py" -m pytest $edge_tests -q -p no:cacheprovider -k "cuda and not emulator"
-step racecheck 40 compute-sanitizer --tool racecheck --error-exitcode 99 \
+step racecheck 30 compute-sanitizer --tool racecheck --error-exitcode 99 \
     "$py" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "cuda and not emulator"
 
 # The benchmark: every workload at full size on the GPU backends, cpu-core/cpu-pool on the CPU
 # ones; writes <date>-<gpu>.{json,md,png} into OUT_DIR.
-step bench 180 "$py" -m roi_cupy bench --out "$out"
+step bench 150 "$py" -m roi_cupy bench --out "$out"
 
 echo "summary: $summary"

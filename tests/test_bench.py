@@ -512,3 +512,16 @@ def test_cli_help_lists_workloads_and_options():
                  "--repeat", "--cpu-threads", "W7-sr0-large", "sweep-4096", "cpu-core",
                  "roi_cupy-cuda(validate=False)", "torchvision-cpu"):
         assert word in done.stdout
+
+
+def test_gpu_script_fits_a_short_lease():
+    """benchmarks/gpu-run.sh: valid bash, and its steps' time limits add up to under 9 minutes
+    (a lent GPU gives 15 minutes in all, start and transfers included)."""
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu-run.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    limits = dict(re.findall(r"^step (\w+) (\d+) ", script.read_text(), flags=re.MULTILINE))
+    assert set(limits) == {"env", "pytest", "memcheck", "racecheck", "bench"}
+    assert sum(int(v) for v in limits.values()) < 9 * 60
