@@ -161,7 +161,8 @@ def test_torch_module_call_and_requires_grad_message():
     out = layer(x, torch.from_numpy(_rois()))
     assert isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 3, 3, 7, 4)
     boxes = roi_cupy.convert_boxes_to_roi_format(torch.from_numpy(_rois()))
-    with pytest.raises(TypeError, match=r"input requires grad.*roi_cupy\.torch \(roi_cupy\.torch\.roi_align"):
+    expected = r"input requires grad.*roi_cupy\.torch \(roi_cupy\.torch\.roi_align"
+    with pytest.raises(TypeError, match=expected):
         roi_cupy.roi_align(x.clone().requires_grad_(True), boxes, 2)
 
 
