@@ -58,47 +58,41 @@ __global__ void ps_roi_align_forward(
 // grad_input[b, (c * PH + ph) * PW + pw] += for every sample of bin (ph, pw), its four bilinear
 // corners weighted by grad_output[k, c, ph, pw] / (gh * gw). One thread per grad_output element,
 // atomicAdd into an accumulator of the compute type C (zero-filled by the caller; half is rounded
-// once afterwards).
+// once afterwards), or in fixed point.
 //
 // Parameters: const T* grad_output [K, C / (PH * PW), PH, PW], const C* rois [K, 5],
-// C* grad_input [N, C, H, W], I total (= grad_output's size), I channels_out, I height, I width,
-// I batch, I pooled_h, I pooled_w, C spatial_scale, int sampling_h, int sampling_w.
+// C* grad_input [N, C, H, W] or null, then the fixed-point accumulators, null unless grad_input
+// is (deterministic=True; roi_fixed_sink of roi_common.cuh): unsigned long long* hi,
+// unsigned long long* lo, unsigned int* flags, const C* max_abs, int count_bits, int low_bits,
+// I total (= grad_output's size), I channels_out, I height, I width, I batch, I pooled_h,
+// I pooled_w, C spatial_scale, int sampling_h, int sampling_w.
 template <typename T, typename I>
 __global__ void ps_roi_align_backward(
     const T* __restrict__ grad_output, const typename roi_compute<T>::type* __restrict__ rois,
-    typename roi_compute<T>::type* __restrict__ grad_input, I total, I channels_out, I height,
-    I width, I batch, I pooled_h, I pooled_w, typename roi_compute<T>::type spatial_scale,
-    int sampling_h, int sampling_w)
+    typename roi_compute<T>::type* __restrict__ grad_input, unsigned long long* __restrict__ hi,
+    unsigned long long* __restrict__ lo, unsigned int* __restrict__ flags,
+    const typename roi_compute<T>::type* __restrict__ max_abs, int count_bits, int low_bits,
+    I total, I channels_out, I height, I width, I batch, I pooled_h, I pooled_w,
+    typename roi_compute<T>::type spatial_scale, int sampling_h, int sampling_w)
 {
     typedef typename roi_compute<T>::type C;
-    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
-        const roi_bin<I> o = roi_split(index, channels_out, pooled_h, pooled_w);
-        const C* roi = rois + o.k * 5;
-        const I b = roi_batch(roi, batch, height, width);
-        if (b < 0) continue;
-        const roi_align_bin<C> s = roi_align_locate(
-            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, true, sampling_h,
-            sampling_w);
-        if (s.y_first >= s.y_last || s.x_first >= s.x_last) continue;
-
-        // No max(., 1) here: a bin without samples has no sample to pass gradient to.
-        const C count = C(s.y.grid) * C(s.x.grid);
-        const C g = roi_load(grad_output[index]);
-        C* plane = grad_input + roi_ps_plane(o, b, channels_out, pooled_h, pooled_w) * height *
-                                    width;
-        for (int iy = s.y_first; iy < s.y_last; ++iy) {
-            roi_lerp<C, I> wy;
-            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
-            C* row_lo = plane + wy.lo * width;
-            C* row_hi = plane + wy.hi * width;
-            for (int ix = s.x_first; ix < s.x_last; ++ix) {
-                roi_lerp<C, I> wx;
-                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
-                atomicAdd(row_lo + wx.lo, g * (wy.wlo * wx.wlo) / count);
-                atomicAdd(row_lo + wx.hi, g * (wy.wlo * wx.whi) / count);
-                atomicAdd(row_hi + wx.lo, g * (wy.whi * wx.wlo) / count);
-                atomicAdd(row_hi + wx.hi, g * (wy.whi * wx.whi) / count);
-            }
+    // RoI Align's (aligned) adjoint of each bin, on the bin's own channel.
+    const auto add_all = [&](const auto& sink) {
+        for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
+            const roi_bin<I> o = roi_split(index, channels_out, pooled_h, pooled_w);
+            const C* roi = rois + o.k * 5;
+            const I b = roi_batch(roi, batch, height, width);
+            if (b < 0) continue;
+            roi_align_spread(
+                sink, roi_ps_plane(o, b, channels_out, pooled_h, pooled_w) * height * width,
+                grad_output + index, roi, o.ph, o.pw, height, width, pooled_h, pooled_w,
+                spatial_scale, true, sampling_h, sampling_w);
         }
+    };
+    if (grad_input != nullptr) {
+        add_all(roi_atomic_sink<C, I>{grad_input});
+    } else {
+        add_all(roi_fixed_sink<C, I>{
+            hi, lo, flags, roi_fixed_exponent(*max_abs, count_bits), low_bits});
     }
 }

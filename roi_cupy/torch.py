@@ -18,14 +18,13 @@ launch needs (the output included) allocated by torch's caching allocator on tha
 
 Gradients flow to the features; boxes get none, as in torchvision. Argument checks are roi_cupy's
 own (:mod:`roi_cupy.ops`), so errors read the same as for the functional ops. Under
-``torch.use_deterministic_algorithms(True)`` the backward passes of ``roi_align`` (both modes)
-and ``roi_pool`` on a GPU sum in fixed point, bitwise the same on every run
-(``deterministic=True`` of the functional ops); on the CPU every backward pass always is.
+``torch.use_deterministic_algorithms(True)`` every backward pass on a GPU sums in fixed point,
+bitwise the same on every run (``deterministic=True`` of the functional ops); on the CPU every
+backward pass always is.
 """
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -122,24 +121,6 @@ def _deterministic() -> bool:
     ``torch.use_deterministic_algorithms(True)``, read when the backward pass runs (under
     ``torch.compile`` when it is traced; the compiled graph is guarded on it)."""
     return torch.are_deterministic_algorithms_enabled()
-
-
-def _alert_not_deterministic(name: str, grad_output: Tensor) -> None:
-    """What PyTorch does for an operator without a deterministic CUDA backward under
-    ``torch.use_deterministic_algorithms(True)``: raise, or warn in ``warn_only`` mode. The CPU
-    backward passes always are deterministic."""
-    if not (grad_output.is_cuda and torch.are_deterministic_algorithms_enabled()):
-        return
-    message = (
-        f"{name} has no deterministic CUDA implementation (its gradient is summed with "
-        "atomicAdd), but torch.use_deterministic_algorithms(True) is on: use roi_align or "
-        "multi_scale_roi_align, whose backward passes are deterministic then, or "
-        "torch.use_deterministic_algorithms(True, warn_only=True)"
-    )
-    if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(message, stacklevel=3)
-    else:
-        raise RuntimeError(message)
 
 
 # ----------------------------------------------------------------------------- RoI Align operators
@@ -820,17 +801,19 @@ def _ps_roi_align_backward(
     input_shape: Sequence[int],
     spatial_scale: float,
     sampling_ratio: Sequence[int],
+    deterministic: bool = False,
 ) -> Tensor:
     pooled = tuple(grad_output.shape[2:])
     with _on_device_of(grad_output):
         return ops.ps_roi_align_backward(
             grad_output.detach(), _given_boxes(boxes, per_image), tuple(input_shape), pooled,
-            spatial_scale, sampling_ratio, validate=False,
+            spatial_scale, sampling_ratio, validate=False, deterministic=deterministic,
         )
 
 
 @_ps_roi_align_backward.register_fake
-def _(grad_output, boxes, per_image, input_shape, spatial_scale, sampling_ratio):
+def _(grad_output, boxes, per_image, input_shape, spatial_scale, sampling_ratio,
+      deterministic=False):
     return grad_output.new_empty(tuple(input_shape))
 
 
@@ -842,9 +825,9 @@ def _ps_roi_align_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> No
 
 def _ps_roi_align_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
     per_image, shape, spatial_scale, sampling_ratio = ctx.args
-    _alert_not_deterministic("roi_cupy.torch.ps_roi_align's backward", grad_output)
     grad_input = _ps_roi_align_backward(
-        grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale, sampling_ratio
+        grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale, sampling_ratio,
+        _deterministic(),
     )
     return (grad_input, [None] * len(ctx.saved_tensors)) + (None,) * 6
 
@@ -853,7 +836,7 @@ _ps_roi_align.register_autograd(_ps_roi_align_grad, setup_context=_ps_roi_align_
 
 
 def _ps_roi_align_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio = inputs
+    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio = inputs[:6]
     ctx.save_for_backward(*boxes)
     ctx.args = (per_image, tuple(grad_output.shape[2:]), spatial_scale, sampling_ratio)
 
@@ -865,7 +848,8 @@ def _ps_roi_align_backward_grad(ctx: Any, grad_grad_input: Tensor) -> tuple[Any,
         grad_grad_input, list(ctx.saved_tensors), per_image, pooled_h, pooled_w, spatial_scale,
         sampling_ratio, False,
     )
-    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 4
+    rest = (None,) * (len(ctx.needs_input_grad) - 2)  # as dispatched: defaults may be left out
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + rest
 
 
 _ps_roi_align_backward.register_autograd(
@@ -903,17 +887,18 @@ def _ps_roi_pool_backward(
     per_image: bool,
     input_shape: Sequence[int],
     spatial_scale: float,
+    deterministic: bool = False,
 ) -> Tensor:
     pooled = tuple(grad_output.shape[2:])
     with _on_device_of(grad_output):
         return ops.ps_roi_pool_backward(
             grad_output.detach(), _given_boxes(boxes, per_image), tuple(input_shape), pooled,
-            spatial_scale, validate=False,
+            spatial_scale, validate=False, deterministic=deterministic,
         )
 
 
 @_ps_roi_pool_backward.register_fake
-def _(grad_output, boxes, per_image, input_shape, spatial_scale):
+def _(grad_output, boxes, per_image, input_shape, spatial_scale, deterministic=False):
     return grad_output.new_empty(tuple(input_shape))
 
 
@@ -925,9 +910,8 @@ def _ps_roi_pool_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> Non
 
 def _ps_roi_pool_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
     per_image, shape, spatial_scale = ctx.args
-    _alert_not_deterministic("roi_cupy.torch.ps_roi_pool's backward", grad_output)
     grad_input = _ps_roi_pool_backward(
-        grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale
+        grad_output, list(ctx.saved_tensors), per_image, shape, spatial_scale, _deterministic()
     )
     return (grad_input, [None] * len(ctx.saved_tensors)) + (None,) * 5
 
@@ -936,7 +920,7 @@ _ps_roi_pool.register_autograd(_ps_roi_pool_grad, setup_context=_ps_roi_pool_set
 
 
 def _ps_roi_pool_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    grad_output, boxes, per_image, _, spatial_scale = inputs
+    grad_output, boxes, per_image, _, spatial_scale = inputs[:5]
     ctx.save_for_backward(*boxes)
     ctx.args = (per_image, tuple(grad_output.shape[2:]), spatial_scale)
 
@@ -948,7 +932,8 @@ def _ps_roi_pool_backward_grad(ctx: Any, grad_grad_input: Tensor) -> tuple[Any, 
         grad_grad_input, list(ctx.saved_tensors), per_image, pooled_h, pooled_w, spatial_scale,
         False,
     )
-    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 3
+    rest = (None,) * (len(ctx.needs_input_grad) - 2)  # as dispatched: defaults may be left out
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + rest
 
 
 _ps_roi_pool_backward.register_autograd(
@@ -1131,18 +1116,20 @@ def _roi_align_rotated_backward(
     sampling_ratio: Sequence[int],
     aligned: bool,
     clockwise: bool,
+    deterministic: bool = False,
 ) -> Tensor:
     pooled = tuple(grad_output.shape[2:])
     with _on_device_of(grad_output):
         return ops.roi_align_rotated_backward(
             grad_output.detach(), _given_boxes(boxes, per_image), tuple(input_shape), pooled,
             spatial_scale, sampling_ratio, aligned, clockwise, validate=False,
+            deterministic=deterministic,
         )
 
 
 @_roi_align_rotated_backward.register_fake
 def _(grad_output, boxes, per_image, input_shape, spatial_scale, sampling_ratio, aligned,
-      clockwise):
+      clockwise, deterministic=False):
     return grad_output.new_empty(tuple(input_shape))
 
 
@@ -1153,8 +1140,9 @@ def _roi_align_rotated_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) 
 
 
 def _roi_align_rotated_grad(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
-    _alert_not_deterministic("roi_cupy.torch.roi_align_rotated's backward", grad_output)
-    grad_input = _roi_align_rotated_backward(grad_output, list(ctx.saved_tensors), *ctx.args)
+    grad_input = _roi_align_rotated_backward(
+        grad_output, list(ctx.saved_tensors), *ctx.args, _deterministic()
+    )
     return (grad_input, [None] * len(ctx.saved_tensors)) + (None,) * 8
 
 
@@ -1164,7 +1152,7 @@ _roi_align_rotated.register_autograd(
 
 
 def _roi_align_rotated_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio, aligned, clockwise = inputs
+    grad_output, boxes, per_image, _, spatial_scale, sampling_ratio, aligned, clockwise = inputs[:8]
     ctx.save_for_backward(*boxes)
     ctx.args = (
         per_image, tuple(grad_output.shape[2:]), spatial_scale, sampling_ratio, aligned, clockwise
@@ -1178,7 +1166,8 @@ def _roi_align_rotated_backward_grad(ctx: Any, grad_grad_input: Tensor) -> tuple
         grad_grad_input, list(ctx.saved_tensors), per_image, pooled_h, pooled_w, spatial_scale,
         sampling_ratio, aligned, clockwise, False,
     )
-    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + (None,) * 6
+    rest = (None,) * (len(ctx.needs_input_grad) - 2)  # as dispatched: defaults may be left out
+    return (grad_grad_output, [None] * len(ctx.saved_tensors)) + rest
 
 
 _roi_align_rotated_backward.register_autograd(

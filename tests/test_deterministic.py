@@ -120,8 +120,41 @@ def pyramid_backward(case, **kwargs):
     return numpy.concatenate([grad.ravel() for grad in grads])
 
 
+def ps_case(dtype, nonfinite=False):
+    g, rois, shape = align_case(dtype, nonfinite=nonfinite)
+    return g, rois, shape[:1] + (3 * 12,) + shape[2:]  # C = 3 output channels x 3 x 4 bins
+
+
+def ps_align_backward(case, **kwargs):
+    g, rois, shape = case
+    return roi_cupy.ps_roi_align_backward(g, rois, shape, (3, 4), 1.0, 2, **kwargs)
+
+
+def ps_pool_backward(case, **kwargs):
+    g, rois, shape = case
+    return roi_cupy.ps_roi_pool_backward(g, rois, shape, (3, 4), 1.0, **kwargs)
+
+
+def rotated_case(dtype, nonfinite=False):
+    g, rois, shape = align_case(dtype, nonfinite=nonfinite)
+    rng = make_rng("deterministic rotated", numpy.dtype(dtype).name)
+    centre = (rois[:, 1:3] + rois[:, 3:5]) / 2
+    size = rois[:, 3:5] - rois[:, 1:3]
+    angle = rng.uniform(-180, 180, (len(rois), 1))
+    rotated = numpy.concatenate([rois[:, :1], centre, size, angle], axis=1)
+    return g, rotated.astype(rois.dtype), shape
+
+
+def rotated_backward(case, **kwargs):
+    g, rois, shape = case
+    return roi_cupy.roi_align_rotated_backward(g, rois, shape, (3, 4), 1.0, 2, **kwargs)
+
+
 OPS = {
     "roi_align": (align_case, align_backward),
+    "ps_roi_align": (ps_case, ps_align_backward),
+    "ps_roi_pool": (ps_case, ps_pool_backward),
+    "roi_align_rotated": (rotated_case, rotated_backward),
     "multi_scale_roi_align": (pyramid_case, pyramid_backward),
     "roi_align_max": (max_case, max_backward),
     "roi_pool": (pool_case, pool_backward),

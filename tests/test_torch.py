@@ -660,25 +660,28 @@ def test_multi_scale_backward_follows_torch_use_deterministic_algorithms(
     assert seen == [True]
 
 
-@pytest.mark.parametrize("warn_only", [False, True])
-def test_ops_without_a_deterministic_cuda_backward_alert(warn_only):
-    """As PyTorch's own operators do: raise (or warn) for a CUDA gradient under the switch,
-    nothing for a CPU one."""
-    before = torch.are_deterministic_algorithms_enabled()
-    cuda_like = type("CudaLike", (), {"is_cuda": True})()
-    try:
-        torch.use_deterministic_algorithms(True, warn_only=warn_only)
-        rt._alert_not_deterministic("ps_roi_align's backward", torch.zeros(1))  # CPU: silent
-        if warn_only:
-            with pytest.warns(UserWarning, match="ps_roi_align's backward has no deterministic"):
-                rt._alert_not_deterministic("ps_roi_align's backward", cuda_like)
-        else:
-            with pytest.raises(RuntimeError, match="ps_roi_align's backward has no determini"):
-                rt._alert_not_deterministic("ps_roi_align's backward", cuda_like)
-        torch.use_deterministic_algorithms(False)
-        rt._alert_not_deterministic("ps_roi_align's backward", cuda_like)
-    finally:
-        torch.use_deterministic_algorithms(before)
+@pytest.mark.parametrize("op", ["ps_roi_align", "ps_roi_pool", "roi_align_rotated"])
+def test_every_backward_follows_torch_use_deterministic_algorithms(
+    monkeypatch, deterministic_algorithms, op
+):
+    seen = []
+    original = getattr(rt.ops, f"{op}_backward")
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rt.ops, f"{op}_backward", recording)
+    if op == "roi_align_rotated":
+        x = _features().requires_grad_()
+        rois = torch.tensor([[0, 6.0, 5.0, 6.0, 4.0, 30.0], [1, 7.0, 6.0, 5.0, 5.0, -60.0]],
+                            dtype=torch.float64)
+        out = rt.roi_align_rotated(x, rois, 2, 1.0, 2)
+    else:
+        x = _features(shape=(N, 8, H, W)).requires_grad_()
+        out = getattr(rt, op)(x, _boxes(), 2)
+    out.sum().backward()
+    assert seen == [True]
 
 
 @pytest.mark.parametrize("names", [[], [str(i) for i in range(9)]], ids=len)

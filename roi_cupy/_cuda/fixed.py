@@ -10,6 +10,7 @@ buffer: one fill, whatever the dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy
@@ -101,3 +102,45 @@ class FixedSum:
             ),
         )
         return out
+
+
+def accumulate(
+    rt: Any,
+    shape: tuple[int, ...],
+    grad_output: Any,
+    deterministic: bool,
+    sources: int,
+    terms: int,
+    launch_with: Callable[[tuple[Any, ...]], None],
+) -> Any:
+    """A gradient ``[*shape]`` summed by one backward launch that takes either accumulator.
+
+    ``launch_with(accumulators)`` launches the kernel with ``accumulators`` in its parameter list:
+    ``(grad_input, hi, lo, flags, max_abs, count_bits, low_bits)``, where ``grad_input`` (of the
+    compute dtype, for atomicAdd) is None with ``deterministic`` and the fixed-point words are
+    None without it. It is not called when there is nothing to sum.
+
+    Args:
+        rt: the runtime.
+        shape (tuple of int): the gradient's shape.
+        grad_output: the backward pass's input; its dtype is the gradient's.
+        deterministic (bool): sum in fixed point (:class:`FixedSum`).
+        sources, terms (int): as for :class:`FixedSum`.
+        launch_with (callable): see above.
+
+    Returns:
+        ndarray[*shape] in grad_output's dtype.
+    """
+    real = launch.compute_dtype(grad_output.dtype)
+    work = grad_output.size and math.prod(shape)
+    if deterministic:
+        sums = FixedSum(rt, shape, real, sources, terms)
+        if work:
+            sums.measure(grad_output)
+            launch_with((None, *sums.sink_args()))
+        return sums.finish(grad_output.dtype)
+    # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
+    grad_input = rt.xp.zeros(shape, dtype=real)
+    if work:
+        launch_with((grad_input, None, None, None, None, numpy.int32(0), numpy.int32(0)))
+    return grad_input.astype(grad_output.dtype, copy=False)

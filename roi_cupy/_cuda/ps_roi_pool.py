@@ -6,9 +6,10 @@ Arguments arrive as ``roi_cupy._backend`` promises: C-contiguous arrays of ``rt.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from roi_cupy._cuda import launch
+from roi_cupy._cuda import fixed, launch
 
 
 def forward(
@@ -58,6 +59,7 @@ def backward(
     rois: Any,
     input_shape: tuple[int, int, int, int],
     spatial_scale: float,
+    deterministic: bool = False,
 ) -> Any:
     """Gradient of :func:`forward` with respect to its input.
 
@@ -67,26 +69,31 @@ def backward(
         rois (ndarray[K, 5]): as for :func:`forward`.
         input_shape ((int, int, int, int)): ``(N, C, H, W)``.
         spatial_scale (float): as for :func:`forward`.
+        deterministic (bool): sum in fixed point (``roi_cupy._cuda.fixed``), bitwise the same on
+            every run, instead of with floating-point atomicAdd. Default: False.
 
     Returns:
         ndarray[N, C, H, W] in grad_output's dtype.
     """
     n, _, h, w = input_shape
-    _, groups, pooled_h, pooled_w = grad_output.shape
-    real = launch.compute_dtype(grad_output.dtype)
-    # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
-    grad_input = rt.xp.zeros(input_shape, dtype=real)
-    if grad_output.size and grad_input.size:
-        index64 = launch.use_index64(grad_input.size, grad_output.size, rois.size)
-        i = launch.index_scalar(index64)
+    k, groups, pooled_h, pooled_w = grad_output.shape
+    index64 = launch.use_index64(math.prod(input_shape), grad_output.size, rois.size)
+    i = launch.index_scalar(index64)
+    real = launch.compute_dtype(grad_output.dtype).type
+
+    def launch_with(accumulators: tuple[Any, ...]) -> None:
         grid, block = launch.grid(grad_output.size)
         rt.function(launch.kernel_name("ps_roi_pool_backward", grad_output.dtype, index64))(
             grid,
             block,
             (
-                grad_output, rois, grad_input,
+                grad_output, rois, *accumulators,
                 i(grad_output.size), i(groups), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-                real.type(spatial_scale),
+                real(spatial_scale),
             ),
         )
-    return grad_input.astype(grad_output.dtype, copy=False)
+
+    # An input channel belongs to one bin of one output channel: one term per RoI and pixel.
+    return fixed.accumulate(
+        rt, input_shape, grad_output, deterministic, sources=k, terms=k, launch_with=launch_with
+    )

@@ -6,11 +6,12 @@ Arguments arrive as ``roi_cupy._backend`` promises: C-contiguous arrays of ``rt.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy
 
-from roi_cupy._cuda import launch
+from roi_cupy._cuda import fixed, launch
 from roi_cupy._cuda.roi_align import _sampling
 
 
@@ -76,6 +77,7 @@ def backward(
     sampling_ratio: tuple[int, int],
     aligned: bool,
     clockwise: bool,
+    deterministic: bool = False,
 ) -> Any:
     """Gradient of :func:`forward` with respect to its input.
 
@@ -85,28 +87,44 @@ def backward(
         rois (ndarray[K, 6]): as for :func:`forward`.
         input_shape ((int, int, int, int)): ``(N, C, H, W)``.
         spatial_scale, sampling_ratio, aligned, clockwise: as for :func:`forward`.
+        deterministic (bool): sum in fixed point (``roi_cupy._cuda.fixed``), bitwise the same on
+            every run, instead of with floating-point atomicAdd. Default: False.
 
     Returns:
         ndarray[N, C, H, W] in grad_output's dtype.
     """
     n, c, h, w = input_shape
-    _, _, pooled_h, pooled_w = grad_output.shape
-    real = launch.compute_dtype(grad_output.dtype)
-    # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
-    grad_input = rt.xp.zeros(input_shape, dtype=real)
-    if grad_output.size and grad_input.size:
-        index64 = launch.use_index64(grad_input.size, grad_output.size, rois.size)
-        i = launch.index_scalar(index64)
+    k, _, pooled_h, pooled_w = grad_output.shape
+    index64 = launch.use_index64(math.prod(input_shape), grad_output.size, rois.size)
+    i = launch.index_scalar(index64)
+    real = launch.compute_dtype(grad_output.dtype).type
+
+    def launch_with(accumulators: tuple[Any, ...]) -> None:
         grid, block = launch.grid(grad_output.size)
         name = launch.kernel_name("roi_align_rotated_backward", grad_output.dtype, index64)
         rt.function(name)(
             grid,
             block,
             (
-                grad_output, rois, grad_input,
+                grad_output, rois, *accumulators,
                 i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-                real.type(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
+                real(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
                 numpy.bool_(clockwise),
             ),
         )
-    return grad_input.astype(grad_output.dtype, copy=False)
+
+    bins = k * pooled_h * pooled_w
+    return fixed.accumulate(
+        rt, input_shape, grad_output, deterministic, sources=bins,
+        terms=bins * _terms_per_bin(sampling_ratio), launch_with=launch_with,
+    )
+
+
+def _terms_per_bin(sampling_ratio: tuple[int, int]) -> int:
+    """The most terms one bin adds to one gradient element: four corners of each sample near it.
+    A turned bin's samples near a pixel (within a 2 x 2 square) number at most ``a_h * a_w``,
+    ``a`` the fixed sampling of that axis or, adaptive, 7: adaptive samples are at least half a
+    pixel apart along the box's axes, and a 2 x 2 square holds fewer than 7 x 7 points of such a
+    lattice whatever its angle."""
+    near = [min(s, 2**20) if s > 0 else 7 for s in sampling_ratio]
+    return 4 * near[0] * near[1]

@@ -92,8 +92,10 @@ def ps_roi_align_backward(
     input_shape: tuple[int, int, int, int],
     spatial_scale: float,
     sampling_ratio: tuple[int, int],
+    deterministic: bool = False,
 ) -> numpy.ndarray:
-    """Gradient of PS RoI Align with respect to its input; deterministic.
+    """Gradient of PS RoI Align with respect to its input; deterministic
+    (``deterministic`` is accepted for the backend contract).
 
     Args:
         grad_output (ndarray[K, C / (PH * PW), PH, PW]): gradient of the output, any strides.

@@ -87,8 +87,10 @@ def ps_roi_pool_backward(
     rois: numpy.ndarray,
     input_shape: tuple[int, int, int, int],
     spatial_scale: float,
+    deterministic: bool = False,
 ) -> numpy.ndarray:
-    """Gradient of PS RoI Pool with respect to its input; deterministic.
+    """Gradient of PS RoI Pool with respect to its input; deterministic
+    (``deterministic`` is accepted for the backend contract).
 
     Args:
         grad_output (ndarray[K, C / (PH * PW), PH, PW]): gradient of the output, any strides.

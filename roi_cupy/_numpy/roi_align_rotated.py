@@ -419,8 +419,10 @@ def roi_align_rotated_backward(
     sampling_ratio: tuple[int, int],
     aligned: bool,
     clockwise: bool,
+    deterministic: bool = False,
 ) -> numpy.ndarray:
-    """Gradient of RoI Align Rotated with respect to its input; deterministic.
+    """Gradient of RoI Align Rotated with respect to its input; deterministic
+    (``deterministic`` is accepted for the backend contract).
 
     Contributions are summed in a fixed order into an accumulator of the compute dtype (float32
     for float16, bfloat16 and float32, float64 for float64) and rounded once into the result.

@@ -68,6 +68,7 @@ def ps_roi_align_backward(
     sampling_ratio: SamplingLike = -1,
     *,
     validate: bool = True,
+    deterministic: bool = False,
 ) -> Any:
     """Gradient of :func:`ps_roi_align` with respect to its input (boxes get none).
 
@@ -77,23 +78,28 @@ def ps_roi_align_backward(
         boxes, output_size, spatial_scale, sampling_ratio, validate: as passed to
             :func:`ps_roi_align`.
         input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
+        deterministic (bool): the same bits on every run: on a GPU the sums are kept in 64-bit
+            fixed point instead of floating-point atomics (docs/semantics.md); NumPy always sums
+            in a fixed order. Default: False.
 
     Returns:
-        Tensor[N, C, H, W]: in grad_output's dtype and array kind. Deterministic on NumPy.
+        Tensor[N, C, H, W]: in grad_output's dtype and array kind.
     """
     call = _args.Call(grad_output, "grad_output")
     shape = _args.input_shape_of(input_shape)
     size = _args.output_size_pair(output_size)
     groups = _args.position_groups(shape[1], size, "input_shape", output_size)
     compute = _args.compute_dtype(call.array.dtype)
-    scale, ratio = _args.spatial_scale_of(spatial_scale, compute), _args.sampling_of(sampling_ratio)
+    scale = _args.spatial_scale_of(spatial_scale, compute)
+    ratio = _args.sampling_of(sampling_ratio)
     validate = _args.flag(validate, "validate")
+    deterministic = _args.flag(deterministic, "deterministic")
     prepared = _args.normalise_boxes(boxes, shape[0], call.device, compute)
     _args.check_position_grad_output(call.array, prepared.array.shape[0], groups, size)
     with call.scope():
         if validate:
             prepared.check(call.backend, shape[0])
         grad_input = call.backend.ps_roi_align_backward(
-            call.native(), prepared.array, shape, scale, ratio
+            call.native(), prepared.array, shape, scale, ratio, deterministic=deterministic
         )
     return call.give_back(grad_input)

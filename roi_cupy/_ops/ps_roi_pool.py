@@ -63,6 +63,7 @@ def ps_roi_pool_backward(
     spatial_scale: float = 1.0,
     *,
     validate: bool = True,
+    deterministic: bool = False,
 ) -> Any:
     """Gradient of :func:`ps_roi_pool` with respect to its input (boxes get none): each pixel of
     a bin's window receives the bin's gradient divided by the window's area.
@@ -72,9 +73,12 @@ def ps_roi_pool_backward(
             output.
         boxes, output_size, spatial_scale, validate: as passed to :func:`ps_roi_pool`.
         input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
+        deterministic (bool): the same bits on every run: on a GPU the sums are kept in 64-bit
+            fixed point instead of floating-point atomics (docs/semantics.md); NumPy always sums
+            in a fixed order. Default: False.
 
     Returns:
-        Tensor[N, C, H, W]: in grad_output's dtype and array kind. Deterministic on NumPy.
+        Tensor[N, C, H, W]: in grad_output's dtype and array kind.
     """
     call = _args.Call(grad_output, "grad_output")
     shape = _args.input_shape_of(input_shape)
@@ -83,10 +87,13 @@ def ps_roi_pool_backward(
     compute = _args.compute_dtype(call.array.dtype)
     scale = _args.spatial_scale_of(spatial_scale, compute)
     validate = _args.flag(validate, "validate")
+    deterministic = _args.flag(deterministic, "deterministic")
     prepared = _args.normalise_boxes(boxes, shape[0], call.device, compute)
     _args.check_position_grad_output(call.array, prepared.array.shape[0], groups, size)
     with call.scope():
         if validate:
             prepared.check(call.backend, shape[0])
-        grad_input = call.backend.ps_roi_pool_backward(call.native(), prepared.array, shape, scale)
+        grad_input = call.backend.ps_roi_pool_backward(
+            call.native(), prepared.array, shape, scale, deterministic=deterministic
+        )
     return call.give_back(grad_input)

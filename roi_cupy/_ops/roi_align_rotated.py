@@ -80,6 +80,7 @@ def roi_align_rotated_backward(
     clockwise: bool = False,
     *,
     validate: bool = True,
+    deterministic: bool = False,
 ) -> Any:
     """Gradient of :func:`roi_align_rotated` with respect to its input (boxes get none).
 
@@ -88,23 +89,29 @@ def roi_align_rotated_backward(
         boxes, output_size, spatial_scale, sampling_ratio, aligned, clockwise, validate: as
             passed to :func:`roi_align_rotated`.
         input_shape ((int, int, int, int)): ``(N, C, H, W)`` of the forward input.
+        deterministic (bool): the same bits on every run: on a GPU the sums are kept in 64-bit
+            fixed point instead of floating-point atomics (docs/semantics.md); NumPy always sums
+            in a fixed order. Default: False.
 
     Returns:
-        Tensor[N, C, H, W]: in grad_output's dtype and array kind. Deterministic on NumPy.
+        Tensor[N, C, H, W]: in grad_output's dtype and array kind.
     """
     call = _args.Call(grad_output, "grad_output")
     shape = _args.input_shape_of(input_shape)
     size = _args.output_size_pair(output_size)
     compute = _args.compute_dtype(call.array.dtype)
-    scale, ratio = _args.spatial_scale_of(spatial_scale, compute), _args.sampling_of(sampling_ratio)
+    scale = _args.spatial_scale_of(spatial_scale, compute)
+    ratio = _args.sampling_of(sampling_ratio)
     aligned, clockwise = _args.flag(aligned, "aligned"), _args.flag(clockwise, "clockwise")
     validate = _args.flag(validate, "validate")
+    deterministic = _args.flag(deterministic, "deterministic")
     prepared = _args.normalise_boxes(boxes, shape[0], call.device, compute, _COLUMNS)
     _args.check_grad_output(call.array, prepared.array.shape[0], shape[1], size)
     with call.scope():
         if validate:
             prepared.check(call.backend, shape[0])
         grad_input = call.backend.roi_align_rotated_backward(
-            call.native(), prepared.array, shape, scale, ratio, aligned, clockwise
+            call.native(), prepared.array, shape, scale, ratio, aligned, clockwise,
+            deterministic=deterministic,
         )
     return call.give_back(grad_input)
