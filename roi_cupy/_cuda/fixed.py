@@ -104,6 +104,16 @@ class FixedSum:
         return out
 
 
+def twin(kernel: str, accumulators: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    """For a backward kernel with a ``<kernel>_deterministic`` twin (RoI Align's, RoI Pool's): the
+    kernel to launch for :func:`accumulate`'s ``accumulators`` and the parameters it takes of
+    them (``grad_input`` for the atomic one, the fixed-point words for the twin)."""
+    grad_input, *fixed_point = accumulators
+    if grad_input is None:
+        return f"{kernel}_deterministic", tuple(fixed_point)
+    return kernel, (grad_input,)
+
+
 def accumulate(
     rt: Any,
     shape: tuple[int, ...],

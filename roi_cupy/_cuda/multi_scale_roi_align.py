@@ -125,27 +125,14 @@ def backward(
     """
     n, c = input_shapes[0][:2]
     k, _, pooled_h, pooled_w = grad_output.shape
-    real = launch.compute_dtype(grad_output.dtype)
+    real = launch.compute_dtype(grad_output.dtype).type
     sizes = [math.prod(shape) for shape in input_shapes]
     offsets = [sum(sizes[:level]) for level in range(len(sizes))]
     total = sum(sizes)
-    # Every level's gradient back to back, in one accumulator: of the compute dtype for atomicAdd
-    # (half is rounded once at the end), or fixed point.
-    sums = grad_input = None
-    if deterministic:
-        bins = k * pooled_h * pooled_w
-        sums = fixed.FixedSum(
-            rt, (total,), real, sources=bins, terms=bins * roi_align.terms_per_bin(sampling_ratio)
-        )
-        accumulators = (None, *sums.sink_args())
-    else:
-        grad_input = rt.xp.zeros(total, dtype=real)
-        accumulators = (grad_input, None, None, None, None, numpy.int32(0), numpy.int32(0))
-    if grad_output.size and total:
-        index64 = launch.use_index64(total, grad_output.size, rois.size)
-        i = launch.index_scalar(index64)
-        if sums is not None:
-            sums.measure(grad_output)
+    index64 = launch.use_index64(total, grad_output.size, rois.size)
+    i = launch.index_scalar(index64)
+
+    def launch_with(accumulators: tuple[Any, ...]) -> None:
         grid, block = launch.grid(grad_output.size)
         name = launch.kernel_name("multi_scale_roi_align_backward", grad_output.dtype, index64)
         rt.function(name)(
@@ -154,16 +141,16 @@ def backward(
             (
                 grad_output, rois, *accumulators, i(grad_output.size), i(c), i(n), i(pooled_h),
                 i(pooled_w), *_sampling(sampling_ratio), numpy.bool_(aligned),
-                real.type(canonical_scale), numpy.int32(len(input_shapes)),
-                numpy.int32(len(bounds)),
-                *_levels(
-                    [i(o) for o in offsets], input_shapes, spatial_scales, bounds, i, real.type
-                ),
+                real(canonical_scale), numpy.int32(len(input_shapes)), numpy.int32(len(bounds)),
+                *_levels([i(o) for o in offsets], input_shapes, spatial_scales, bounds, i, real),
             ),
         )
-    flat = (
-        sums.finish(grad_output.dtype) if sums is not None
-        else grad_input.astype(grad_output.dtype, copy=False)
+
+    # Every level's gradient back to back, in one accumulator.
+    bins = k * pooled_h * pooled_w
+    flat = fixed.accumulate(
+        rt, (total,), grad_output, deterministic, sources=bins,
+        terms=bins * roi_align.terms_per_bin(sampling_ratio), launch_with=launch_with,
     )
     return [
         flat[offset : offset + size].reshape(shape)

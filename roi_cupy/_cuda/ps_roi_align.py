@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy
 
 from roi_cupy._cuda import fixed, launch, roi_align
 from roi_cupy._cuda.roi_align import _sampling

@@ -122,38 +122,36 @@ def _backward(
     grad_output = reads[0]
     n, c, h, w = input_shape
     k, _, pooled_h, pooled_w = grad_output.shape
-    real = launch.compute_dtype(grad_output.dtype)
-    work = grad_output.size and math.prod(input_shape)
+    real = launch.compute_dtype(grad_output.dtype).type
     index64 = launch.use_index64(math.prod(input_shape), grad_output.size, rois.size)
     i = launch.index_scalar(index64)
-    geometry = (
-        i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-        real.type(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
-    )
-    if deterministic:
-        bins = k * pooled_h * pooled_w
-        sums = fixed.FixedSum(rt, input_shape, real, sources=bins, terms=bins * bin_terms)
-        if work:
-            sums.measure(grad_output)
-            grid, block = launch.grid(grad_output.size)
-            name = launch.kernel_name(f"{kernel}_deterministic", grad_output.dtype, index64)
-            rt.function(name)(grid, block, (*reads, rois, *sums.sink_args(), *geometry))
-        return sums.finish(grad_output.dtype)
-    # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
-    grad_input = rt.xp.zeros(input_shape, dtype=real)
-    if work:
+
+    def launch_with(accumulators: tuple[Any, ...]) -> None:
+        name, sums = fixed.twin(kernel, accumulators)
         grid, block = launch.grid(grad_output.size)
-        rt.function(launch.kernel_name(kernel, grad_output.dtype, index64))(
-            grid, block, (*reads, rois, grad_input, *geometry)
+        rt.function(launch.kernel_name(name, grad_output.dtype, index64))(
+            grid,
+            block,
+            (
+                *reads, rois, *sums,
+                i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+                real(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
+            ),
         )
-    return grad_input.astype(grad_output.dtype, copy=False)
+
+    bins = k * pooled_h * pooled_w
+    return fixed.accumulate(
+        rt, input_shape, grad_output, deterministic, sources=bins, terms=bins * bin_terms,
+        launch_with=launch_with,
+    )
 
 
-def terms_per_bin(sampling_ratio: tuple[int, int]) -> int:
+def terms_per_bin(sampling_ratio: tuple[int, int], adaptive: int = 5) -> int:
     """The most terms one bin can add to one gradient element: four corners of each sample near
-    it, with at most ``sampling`` samples per axis (fixed) or 5 (adaptive: samples are at least
-    half a pixel apart, and a pixel takes samples from less than two pixels around it)."""
-    near = [min(s, _MAX_GRID) if s > 0 else 5 for s in sampling_ratio]
+    it, with at most ``sampling`` samples per axis (fixed) or ``adaptive`` (5 for upright bins:
+    their samples are at least half a pixel apart, and a pixel takes samples from less than two
+    pixels around it)."""
+    near = [min(s, _MAX_GRID) if s > 0 else adaptive for s in sampling_ratio]
     return 4 * near[0] * near[1]
 
 

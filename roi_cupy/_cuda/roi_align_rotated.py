@@ -11,8 +11,13 @@ from typing import Any
 
 import numpy
 
-from roi_cupy._cuda import fixed, launch
+from roi_cupy._cuda import fixed, launch, roi_align
 from roi_cupy._cuda.roi_align import _sampling
+
+# Adaptive samples near a pixel along one axis of a turned bin: they are at least half a pixel
+# apart along the box's axes, and a 2 x 2 square holds fewer than 7 x 7 points of such a lattice
+# whatever its angle.
+_ADAPTIVE_NEAR = 7
 
 
 def forward(
@@ -116,15 +121,6 @@ def backward(
     bins = k * pooled_h * pooled_w
     return fixed.accumulate(
         rt, input_shape, grad_output, deterministic, sources=bins,
-        terms=bins * _terms_per_bin(sampling_ratio), launch_with=launch_with,
+        terms=bins * roi_align.terms_per_bin(sampling_ratio, adaptive=_ADAPTIVE_NEAR),
+        launch_with=launch_with,
     )
-
-
-def _terms_per_bin(sampling_ratio: tuple[int, int]) -> int:
-    """The most terms one bin adds to one gradient element: four corners of each sample near it.
-    A turned bin's samples near a pixel (within a 2 x 2 square) number at most ``a_h * a_w``,
-    ``a`` the fixed sampling of that axis or, adaptive, 7: adaptive samples are at least half a
-    pixel apart along the box's axes, and a 2 x 2 square holds fewer than 7 x 7 points of such a
-    lattice whatever its angle."""
-    near = [min(s, 2**20) if s > 0 else 7 for s in sampling_ratio]
-    return 4 * near[0] * near[1]

@@ -89,30 +89,24 @@ def backward(
     """
     n, c, h, w = input_shape
     k, _, pooled_h, pooled_w = grad_output.shape
-    real = launch.compute_dtype(grad_output.dtype)
-    work = grad_output.size and math.prod(input_shape)
     index64 = launch.use_index64(math.prod(input_shape), grad_output.size, rois.size)
     i = launch.index_scalar(index64)
-    geometry = (
-        i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-    )
-    if deterministic:
-        # A gradient element takes at most one term from each of the K * PH * PW bins of its
-        # channel.
-        bins = k * pooled_h * pooled_w
-        sums = fixed.FixedSum(rt, input_shape, real, sources=bins, terms=bins)
-        if work:
-            sums.measure(grad_output)
-            grid, block = launch.grid(grad_output.size)
-            rt.function(
-                launch.kernel_name("roi_pool_backward_deterministic", grad_output.dtype, index64)
-            )(grid, block, (grad_output, rois, argmax, *sums.sink_args(), *geometry))
-        return sums.finish(grad_output.dtype)
-    # Accumulated with atomicAdd in the compute dtype; half is rounded once at the end.
-    grad_input = rt.xp.zeros(input_shape, dtype=real)
-    if work:
+
+    def launch_with(accumulators: tuple[Any, ...]) -> None:
+        name, sums = fixed.twin("roi_pool_backward", accumulators)
         grid, block = launch.grid(grad_output.size)
-        rt.function(launch.kernel_name("roi_pool_backward", grad_output.dtype, index64))(
-            grid, block, (grad_output, rois, argmax, grad_input, *geometry)
+        rt.function(launch.kernel_name(name, grad_output.dtype, index64))(
+            grid,
+            block,
+            (
+                grad_output, rois, argmax, *sums,
+                i(grad_output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+            ),
         )
-    return grad_input.astype(grad_output.dtype, copy=False)
+
+    # A gradient element takes at most one term from each of the K * PH * PW bins of its channel.
+    bins = k * pooled_h * pooled_w
+    return fixed.accumulate(
+        rt, input_shape, grad_output, deterministic, sources=bins, terms=bins,
+        launch_with=launch_with,
+    )
