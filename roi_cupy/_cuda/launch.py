@@ -71,3 +71,43 @@ class CupyRuntime:
             found = kernels.module(self.device_id).get_function(name_expression)
             self._functions[name_expression] = found
         return found
+
+
+def pooled_forward(
+    rt: Any,
+    kernel: str,
+    input: Any,
+    rois: Any,
+    channels: int,
+    pooled_h: int,
+    pooled_w: int,
+    tail: Callable[[type], tuple[Any, ...]],
+) -> Any:
+    """Launch a forward kernel that writes one output element per thread and return its output
+    ``[K, channels, PH, PW]`` in the input's dtype (all zeros when the feature plane is empty:
+    there is no pixel to read, so every RoI is invalid).
+
+    The kernel takes ``(input, rois, output, I total, I channels, I H, I W, I N, I PH, I PW,
+    *tail(real))``, ``real`` the numpy scalar type of the compute dtype (for the spatial scale and
+    what follows it).
+    """
+    n, _, h, w = input.shape
+    output = rt.xp.empty((rois.shape[0], channels, pooled_h, pooled_w), dtype=input.dtype)
+    if output.size == 0:
+        return output
+    if input.size == 0:
+        output[...] = 0
+        return output
+    index64 = use_index64(input.size, output.size, rois.size)
+    i = index_scalar(index64)
+    blocks, threads = grid(output.size)
+    rt.function(kernel_name(kernel, input.dtype, index64))(
+        blocks,
+        threads,
+        (
+            input, rois, output,
+            i(output.size), i(channels), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
+            *tail(compute_dtype(input.dtype).type),
+        ),
+    )
+    return output

@@ -28,29 +28,11 @@ def forward(
     Returns:
         ndarray[K, C / (PH * PW), PH, PW] in the input's dtype.
     """
-    n, c, h, w = input.shape
-    k = rois.shape[0]
-    groups = c // (pooled_h * pooled_w)
-    output = rt.xp.empty((k, groups, pooled_h, pooled_w), dtype=input.dtype)
-    if output.size == 0:
-        return output
-    if input.size == 0:  # every window is empty
-        output[...] = 0
-        return output
-    index64 = launch.use_index64(input.size, output.size, rois.size)
-    i = launch.index_scalar(index64)
-    real = launch.compute_dtype(input.dtype).type
-    grid, block = launch.grid(output.size)
-    rt.function(launch.kernel_name("ps_roi_pool_forward", input.dtype, index64))(
-        grid,
-        block,
-        (
-            input, rois, output,
-            i(output.size), i(groups), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-            real(spatial_scale),
-        ),
+    # An empty plane gives zeros: every window is empty.
+    return launch.pooled_forward(
+        rt, "ps_roi_pool_forward", input, rois, input.shape[1] // (pooled_h * pooled_w),
+        pooled_h, pooled_w, lambda real: (real(spatial_scale),),
     )
-    return output
 
 
 def backward(

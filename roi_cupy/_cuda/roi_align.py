@@ -50,28 +50,10 @@ def forward(
     Returns:
         ndarray[K, C, PH, PW] in the input's dtype.
     """
-    n, c, h, w = input.shape
-    k = rois.shape[0]
-    output = rt.xp.empty((k, c, pooled_h, pooled_w), dtype=input.dtype)
-    if output.size == 0:
-        return output
-    if input.size == 0:  # no pixel to sample: every RoI is invalid
-        output[...] = 0
-        return output
-    index64 = launch.use_index64(input.size, output.size, rois.size)
-    i = launch.index_scalar(index64)
-    real = launch.compute_dtype(input.dtype).type
-    grid, block = launch.grid(output.size)
-    rt.function(launch.kernel_name(kernel, input.dtype, index64))(
-        grid,
-        block,
-        (
-            input, rois, output,
-            i(output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-            real(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned),
-        ),
+    return launch.pooled_forward(
+        rt, kernel, input, rois, input.shape[1], pooled_h, pooled_w,
+        lambda real: (real(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned)),
     )
-    return output
 
 
 def backward(
