@@ -132,6 +132,21 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return Backend(request.param)
 
 
+@pytest.fixture(params=("numpy", "numpy-tiled") + BACKENDS[1:], ids=str)
+def align_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """The backends, with RoI Align's NumPy code run twice: as it chooses (small calls, as most
+    here are, take its dense path) and with every call on its tiled path ("numpy-tiled")."""
+    if request.param == "numpy-tiled":
+        from roi_cupy._numpy import roi_align
+
+        monkeypatch.setattr(roi_align, "_SMALL_ROIS", -1)
+        return Backend("numpy")
+    ok, why = availability(request.param)
+    if not ok:
+        pytest.skip(f"backend {request.param!r} is not available: {why}")
+    return Backend(request.param)
+
+
 def assert_matches(
     actual: Any,
     expected: numpy.ndarray,

@@ -57,7 +57,7 @@ def assert_adjoint(lhs, x, grad, dtype):
 # ----------------------------------------------------------------------------- RoI Align
 @pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2], ids=str)
-def test_align_finite_differences(backend, aligned, sampling_ratio):
+def test_align_finite_differences(align_backend, aligned, sampling_ratio):
     """Central differences of <roi_align(x), g> in every input element match the backward.
 
     Continuous random box coordinates keep every sample off pixel boundaries."""
@@ -67,15 +67,15 @@ def test_align_finite_differences(backend, aligned, sampling_ratio):
     rois = random_boxes(rng, 2, 4, 5, 6)
     g = random_features(rng, (4, 2, 2, 3), numpy.float64)
     kwargs = dict(spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=aligned)
-    grad = align_backward(backend, g, rois, shape, (2, 3), **kwargs)
+    grad = align_backward(align_backend, g, rois, shape, (2, 3), **kwargs)
     eps = 1e-3
     numeric = numpy.empty(shape)
     for i in numpy.ndindex(shape):
         plus, minus = x.copy(), x.copy()
         plus[i] += eps
         minus[i] -= eps
-        up = (align_forward(backend, plus, rois, (2, 3), **kwargs) * g).sum()
-        down = (align_forward(backend, minus, rois, (2, 3), **kwargs) * g).sum()
+        up = (align_forward(align_backend, plus, rois, (2, 3), **kwargs) * g).sum()
+        down = (align_forward(align_backend, minus, rois, (2, 3), **kwargs) * g).sum()
         numeric[i] = (up - down) / (2 * eps)
     assert numpy.abs(numeric).max() > 0
     numpy.testing.assert_allclose(grad, numeric, rtol=0, atol=1e-9)
@@ -97,11 +97,11 @@ def align_case(dtype_name, aligned, sampling_ratio, spatial_scale):
 @pytest.mark.parametrize("sampling_ratio", SAMPLING_RATIOS, ids=str)
 @pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
-def test_align_backward_matches_reference(backend, dtype, aligned, sampling_ratio, spatial_scale):
+def test_align_backward_matches_reference(align_backend, dtype, aligned, sampling_ratio, spatial_scale):
     case = (numpy.dtype(dtype).name, aligned, sampling_ratio, spatial_scale)
     x, rois, g, expected = align_case(*case)
     kwargs = dict(spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned)
-    grad = align_backward(backend, g, rois, x.shape, (3, 2), **kwargs)
+    grad = align_backward(align_backend, g, rois, x.shape, (3, 2), **kwargs)
     assert_matches(grad, expected, dtype, x.shape)
 
 
@@ -109,33 +109,33 @@ def test_align_backward_matches_reference(backend, dtype, aligned, sampling_rati
 @pytest.mark.parametrize("sampling_ratio", SAMPLING_RATIOS, ids=str)
 @pytest.mark.parametrize("aligned", [False, True], ids=["unaligned", "aligned"])
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
-def test_align_adjoint(backend, dtype, aligned, sampling_ratio, spatial_scale):
+def test_align_adjoint(align_backend, dtype, aligned, sampling_ratio, spatial_scale):
     """<roi_align(x), g> == <x, roi_align_backward(g)>."""
     x, rois, g, _ = align_case(numpy.dtype(dtype).name, aligned, sampling_ratio, spatial_scale)
     kwargs = dict(spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned)
-    out = align_forward(backend, x, rois, (3, 2), **kwargs)
-    grad = align_backward(backend, g, rois, x.shape, (3, 2), **kwargs)
+    out = align_forward(align_backend, x, rois, (3, 2), **kwargs)
+    grad = align_backward(align_backend, g, rois, x.shape, (3, 2), **kwargs)
     lhs = float((out.astype(numpy.float64) * g.astype(numpy.float64)).sum())
     assert_adjoint(lhs, x, grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
-def test_align_backward_strided_grad_output(backend, dtype):
+def test_align_backward_strided_grad_output(align_backend, dtype):
     x, rois, g, expected = align_case(numpy.dtype(dtype).name, True, 2, 0.5)
-    grad = align_backward(backend, g, rois, x.shape, (3, 2), contiguous=False,
+    grad = align_backward(align_backend, g, rois, x.shape, (3, 2), contiguous=False,
                           spatial_scale=0.5, sampling_ratio=2, aligned=True)
     assert_matches(grad, expected, dtype, x.shape)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
-def test_align_backward_empty(backend, dtype):
+def test_align_backward_empty(align_backend, dtype):
     g = numpy.ones((0, 3, 2, 2), dtype=dtype)
-    grad = align_backward(backend, g, numpy.zeros((0, 5), compute_dtype(dtype)), (2, 3, 4, 5), 2)
+    grad = align_backward(align_backend, g, numpy.zeros((0, 5), compute_dtype(dtype)), (2, 3, 4, 5), 2)
     assert_matches(grad, numpy.zeros((2, 3, 4, 5)), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
-def test_align_backward_invalid_rois_give_no_gradient(backend, dtype):
+def test_align_backward_invalid_rois_give_no_gradient(align_backend, dtype):
     rng = make_rng("align backward invalid", numpy.dtype(dtype).name)
     shape = (2, 2, 6, 6)
     valid = random_boxes(rng, 2, 3, 6, 6)
@@ -145,7 +145,7 @@ def test_align_backward_invalid_rois_give_no_gradient(backend, dtype):
     ])
     rois = numpy.concatenate([valid, invalid]).astype(compute_dtype(dtype))
     g = random_features(rng, (len(rois), 2, 2, 2), dtype)
-    grad = align_backward(backend, g, rois, shape, 2, sampling_ratio=2, validate=False)
+    grad = align_backward(align_backend, g, rois, shape, 2, sampling_ratio=2, validate=False)
     expected = roi_align_backward_ref(g[:3], rois[:3], shape, 1.0, 2, False)
     numpy.testing.assert_array_equal(
         expected, roi_align_backward_ref(g, rois, shape, 1.0, 2, False)

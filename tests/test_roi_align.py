@@ -35,6 +35,12 @@ from reference import (
 import roi_cupy
 
 
+@pytest.fixture
+def backend(align_backend):
+    """Every test here runs on both paths of the NumPy code (conftest.align_backend)."""
+    return align_backend
+
+
 def run(backend, x, boxes, output_size, contiguous=True, **kwargs):
     """roi_align on ``backend`` with NumPy ``x`` and boxes ([K, 5] or a per-image list)."""
     if isinstance(boxes, list):
@@ -354,6 +360,82 @@ def test_many_rois_numpy():
         numpy.testing.assert_allclose(out[k : k + 1], single, rtol=0, atol=1e-12)
     few = picks[:8]
     assert_matches(out[few], roi_align_ref(x, rois[few], 7, 0.5, -1, True), numpy.float64)
+
+
+# ----------------------------------------------------------------------------- small calls
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_small_calls_take_the_dense_path_with_the_tiled_numbers(monkeypatch, dtype):
+    """A small call builds dense weight matrices (few NumPy calls) where a large one builds
+    compressed windows: both give the same numbers, forward and backward, in every dtype, for
+    boxes inside, across and outside the map, zero-size and reversed ones, invalid rows
+    (validate=False), sampling pairs and adaptive grids."""
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    dense_calls = []
+    dense = numpy_align._dense
+    monkeypatch.setattr(numpy_align, "_dense", lambda *a: dense_calls.append(1) or dense(*a))
+    dtype = numpy.dtype(dtype)
+    rng = make_rng("align small", dtype.name)
+    for case in range(24):
+        n, c, h, w = 2, int(rng.integers(1, 4)), int(rng.integers(1, 11)), int(rng.integers(1, 11))
+        x = random_features(rng, (n, c, h, w), dtype)
+        rois = random_boxes(rng, n, 6, h, w, 1.0, dtype=compute_dtype(dtype))
+        rois[0, 3] = rois[0, 1]  # zero width
+        rois[1, 1:] = rois[1, [3, 4, 1, 2]]  # reversed
+        rois[2, 1:] += 3 * max(h, w)  # outside the map
+        rois[3, 0] = n  # invalid
+        sampling = [(2, 2), (-1, -1), (0, 3), (1, 1)][case % 4]
+        kw = dict(spatial_scale=1.0, sampling_ratio=sampling, aligned=bool(case % 2))
+        size = (int(rng.integers(1, 5)), int(rng.integers(1, 5)))
+        out = roi_cupy.roi_align(x, rois, size, validate=False, **kw)
+        grad = random_features(rng, out.shape, dtype)
+        back = roi_cupy.roi_align_backward(grad, rois, x.shape, size, validate=False, **kw)
+        assert len(dense_calls) == 2 * (case + 1)
+        with monkeypatch.context() as tiled:
+            tiled.setattr(numpy_align, "_SMALL_ROIS", -1)
+            out_tiled = roi_cupy.roi_align(x, rois, size, validate=False, **kw)
+            back_tiled = roi_cupy.roi_align_backward(
+                grad, rois, x.shape, size, validate=False, **kw
+            )
+        assert len(dense_calls) == 2 * (case + 1)
+        assert out.dtype == out_tiled.dtype == dtype and back.dtype == dtype
+        assert not out[3].any()  # the invalid row
+        assert_matches(out, out_tiled.astype(numpy.float64), dtype, out_tiled.shape)
+        assert_matches(back, back_tiled.astype(numpy.float64), dtype, back_tiled.shape)
+        expected = roi_align_ref(x, numpy.delete(rois, 3, 0), size, **kw)
+        assert_matches(numpy.delete(out, 3, 0), expected, dtype)
+
+
+def test_small_call_limits(monkeypatch):
+    """Past any of the small-call limits (RoIs, plane values, samples per axis) a call takes the
+    tiled path; non-finite features or gradients too (they must stay in their own bins)."""
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    dense_calls = []
+    dense = numpy_align._dense
+    monkeypatch.setattr(numpy_align, "_dense", lambda *a: dense_calls.append(1) or dense(*a))
+    rng = make_rng("align small limits")
+    x = random_features(rng, (1, 2, 8, 8), numpy.float32)
+    rois = random_boxes(rng, 1, 4, 8, 8)
+
+    def dense_taken(x, rois, sampling_ratio=2):
+        before = len(dense_calls)
+        roi_cupy.roi_align(x, rois, 3, sampling_ratio=sampling_ratio)
+        return len(dense_calls) > before
+
+    assert dense_taken(x, rois)
+    assert not dense_taken(x, numpy.repeat(rois, numpy_align._SMALL_ROIS, axis=0))
+    wide = random_features(rng, (1, 2, 8, numpy_align._SMALL_VALUES // 8), numpy.float32)
+    assert not dense_taken(wide, rois)
+    assert not dense_taken(x, rois, sampling_ratio=numpy_align._SMALL_SAMPLES)
+    nan = x.copy()
+    nan[0, 0, 0, 0] = numpy.nan
+    assert not dense_taken(nan, rois)
+    grad = random_features(rng, (4, 2, 3, 3), numpy.float32)
+    grad[0, 0, 0, 0] = numpy.inf
+    before = len(dense_calls)
+    roi_cupy.roi_align_backward(grad, rois, x.shape, 3, sampling_ratio=2)
+    assert len(dense_calls) == before
 
 
 # ----------------------------------------------------------------------------- properties

@@ -173,6 +173,14 @@ class _Axis:
 def _axes(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct):
     """The y and x sampling of a block of RoIs (features of ``shape`` = (N, C, H, W))."""
     _, _, h, w = shape
+    y0, bh, gh, x0, bw, gw = _geometry(rois, pooled_h, pooled_w, spatial_scale, sampling_ratio,
+                                       aligned, ct)
+    return _Axis(y0, bh, gh, pooled_h, h, ct), _Axis(x0, bw, gw, pooled_w, w, ct)
+
+
+def _geometry(rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct):
+    """Each RoI's first edge, bin size (compute dtype) and samples per bin (float64, 0 for none)
+    along y, then along x."""
     scale = ct.type(spatial_scale)
     offset = ct.type(0.5 if aligned else 0.0)
     with numpy.errstate(all="ignore"):
@@ -197,7 +205,7 @@ def _axes(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligne
     # NaN and non-positive grids sample nothing.
     gh = numpy.where(gh >= 1, numpy.minimum(gh, _MAX_GRID), 0.0)
     gw = numpy.where(gw >= 1, numpy.minimum(gw, _MAX_GRID), 0.0)
-    return _Axis(y0, bh, gh, pooled_h, h, ct), _Axis(x0, bw, gw, pooled_w, w, ct)
+    return y0, bh, gh, x0, bw, gw
 
 
 def _groups(rb, cb, pooled_h, pooled_w, row_bytes) -> Iterator[tuple[int, int]]:
@@ -367,6 +375,136 @@ def _exact_backward(acc, grad: numpy.ndarray, group: _Group, i: int, h: int, w: 
                 numpy.add.at(acc, pixel.ravel(), part.reshape(-1, g.shape[1]))
 
 
+# ----------------------------------------------------------------------------- small calls
+# On a small map with a few RoIs (a latency-bound head, a test) the tiled path above is all fixed
+# cost: its windows, groups and compressed weights take some 150 NumPy calls whatever the size.
+# There the weight matrices are built dense instead, [K, PH, H] and [K, PW, W], every sample of
+# every bin evaluated (one outside [-1, size] weighs 0), and each RoI's whole plane is contracted
+# with them: the same weights, summed per pixel in the same order, in some 40 NumPy calls.
+# Non-finite features or gradients take the tiled path, which keeps NaN and inf to the bins that
+# sample them (a dense product would spread them as 0 * inf).
+
+# Most RoIs, values in their planes (K * C * H * W) and samples along one axis (K * P * g).
+_SMALL_ROIS = 64
+_SMALL_VALUES = 1 << 16
+_SMALL_SAMPLES = 1 << 13
+
+
+def _dense(start, bin_size, grid, pooled, size, ct) -> numpy.ndarray:
+    """Dense weights of both axes at once, rows ``a`` of ``[A, P, S]``.
+
+    Row ``a`` is one axis of one RoI (``start``, ``bin_size``: compute dtype, ``grid``: float64,
+    ``pooled`` and ``size``: int64, all ``[A]``); its bin ``p < pooled[a]`` holds the bin's
+    samples' 1-D bilinear weights added up per pixel ``< size[a]`` (float64, in
+    :meth:`_Axis.weights`' order) and divided by the bin's sample count, the rest zeros.
+    """
+    rows = start.shape[0]
+    big_p, big_s = int(pooled.max()), int(size.max())
+    # A zero-size bin puts all its samples on one point: evaluated once, weight 1.
+    count = numpy.where(bin_size == 0, numpy.minimum(grid, 1.0), grid)[:, None, None]
+    index = numpy.arange(int(count.max(initial=0)), dtype=ct)
+    bins = numpy.arange(big_p)
+    with numpy.errstate(all="ignore"):
+        base = start[:, None] + bins.astype(ct) * bin_size[:, None]
+        y = base[:, :, None] + (
+            (index + ct.type(0.5)) * bin_size[:, None, None]
+        ) / grid.astype(ct)[:, None, None]
+    top = size[:, None, None]
+    # NaN fails the range test; so do the padding bins and samples.
+    inside = (y >= -1) & (y <= top) & (index < count)
+    if (pooled != big_p).any():
+        inside &= (bins < pooled[:, None])[:, :, None]
+    y = numpy.where(inside, numpy.maximum(y, ct.type(0)), ct.type(0))
+    # The low pixel; past the last pixel's centre the sample snaps to it, high = low, frac = 0.
+    low = numpy.minimum(y.astype(numpy.int64), top - 1)  # y >= 0: truncation is the floor
+    edge = low == top - 1
+    frac = numpy.where(edge, ct.type(0), y - low.astype(ct))
+    factor = 1.0 / numpy.where(bin_size == 0, 1.0, numpy.maximum(grid, 1.0))
+    factor = numpy.where(inside, factor[:, None, None], 0.0)
+    w_low = (ct.type(1) - frac).astype(numpy.float64) * factor
+    w_high = frac.astype(numpy.float64) * factor
+    first = (numpy.arange(rows * big_p) * big_s).reshape(rows, big_p, 1)
+    flat = numpy.concatenate([(first + low).ravel(), (first + low + ~edge).ravel()])
+    a = numpy.bincount(
+        flat, weights=numpy.concatenate([w_low.ravel(), w_high.ravel()]),
+        minlength=rows * big_p * big_s,
+    )
+    return a.reshape(rows, big_p, big_s).astype(ct)
+
+
+def _small(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct):
+    """``(b, valid, Ay [K, PH, H], Ax [K, PW, W])`` for a call small enough for dense weights
+    (see above), else None."""
+    n, c, h, w = shape
+    k = rois.shape[0]
+    if k > _SMALL_ROIS or k * c * h * w > _SMALL_VALUES:
+        return None
+    b, valid = _common.batch_index(rois, n)
+    safe = numpy.where(valid[:, None], rois, 0).astype(ct)
+    y0, bh, gh, x0, bw, gw = _geometry(
+        safe, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct
+    )
+    if k * max(pooled_h * gh.max(initial=0), pooled_w * gw.max(initial=0)) > _SMALL_SAMPLES:
+        return None
+    a = _dense(
+        numpy.concatenate([y0, x0]), numpy.concatenate([bh, bw]), numpy.concatenate([gh, gw]),
+        numpy.repeat([pooled_h, pooled_w], k), numpy.repeat([h, w], k), ct,
+    )
+    return b, valid, a[:k, :pooled_h, :h], a[k:, :pooled_w, :w]
+
+
+def _small_forward(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
+    """:func:`roi_align_forward` of a small call with finite features, else None."""
+    ct = _common.compute_dtype(input.dtype)
+    n, c, h, w = input.shape
+    if rois.shape[0] > _SMALL_ROIS or rois.shape[0] * c * h * w > _SMALL_VALUES:
+        return None
+    x = numpy.empty((n, h, c, w), dtype=ct)
+    x[...] = input.transpose(0, 2, 1, 3)
+    if not numpy.isfinite(x).all():
+        return None
+    small = _small(rois, input.shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct)
+    if small is None:
+        return None
+    b, valid, ay, ax = small
+    k = b.size
+    with _common.serial_blas():
+        rows = numpy.matmul(ay, x[b].reshape(k, h, c * w))  # [K, PH, C * W]
+        res = numpy.matmul(rows.reshape(k, pooled_h * c, w), ax.transpose(0, 2, 1))
+    out = numpy.empty((k, c, pooled_h, pooled_w), dtype=input.dtype)
+    with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+        out[...] = res.reshape(k, pooled_h, c, pooled_w).transpose(0, 2, 1, 3)
+    out[~valid] = 0
+    return out
+
+
+def _small_backward(grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned):
+    """:func:`roi_align_backward` of a small call with a finite gradient, else None."""
+    n, c, h, w = input_shape
+    k, _, pooled_h, pooled_w = grad_output.shape
+    ct = _common.compute_dtype(grad_output.dtype)
+    if k > _SMALL_ROIS or k * c * h * w > _SMALL_VALUES:
+        return None
+    grad = numpy.empty((k, pooled_h, c, pooled_w), dtype=ct)
+    grad[...] = grad_output.transpose(0, 2, 1, 3)
+    if not numpy.isfinite(grad).all():
+        return None
+    small = _small(rois, input_shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct)
+    if small is None:
+        return None
+    b, valid, ay, ax = small
+    with _common.serial_blas():
+        cols = numpy.matmul(grad.reshape(k, pooled_h * c, pooled_w), ax)  # [K, PH * C, W]
+        part = numpy.matmul(ay.transpose(0, 2, 1), cols.reshape(k, pooled_h, c * w))
+    acc = numpy.zeros((n, h, c * w), dtype=ct)
+    # RoI by RoI in index order: the same sum on every run.
+    numpy.add.at(acc, b[valid], part[valid])
+    grad_input = numpy.empty((n, c, h, w), dtype=grad_output.dtype)
+    with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+        grad_input[...] = acc.reshape(n, h, c, w).transpose(0, 2, 1, 3)
+    return grad_input
+
+
 def roi_align_forward(
     input: numpy.ndarray,
     rois: numpy.ndarray,
@@ -398,6 +536,9 @@ def roi_align_forward(
     out = numpy.zeros((k, c, pooled_h, pooled_w), dtype=input.dtype)
     if out.size == 0 or h == 0 or w == 0:
         return out
+    small = _small_forward(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
+    if small is not None:
+        return small
     ct = _common.compute_dtype(input.dtype)
     cc = _common.channel_chunk(c, n * h * w, ct.itemsize)
     for c0 in range(0, c, cc):
@@ -462,6 +603,11 @@ def roi_align_backward(
     grad_input = numpy.zeros((n, c, h, w), dtype=grad_output.dtype)
     if grad_input.size == 0 or k == 0:
         return grad_input
+    small = _small_backward(
+        grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned
+    )
+    if small is not None:
+        return small
     ct = _common.compute_dtype(grad_output.dtype)
     cc = _common.channel_chunk(c, n * h * w, ct.itemsize)
     for c0 in range(0, c, cc):

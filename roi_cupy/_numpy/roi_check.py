@@ -31,9 +31,12 @@ def first_invalid(
     """
     b = rois[:, 0]
     with numpy.errstate(invalid="ignore"):
-        bad = ~numpy.isfinite(rois).all(axis=1) | ~(numpy.abs(rois) <= limit).all(axis=1)
-        bad |= (b < 0) | (b >= batch) | (b != numpy.trunc(b))
-    row = int(numpy.argmax(bad)) if bad.any() else -1
+        # NaN fails every comparison, and so does an infinity against a finite limit.
+        good = numpy.abs(rois) <= limit
+        if limit == numpy.inf:
+            good &= numpy.isfinite(rois)
+        bad = ~good.all(axis=1) | (b < 0) | (b >= batch) | (b != numpy.trunc(b))
+    row = int(bad.argmax()) if bad.any() else -1
     return row, -1 if indices is None else first_out_of_range(indices, plane)
 
 
