@@ -70,8 +70,10 @@ step memcheck 120 env ROI_CUPY_TEST_NO_POOL=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
 step racecheck 30 compute-sanitizer --tool racecheck --error-exitcode 99 \
     "$py" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "cuda and not emulator"
 
-# The benchmark: every workload at full size on the GPU backends, cpu-core/cpu-pool on the CPU
-# ones; writes <date>-<gpu>.{json,md,png} into OUT_DIR.
-step bench 150 "$py" -m roi_cupy bench --out "$out"
+# The benchmark: every GPU workload at full size on the GPU backends, and of the CPU family only
+# cpu-core/cpu-pool on the CPU ones (the CPU run is committed on its own); writes
+# <date>-<gpu>.{json,md,png} into OUT_DIR.
+step bench 150 "$py" -m roi_cupy bench --workloads W1,W2,W3,W4,W5,W6,W7,sweep,cpu-core,cpu-pool \
+    --out "$out"
 
 echo "summary: $summary"

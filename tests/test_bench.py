@@ -66,6 +66,11 @@ def test_catalogue_names_and_families():
         "W7-sr0-small", "W7-sr0-large", "W7-sr2-small", "W7-sr2-large"]
     assert [w.num_rois for w in workloads.select("sweep")] == [16, 64, 256, 1024, 4096]
     assert [w.name for w in workloads.select("W4, W1,W4")] == ["W4", "W1"]
+    cpu = workloads.select("cpu")
+    assert {w.name for w in cpu} == {w.name for w in WORKLOADS.values() if w.device == "cpu"}
+    assert {"cpu-aligned", "cpu-adaptive", "cpu-f64", "cpu-mask", "cpu-many", "cpu-pool-many",
+            "cpu-large", "cpu-pool-large", "cpu-one", "cpu-two"} <= {w.name for w in cpu}
+    assert WORKLOADS["cpu-f64"].inputs().features.dtype == numpy.float64
     with pytest.raises(ValueError, match="W99"):
         workloads.select("W1,W99")
 
@@ -525,3 +530,6 @@ def test_gpu_script_fits_a_short_lease():
     limits = dict(re.findall(r"^step (\w+) (\d+) ", script.read_text(), flags=re.MULTILINE))
     assert set(limits) == {"env", "pytest", "memcheck", "racecheck", "bench"}
     assert sum(int(v) for v in limits.values()) < 9 * 60
+    # The bench step names its workloads (the CPU family is run on its own): all exist.
+    chosen = re.search(r"--workloads (\S+)", script.read_text()).group(1)
+    assert workloads.select(chosen) and "cpu-large" not in chosen

@@ -45,7 +45,7 @@ class Workload:
     """One benchmark case: an op, its arguments, and how to draw its inputs.
 
     Attributes:
-        name (str): short unique name (``W1``, ``W7-sr0-large``, ``sweep-1024``, ``cpu-core``, ``cpu-pool``).
+        name (str): short unique name (``W1``, ``W7-sr0-large``, ``sweep-1024``, ``cpu-core``).
         description (str): one line for ``--help`` and the reports.
         op (str): ``"roi_align"`` or ``"roi_pool"``.
         batch, channels, height, width (int): the features' shape ``[N, C, H, W]``.
@@ -225,17 +225,59 @@ def _catalogue() -> tuple[Workload, ...]:
             description=f"sweep: W1 with {count} boxes in all ({count // 2}/image)",
             boxes_per_image=count // 2, group="sweep",
         ))
-    items.append(Workload(
+    core = Workload(
         "cpu-core",
         "CPU: [2, 256, 64, 64] f32, 256 proposals (128/image, 4-64 px on the 64x64 map), 7x7, "
         "sr 2, aligned=False",
         channels=256, height=64, width=64, boxes_per_image=128, spatial_scale=1.0,
-        aligned=False, box_min=4.0, box_max=64.0, device="cpu", seed=8,
-    ))
-    items.append(dataclasses.replace(
-        items[-1], name="cpu-pool", op="roi_pool",
-        description="CPU: cpu-core's features and boxes through roi_pool, 7x7",
-    ))
+        aligned=False, box_min=4.0, box_max=64.0, device="cpu", group="cpu", seed=8,
+    )
+    aligned = dataclasses.replace(
+        core, name="cpu-aligned", description="CPU: cpu-core with aligned=True", aligned=True,
+    )
+    many = dataclasses.replace(
+        aligned, name="cpu-many",
+        description="CPU: [2, 64, 64, 64] f32, 2048 proposals (4-64 px), 7x7, sr 2, aligned",
+        channels=64, boxes_per_image=1024, seed=9,
+    )
+    large = dataclasses.replace(
+        aligned, name="cpu-large",
+        description="CPU: [1, 64, 200, 304] f32, 256 large proposals (128-800 px at stride 4), "
+                    "7x7, adaptive, aligned",
+        batch=1, channels=64, height=200, width=304, boxes_per_image=256, spatial_scale=0.25,
+        sampling_ratio=0, box_min=128.0, box_max=800.0, seed=10,
+    )
+    one = dataclasses.replace(
+        aligned, name="cpu-one",
+        description="CPU per-call overhead: [1, 16, 14, 14] f32, one box (4-14 px), 7x7, sr 2",
+        batch=1, channels=16, height=14, width=14, boxes_per_image=1, box_min=4.0, box_max=14.0,
+        seed=11,
+    )
+    items += [
+        core,
+        dataclasses.replace(core, name="cpu-pool", op="roi_pool",
+                            description="CPU: cpu-core's features and boxes through roi_pool, 7x7"),
+        aligned,
+        dataclasses.replace(aligned, name="cpu-adaptive", sampling_ratio=0,
+                            description="CPU: cpu-aligned with sampling_ratio 0"),
+        dataclasses.replace(aligned, name="cpu-f64", dtype="float64",
+                            description="CPU: cpu-aligned in float64"),
+        dataclasses.replace(aligned, name="cpu-mask", output_size=14,
+                            description="CPU: cpu-aligned with 14x14 output"),
+        many,
+        dataclasses.replace(many, name="cpu-pool-many", op="roi_pool",
+                            description="CPU: cpu-many's features and boxes through roi_pool"),
+        large,
+        dataclasses.replace(large, name="cpu-pool-large", op="roi_pool",
+                            description="CPU: cpu-large's features and boxes through roi_pool"),
+        one,
+        dataclasses.replace(
+            one, name="cpu-two",
+            description="CPU per-call overhead: [1, 4, 8, 8] f32, two boxes (2-8 px), 2x2, sr 2",
+            channels=4, height=8, width=8, boxes_per_image=2, output_size=2, box_min=2.0,
+            box_max=8.0, seed=12,
+        ),
+    ]
     return tuple(items)
 
 
@@ -243,7 +285,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in _catalogue()}
 
 
 def select(names: str | None) -> list[Workload]:
-    """Workloads by comma-separated names or families (``W7``, ``sweep``); None gives all.
+    """Workloads by comma-separated names or families (``W7``, ``sweep``, ``cpu``); None gives
+    all.
 
     Raises:
         ValueError: for an unknown name; the message lists the known ones.
@@ -254,7 +297,7 @@ def select(names: str | None) -> list[Workload]:
     for name in (n.strip() for n in names.split(",") if n.strip()):
         matches = [w for w in WORKLOADS.values() if name in (w.name, w.group)]
         if not matches:
-            known = ", ".join(list(WORKLOADS) + ["W7", "sweep"])
+            known = ", ".join(list(WORKLOADS) + ["W7", "sweep", "cpu"])
             raise ValueError(f"workloads must be among {known}; got {name!r}")
         chosen += [w for w in matches if w not in chosen]
     return chosen
