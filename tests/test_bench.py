@@ -267,6 +267,23 @@ def test_compare_within_and_beyond_tolerance():
     assert not check.compare({}, {"grad_input": ref}, "float32").ok
 
 
+def test_tolerance_widens_for_float32_positions_only():
+    """RoI Align in float32 holds sample positions to an ulp of the coordinate: the bound grows
+    by eps times the largest feature-space coordinate; other dtypes and RoI Pool keep theirs."""
+    eps = float(numpy.finfo(numpy.float32).eps)
+    large = WORKLOADS["cpu-large"]
+    corner = float(numpy.abs(large.draw_rois()[:, 1:]).max()) * large.spatial_scale
+    assert 300 <= corner <= 304
+    assert check.tolerance(large, large.inputs()) == pytest.approx(1e-5 + eps * corner)
+    for name in ("cpu-pool-large", "cpu-f64"):
+        w = WORKLOADS[name]
+        assert check.tolerance(w, w.inputs()) == check.TOLERANCE[w.dtype]
+    ref = numpy.full((1, 1, 1, 1), 2.0)
+    off = {"output": (ref + 2 * 3e-5).astype(numpy.float32)}  # 3e-5 of the scale
+    assert not check.compare(off, {"output": ref}, "float32").ok
+    assert check.compare(off, {"output": ref}, "float32", 1e-5 + eps * corner).ok
+
+
 # ----------------------------------------------------------------------------- reports
 def _row(workload, backend, median, status=record.OK):
     device = "cpu"

@@ -23,7 +23,7 @@ DEFAULT_OUT = Path("bench-results")
 
 
 def _epilog() -> str:
-    lines = ["workloads (--workloads takes names or the families W7 and sweep):"]
+    lines = ["workloads (--workloads takes names or the families W7, sweep and cpu):"]
     lines += [f"  {w.name:<14} {w.description}" for w in workloads.WORKLOADS.values()]
     lines += ["", "backends: " + ", ".join(_backends.NAMES),
               "  (roi_cupy-* without a suffix run with validate=True, the default)",

@@ -137,7 +137,7 @@ def _checked(workload: Workload, inputs: Any, backend: Backend, runner: Any, pas
     if isinstance(want, ImportError):
         row.status, row.detail = UNCHECKED, f"no reference to check against: {want}"
         return row
-    verdict = check.compare(got, want, workload.dtype)
+    verdict = check.compare(got, want, workload.dtype, check.tolerance(workload, inputs))
     # JSON has no infinity: a non-finite error is said in the detail instead.
     row.max_error = verdict.max_error if math.isfinite(verdict.max_error) else None
     row.tolerance, row.detail = verdict.tolerance, verdict.detail
