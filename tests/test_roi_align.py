@@ -438,6 +438,54 @@ def test_small_call_limits(monkeypatch):
     assert len(dense_calls) == before
 
 
+# ----------------------------------------------------------------------------- threads
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+def test_threads_do_not_change_bits(monkeypatch, dtype):
+    """The tiled path runs its groups (forward) and accumulator lanes (backward) on several
+    threads: 1, 2 and 3 threads give the same bits, with NaN and inf in the data too, and the
+    numbers match the reference."""
+    from roi_cupy._numpy import _common
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    monkeypatch.setattr(_common, "GROUP_BUDGET", 1 << 12)  # many small groups
+    rng = make_rng("align threads", numpy.dtype(dtype).name)
+    x = random_features(rng, (2, 5, 20, 24), dtype)
+    rois = random_boxes(rng, 2, 90, 20, 24, dtype=compute_dtype(dtype))
+    grad = random_features(rng, (90, 5, 3, 4), dtype)
+    x[1, 2, 7, 9], grad[5, 1, 0, 0] = numpy.nan, numpy.inf
+    kw = dict(spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    groups = list(numpy_align._plan(rois, x.shape, 3, 4, 1.0, (-1, -1), True,
+                                    numpy.dtype(dtype), 5 * x.itemsize))
+    assert len(groups) >= 8
+    results = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("ROI_CUPY_NUM_THREADS", threads)
+        assert _common.workers() == int(threads)
+        results.append((
+            roi_cupy.roi_align(x, rois, (3, 4), **kw),
+            roi_cupy.roi_align_backward(grad, rois, x.shape, (3, 4), **kw),
+        ))
+    for out, back in results[1:]:
+        assert out.tobytes() == results[0][0].tobytes()
+        assert back.tobytes() == results[0][1].tobytes()
+    clean = x.copy()
+    clean[1, 2, 7, 9] = 0
+    expected = roi_align_ref(clean, rois, (3, 4), **kw)
+    touched = numpy.isnan(results[0][0]).any(axis=(1, 2, 3))
+    assert touched.any() and not touched.all()
+    assert_matches(results[0][0][~touched], expected[~touched], dtype)
+
+
+def test_thread_count_setting(monkeypatch):
+    from roi_cupy._numpy import _common
+
+    monkeypatch.setenv("ROI_CUPY_NUM_THREADS", "0")
+    with pytest.raises(ValueError, match="ROI_CUPY_NUM_THREADS must be a positive integer"):
+        _common.workers()
+    monkeypatch.delenv("ROI_CUPY_NUM_THREADS")
+    assert 1 <= _common.workers() <= 8
+
+
 # ----------------------------------------------------------------------------- properties
 JITTER = (math.sqrt(5) - 1) / 2 * 1e-3  # keeps samples off exact pixel and range boundaries
 

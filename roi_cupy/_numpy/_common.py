@@ -1,12 +1,16 @@
 """Helpers shared by the NumPy RoI operators: dtypes, RoI validity, chunk sizes, layouts."""
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
 import glob
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy
 
@@ -102,3 +106,79 @@ def serial_blas() -> Iterator[None]:
     finally:
         if previous >= 1:
             lib.openblas_set_num_threads_local(previous)
+
+
+# ----------------------------------------------------------------------------- threads
+# Most worker threads, whatever the core count: the work items here are a few per call.
+_MAX_WORKERS = 8
+_pool_lock = threading.Lock()
+_pool: tuple[int, int, concurrent.futures.ThreadPoolExecutor] | None = None  # (pid, size, pool)
+
+
+def workers() -> int:
+    """Threads the NumPy backend computes on: ``ROI_CUPY_NUM_THREADS`` when set (a positive
+    integer), else the cores this process may run on, at most 8."""
+    value = os.environ.get("ROI_CUPY_NUM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"ROI_CUPY_NUM_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _MAX_WORKERS))
+
+
+def _executor(size: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The shared pool of ``size`` threads; a new one in a forked child (whose copy of the
+    parent's pool has no threads) or when :func:`workers` changes."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] != size:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
+            _pool = (os.getpid(), size, concurrent.futures.ThreadPoolExecutor(
+                max_workers=size, thread_name_prefix="roi_cupy"))
+        return _pool[2]
+
+
+def run_all(work: Callable[[Any], None], items: Iterable[Any]) -> None:
+    """``work(item)`` for every item, on :func:`workers` threads.
+
+    NumPy releases the GIL in its gathers, products and copies, so items run side by side on
+    several cores. Each item must write its own part of the output and compute it the same way
+    whichever thread runs it, so that the result has the same bits for any number of threads.
+    ``work`` runs in another thread: thread-local state (``numpy.errstate``,
+    :func:`serial_blas`) must be set inside it. ``items`` is consumed as the work goes, a few
+    items ahead, so that a long generator's items are not all held at once. The first
+    exception raised is re-raised here once the items started have ended.
+    """
+    size = workers()
+    if size <= 1:
+        for item in items:
+            work(item)
+        return
+    pool = _executor(size)
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    try:
+        for item in items:
+            if len(pending) >= 2 * size:
+                pending.popleft().result()
+            pending.append(pool.submit(work, item))
+    finally:
+        concurrent.futures.wait(pending)
+    for future in pending:
+        future.result()
+
+
+def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
