@@ -445,6 +445,9 @@ def test_cli_end_to_end(numpy_backend, tmp_path, capsys):
     saved = report.read_json(tmp_path / f"{stem}.json")
     assert saved.variant == "quick" and [r.pass_ for r in saved.rows] == ["forward", "backward"]
     assert saved.workloads["cpu-core"]["channels"] == 16
+    # The NumPy rows carry their memory peak: more than nothing (the channels-last copy alone
+    # is 64 KiB), far less than the features.
+    assert all(0.05 < r.extra_mib < 8 for r in saved.rows), [r.extra_mib for r in saved.rows]
     assert (tmp_path / f"{stem}.md").read_text().startswith("# roi_cupy benchmark")
     assert ("path" in saved.plot) == (tmp_path / f"{stem}.png").exists()
 

@@ -34,6 +34,9 @@ class Row:
             median time (1.0 would run at the measured copy bandwidth).
         speedup (float or None): torchvision's median on the same device in the same run divided
             by this row's median (> 1: faster than torchvision); check both rows' status.
+        extra_mib (float or None): for roi_cupy on the CPU, the most memory one call held beyond
+            its inputs and the arrays it returned, in MiB (tracemalloc's peak, which NumPy
+            reports its allocations to); None elsewhere.
     """
 
     workload: str
@@ -50,6 +53,7 @@ class Row:
     gbps: float | None = None
     floor_fraction: float | None = None
     speedup: float | None = None
+    extra_mib: float | None = None
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -7,7 +7,7 @@ from pathlib import Path
 from roi_cupy._bench.record import OK, UNCHECKED, Record, Row
 
 HEADERS = ("workload", "pass", "backend", "median ms", "q1-q3 ms", "GB/s", "of floor",
-           "vs torchvision", "status")
+           "vs torchvision", "extra MiB", "status")
 
 NOTES = (
     "median and quartiles of {repeat} timed calls after {warmup} untimed ones; error = the "
@@ -16,6 +16,8 @@ NOTES = (
     "of floor = that many bytes at the measured copy bandwidth / median (1.00 = copy speed)",
     "vs torchvision = torchvision's median on the same device in this run / this median "
     "(> 1: faster)",
+    "extra MiB = for roi_cupy on the CPU, the most memory one call holds beyond its inputs and "
+    "the arrays it returns (tracemalloc's peak; not measured for other rows)",
     "roi_cupy rows without a suffix use validate=True (the default); deterministic=True rows run "
     "the backward passes in fixed point (their ratio to the validate=False row is its cost)",
 )
@@ -45,6 +47,7 @@ def cells(row: Row) -> tuple[str, ...]:
         _num(row.gbps, ".0f" if (row.gbps or 0) >= 100 else "#.3g"),
         _num(row.floor_fraction, "#.2g"),
         _num(row.speedup, ".2f") + ("x" if row.speedup is not None else ""),
+        _num(row.extra_mib, "#.3g"),
         status,
     )
 
@@ -102,8 +105,8 @@ def markdown(record: Record) -> str:
     out = [f"# roi_cupy benchmark, {record.date} ({record.variant})", ""]
     out += [f"- {line}" for line in header_lines(record)]
     out += ["", "| " + " | ".join(HEADERS) + " |",
-            "|" + "|".join("---:" if h.endswith(("ms", "GB/s", "floor", "torchvision")) else "---"
-                           for h in HEADERS) + "|"]
+            "|" + "|".join("---:" if h.endswith(("ms", "GB/s", "floor", "torchvision", "MiB"))
+                           else "---" for h in HEADERS) + "|"]
     for r in record.rows:
         c = list(cells(r))
         if r.status != OK:

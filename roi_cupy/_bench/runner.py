@@ -133,6 +133,8 @@ def _checked(workload: Workload, inputs: Any, backend: Backend, runner: Any, pas
     except Exception as exc:
         row.status, row.detail = ERROR, f"{type(exc).__name__}: {exc}"
         return row
+    if backend.library == "roi_cupy" and backend.device == "cpu":
+        row.extra_mib = extra_memory(runner.call(pass_))
     want = _reference(workload, inputs, pass_, references)
     if isinstance(want, ImportError):
         row.status, row.detail = UNCHECKED, f"no reference to check against: {want}"
@@ -144,6 +146,23 @@ def _checked(workload: Workload, inputs: Any, backend: Backend, runner: Any, pas
     if not verdict.ok:
         row.status = INVALID  # still timed: the status column says not to trust it
     return row
+
+
+def extra_memory(call: Any) -> float:
+    """The peak memory (MiB) that ``call(0)`` allocates beyond the arrays it returns, as
+    tracemalloc sees it (NumPy reports its allocations to it)."""
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = call(0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    results = result if isinstance(result, tuple) else (result,)
+    kept = sum(getattr(r, "nbytes", 0) for r in results)
+    return max(0.0, (peak - kept) / (1 << 20))
 
 
 def _reference(workload: Workload, inputs: Any, pass_: str, cache: dict) -> Any:
