@@ -249,6 +249,8 @@ def normalise_boxes(
                 f"boxes must have shape [K, {columns}] or be a list of [L, {columns - 1}] per "
                 f"image, got {tuple(rois.shape)}"
             )
+    if rois.dtype == compute and rois.flags.c_contiguous:
+        return Rois(rois, rois)
     xp = _interop.array_module(rois)
     with device_scope(rois):
         with numpy.errstate(over="ignore"):  # beyond float32's range: inf, an invalid RoI

@@ -30,12 +30,12 @@ def first_invalid(
         (C-order) position of an index outside ``[-1, plane)``; -1 for none.
     """
     b = rois[:, 0]
-    with numpy.errstate(invalid="ignore"):
-        # NaN fails every comparison, and so does an infinity against a finite limit.
-        good = numpy.abs(rois) <= limit
-        if limit == numpy.inf:
-            good &= numpy.isfinite(rois)
-        bad = ~good.all(axis=1) | (b < 0) | (b >= batch) | (b != numpy.trunc(b))
+    # NaN fails every comparison (comparisons never warn), and so does an infinity against a
+    # finite limit.
+    good = numpy.abs(rois) <= limit
+    if limit == numpy.inf:
+        good &= numpy.isfinite(rois)
+    bad = ~good.all(axis=1) | (b < 0) | (b >= batch) | (b != numpy.trunc(b))
     row = int(bad.argmax()) if bad.any() else -1
     return row, -1 if indices is None else first_out_of_range(indices, plane)
 
