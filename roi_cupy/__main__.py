@@ -20,7 +20,7 @@ _COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: python -m roi_cupy COMMAND [options]", "", "commands:"]
+    lines = ["usage: python -m roi_cupy [--version] COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<14} {text}" for name, (_, text) in _COMMANDS.items()]
     lines += ["", "python -m roi_cupy COMMAND --help describes a command's options."]
     return "\n".join(lines)
@@ -28,8 +28,16 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(f"a command is needed\n\n{_usage()}", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] == "--version":
+        import roi_cupy
+
+        print(f"roi_cupy {roi_cupy.__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in _COMMANDS:
@@ -39,5 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def _run() -> int:
+    """:func:`main`, quiet when the reader of its output goes away (``... --help | head``)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point it elsewhere.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())

@@ -127,3 +127,27 @@ def test_figure_text_stays_inside_the_png():
             assert inside, (t.get_text()[:40], box, page)
     finally:
         plt.close(fig)
+
+
+def test_cli_without_a_command_and_version(capsys):
+    assert cli.main([]) == 2
+    assert "a command is needed" in capsys.readouterr().err
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"roi_cupy {roi_cupy.__version__}"
+
+
+def test_cli_output_to_a_closed_pipe_is_quiet():
+    """``python -m roi_cupy ... | head -1``: when the reader leaves early, the command ends with
+    status 1 and no traceback (a megabyte of output does not fit the pipe's buffer)."""
+    import subprocess
+
+    code = (
+        "import sys, roi_cupy.__main__ as cli\n"
+        "cli.main = lambda: print('x' * 10**6) or 0\n"
+        "sys.exit(cli._run())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first write
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err == b"", err.decode()
