@@ -411,17 +411,20 @@ def test_small_call_limits(monkeypatch):
     tiled path; non-finite features or gradients too (they must stay in their own bins)."""
     from roi_cupy._numpy import roi_align as numpy_align
 
-    dense_calls = []
-    dense = numpy_align._dense
-    monkeypatch.setattr(numpy_align, "_dense", lambda *a: dense_calls.append(1) or dense(*a))
+    answers = []
+    for name in ("_small_forward", "_small_backward"):
+        def record(*a, _f=getattr(numpy_align, name)):
+            answers.append(_f(*a) is not None)
+            return answers[-1] and _f(*a)
+
+        monkeypatch.setattr(numpy_align, name, record)
     rng = make_rng("align small limits")
     x = random_features(rng, (1, 2, 8, 8), numpy.float32)
     rois = random_boxes(rng, 1, 4, 8, 8)
 
     def dense_taken(x, rois, sampling_ratio=2):
-        before = len(dense_calls)
         roi_cupy.roi_align(x, rois, 3, sampling_ratio=sampling_ratio)
-        return len(dense_calls) > before
+        return answers[-1]
 
     assert dense_taken(x, rois)
     assert not dense_taken(x, numpy.repeat(rois, numpy_align._SMALL_ROIS, axis=0))
@@ -432,10 +435,116 @@ def test_small_call_limits(monkeypatch):
     nan[0, 0, 0, 0] = numpy.nan
     assert not dense_taken(nan, rois)
     grad = random_features(rng, (4, 2, 3, 3), numpy.float32)
-    grad[0, 0, 0, 0] = numpy.inf
-    before = len(dense_calls)
     roi_cupy.roi_align_backward(grad, rois, x.shape, 3, sampling_ratio=2)
-    assert len(dense_calls) == before
+    assert answers[-1]
+    grad[0, 0, 0, 0] = numpy.inf
+    roi_cupy.roi_align_backward(grad, rois, x.shape, 3, sampling_ratio=2)
+    assert not answers[-1]
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+def test_small_call_weights_are_the_tiled_weights_bit_for_bit(dtype):
+    """The dense weight matrices hold, bit for bit, the tiled path's compressed weights at their
+    pixels and zeros elsewhere: boxes inside, across and outside the map, zero-width, snapped
+    to half and whole pixels, huge, and a NaN row."""
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    ct = numpy.dtype(dtype)
+    rng = make_rng("align small weights", ct.name)
+    checked = 0
+    for case in range(300):
+        h, w = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        k, ph, pw = int(rng.integers(1, 6)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        rois = numpy.zeros((k, 5))
+        rois[:, 1:] = rng.uniform(-2, 14, (k, 4))
+        variant = case % 6
+        if variant == 1:
+            rois[:, 3] = rois[:, 1]
+        elif variant == 2:
+            rois[:, 1:] = numpy.round(rois[:, 1:] * 2) / 2
+        elif variant == 3:
+            rois[:, 1:] *= 1e3
+        elif variant == 4:
+            rois[0, 1:] = [numpy.nan, 0, 1, 1]
+        rois = rois.astype(ct)
+        scale = [1.0, 0.5, 1 / 16][case % 3]
+        ratio = [(2, 2), (-1, -1), (0, 3), (1, 1), (5, 5)][case % 5]
+        aligned = case % 4 == 0
+        small = numpy_align._small(rois, (1, 1, h, w), ph, pw, scale, ratio, aligned, ct)
+        if small is None:
+            continue
+        _, valid, dense_y, dense_x = small
+        safe = numpy.where(valid[:, None], rois, 0).astype(ct)
+        axes = numpy_align._axes(safe, (1, 1, h, w), ph, pw, scale, ratio, aligned, ct)
+        for axis, dense, size in zip(axes, (dense_y, dense_x), (h, w)):
+            weights, pixels, used = axis.weights(numpy.arange(k))
+            expected = numpy.zeros((k, dense.shape[1], size), dtype=ct)
+            for i in range(k):
+                expected[i][:, pixels[i, : used[i]]] = weights[i, :, : used[i]]
+            assert expected.tobytes() == dense.tobytes(), (case, rois.tolist())
+        checked += 1
+    assert checked > 200
+
+
+def test_small_call_edge_cases_take_the_tiled_path_or_match_it(monkeypatch):
+    """Cases the dense road must not take or must get right: outputs whose dense sums would
+    hold a huge [2K, P, max(H, W)] (one 8192-bin axis against a 1-bin one; zero-height bins,
+    which sample nothing, against 4096 of them), and a column at float32's maximum that no
+    bin reads (a dense product would meet its overflow with a zero weight: NaN)."""
+    import tracemalloc
+
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    def both(x, rois, size, **kw):
+        out = roi_cupy.roi_align(x, rois, size, **kw)
+        with monkeypatch.context() as tiled:
+            tiled.setattr(numpy_align, "_SMALL_ROIS", -1)
+            return out, roi_cupy.roi_align(x, rois, size, **kw)
+
+    rng = make_rng("align small edges")
+    wide = random_features(rng, (1, 1, 1, 4096), numpy.float32)
+    flat = random_features(rng, (1, 1, 16, 16), numpy.float32)
+    for x, rois, size, kw in (
+        (wide, [[0, 0, 0, 4095, 0.5]], (8192, 1), dict(sampling_ratio=1)),
+        (flat, [[0, 0, 4, 1024, 4]], (4096, 1), dict(sampling_ratio=-1, aligned=True)),
+    ):
+        rois = numpy.array(rois, numpy.float32)
+        tracemalloc.start()
+        try:
+            out, tiled = both(x, rois, size, **kw)
+            peak = tracemalloc.get_traced_memory()[1] / 2**20
+        finally:
+            tracemalloc.stop()
+        assert peak < 32, peak
+        numpy.testing.assert_array_equal(out, tiled)
+    top = numpy.ones((1, 1, 12, 16), numpy.float32)
+    top[..., 15] = numpy.finfo(numpy.float32).max
+    rois = numpy.array([[0, 0.5, 4.535, 4.5, 5.063]], numpy.float32)
+    with numpy.errstate(all="raise"):  # no warning escapes either
+        out, tiled = both(top, rois, (3, 2), sampling_ratio=3)
+    assert numpy.isfinite(out).all()
+    numpy.testing.assert_allclose(out, tiled, rtol=1e-6)
+
+
+def test_small_call_reads_only_the_images_its_boxes_name():
+    """A NaN in an image that no valid box reads changes no bit (the dense road checks and
+    copies only the images it reads), nor does a NaN gradient of an invalid RoI."""
+    rng = make_rng("align small images")
+    for _ in range(20):
+        c, h, w = int(rng.integers(1, 5)), int(rng.integers(4, 12)), int(rng.integers(4, 12))
+        x = random_features(rng, (4, c, h, w), numpy.float32)
+        rois = random_boxes(rng, 2, 6, h, w)  # images 0 and 1 only
+        rois[0, 0] = 7  # invalid (validate=False): reads nothing
+        grad = random_features(rng, (6, c, 3, 2), numpy.float32)
+        kw = dict(sampling_ratio=-1, aligned=True, validate=False)
+        before = roi_cupy.roi_align(x, rois, (3, 2), **kw)
+        back = roi_cupy.roi_align_backward(grad, rois, x.shape, (3, 2), **kw)
+        x[3, 0, 2, 2] = numpy.nan
+        grad[0, 0, 0, 0] = numpy.nan
+        after = roi_cupy.roi_align(x, rois, (3, 2), **kw)
+        back_after = roi_cupy.roi_align_backward(grad, rois, x.shape, (3, 2), **kw)
+        assert before.tobytes() == after.tobytes() and back.tobytes() == back_after.tobytes()
+        assert not after[0].any() and not back_after[2:].any()
 
 
 # ----------------------------------------------------------------------------- threads
@@ -479,11 +588,46 @@ def test_threads_do_not_change_bits(monkeypatch, dtype):
 def test_thread_count_setting(monkeypatch):
     from roi_cupy._numpy import _common
 
-    monkeypatch.setenv("ROI_CUPY_NUM_THREADS", "0")
-    with pytest.raises(ValueError, match="ROI_CUPY_NUM_THREADS must be a positive integer"):
-        _common.workers()
+    for wrong in ("0", "65", "two", "\u00b2"):
+        monkeypatch.setenv("ROI_CUPY_NUM_THREADS", wrong)
+        with pytest.raises(ValueError, match="ROI_CUPY_NUM_THREADS must be an integer from 1"):
+            _common.workers()
     monkeypatch.delenv("ROI_CUPY_NUM_THREADS")
     assert 1 <= _common.workers() <= 8
+
+
+def test_threads_keep_the_callers_context_and_nest(monkeypatch):
+    """Work items run in the caller's context (numpy.errstate among it) whatever the thread;
+    a run_all inside an item runs inline instead of waiting on its own pool; an exception in
+    an item reaches the caller."""
+    from roi_cupy._numpy import _common
+
+    monkeypatch.setenv("ROI_CUPY_NUM_THREADS", "2")
+    seen = []
+
+    def item(i):
+        seen.append(numpy.geterr()["over"])
+        _common.run_all(lambda j: seen.append(j), range(3))
+
+    with numpy.errstate(over="raise"):
+        _common.run_all(item, range(4))
+    assert seen.count("raise") == 4 and len(seen) == 16
+
+    def fails(i):
+        if i == 2:
+            raise KeyError(i)
+
+    with pytest.raises(KeyError):
+        _common.run_all(fails, range(6))
+    # Features at float32's maximum, whose bins' weights add up to a hair over 1: the tiled
+    # road's products overflow on the pool's threads, and the caller's errstate says raise.
+    x = numpy.full((1, 1, 12, 16), numpy.finfo(numpy.float32).max, numpy.float32)
+    rng = make_rng("align errstate")
+    rois = numpy.zeros((100, 5), numpy.float32)
+    rois[:, 1:3] = rng.uniform(0, 8, (100, 2))
+    rois[:, 3:] = rois[:, 1:3] + rng.uniform(0.3, 3, (100, 2))
+    with numpy.errstate(all="raise"), pytest.raises(FloatingPointError):
+        roi_cupy.roi_align(x, rois, (3, 2), sampling_ratio=3)
 
 
 # ----------------------------------------------------------------------------- properties

@@ -446,7 +446,11 @@ def _small(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, align
     y0, bh, gh, x0, bw, gw = _geometry(
         safe, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct
     )
-    if k * max(pooled_h * gh.max(initial=0), pooled_w * gw.max(initial=0)) > _SMALL_SAMPLES:
+    # _dense holds [2K, P, G] samples and [2K, P, max(H, W)] sums.
+    rows = 2 * k * max(pooled_h, pooled_w)
+    if rows * max(1.0, gh.max(initial=0), gw.max(initial=0)) > _SMALL_SAMPLES:
+        return None
+    if rows * max(h, w) > _SMALL_VALUES:
         return None
     a = _dense(
         numpy.concatenate([y0, x0]), numpy.concatenate([bh, bw]), numpy.concatenate([gh, gw]),
@@ -456,54 +460,63 @@ def _small(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, align
 
 
 def _small_forward(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
-    """:func:`roi_align_forward` of a small call with finite features, else None."""
+    """:func:`roi_align_forward` of a small call, or None where the tiled path must do it: a
+    large call, non-finite values in the images read, or a partial product past the compute
+    dtype's range (a dense product would turn it into NaN where a zero weight meets it)."""
     ct = _common.compute_dtype(input.dtype)
     n, c, h, w = input.shape
-    if rois.shape[0] > _SMALL_ROIS or rois.shape[0] * c * h * w > _SMALL_VALUES:
-        return None
-    x = numpy.empty((n, h, c, w), dtype=ct)
-    x[...] = input.transpose(0, 2, 1, 3)
-    if not numpy.isfinite(x).all():
-        return None
     small = _small(rois, input.shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct)
     if small is None:
         return None
     b, valid, ay, ax = small
     k = b.size
-    with _common.serial_blas():
-        rows = numpy.matmul(ay, x[b].reshape(k, h, c * w))  # [K, PH, C * W]
+    out = numpy.zeros((k, c, pooled_h, pooled_w), dtype=input.dtype)
+    if not valid.any():
+        return out
+    # The images the valid RoIs read, as [image, H, C, W] (invalid RoIs read the first).
+    images, slot = numpy.unique(numpy.where(valid, b, b[valid][0]), return_inverse=True)
+    x = numpy.empty((images.size, h, c, w), dtype=ct)
+    x[...] = input[images].transpose(0, 2, 1, 3)
+    if not numpy.isfinite(x).all():
+        return None
+    with _common.serial_blas(), numpy.errstate(over="ignore", invalid="ignore"):
+        rows = numpy.matmul(ay, x[slot].reshape(k, h, c * w))  # [K, PH, C * W]
+        if not numpy.isfinite(rows).all():
+            return None
         res = numpy.matmul(rows.reshape(k, pooled_h * c, w), ax.transpose(0, 2, 1))
-    out = numpy.empty((k, c, pooled_h, pooled_w), dtype=input.dtype)
     with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
-        out[...] = res.reshape(k, pooled_h, c, pooled_w).transpose(0, 2, 1, 3)
-    out[~valid] = 0
+        out[valid] = res.reshape(k, pooled_h, c, pooled_w).transpose(0, 2, 1, 3)[valid]
     return out
 
 
 def _small_backward(grad_output, rois, input_shape, spatial_scale, sampling_ratio, aligned):
-    """:func:`roi_align_backward` of a small call with a finite gradient, else None."""
+    """:func:`roi_align_backward` of a small call, or None where the tiled path must do it (as
+    for :func:`_small_forward`)."""
     n, c, h, w = input_shape
     k, _, pooled_h, pooled_w = grad_output.shape
     ct = _common.compute_dtype(grad_output.dtype)
-    if k > _SMALL_ROIS or k * c * h * w > _SMALL_VALUES:
-        return None
-    grad = numpy.empty((k, pooled_h, c, pooled_w), dtype=ct)
-    grad[...] = grad_output.transpose(0, 2, 1, 3)
-    if not numpy.isfinite(grad).all():
-        return None
     small = _small(rois, input_shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct)
     if small is None:
         return None
     b, valid, ay, ax = small
-    with _common.serial_blas():
+    grad = numpy.empty((k, pooled_h, c, pooled_w), dtype=ct)
+    grad[...] = grad_output.transpose(0, 2, 1, 3)
+    if not numpy.isfinite(grad[valid]).all():
+        return None
+    with _common.serial_blas(), numpy.errstate(over="ignore", invalid="ignore"):
         cols = numpy.matmul(grad.reshape(k, pooled_h * c, pooled_w), ax)  # [K, PH * C, W]
+        if not numpy.isfinite(cols[valid]).all():
+            return None
         part = numpy.matmul(ay.transpose(0, 2, 1), cols.reshape(k, pooled_h, c * w))
-    acc = numpy.zeros((n, h, c * w), dtype=ct)
-    # RoI by RoI in index order: the same sum on every run.
-    numpy.add.at(acc, b[valid], part[valid])
-    grad_input = numpy.empty((n, c, h, w), dtype=grad_output.dtype)
+    grad_input = numpy.zeros((n, c, h, w), dtype=grad_output.dtype)
+    if not valid.any():
+        return grad_input
+    # The images the valid RoIs write, summed RoI by RoI in index order (the same every run).
+    images, slot = numpy.unique(b[valid], return_inverse=True)
+    acc = numpy.zeros((images.size, h, c * w), dtype=ct)
+    numpy.add.at(acc, slot, part[valid])
     with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
-        grad_input[...] = acc.reshape(n, h, c, w).transpose(0, 2, 1, 3)
+        grad_input[images] = acc.reshape(images.size, h, c, w).transpose(0, 2, 1, 3)
     return grad_input
 
 
