@@ -49,13 +49,16 @@ _MERGE = 2048
 _RUN = 1 << 17
 # Most RoIs in one block: their axes are a few arrays of G * P * (rows read per bin).
 _BLOCK = 512
-# Most pairs whose scatter is gathered into one array in the backward pass (25 bytes each).
+# Most pairs whose scatter is gathered into one array in the backward pass (32 bytes each).
 _SCATTER = 1 << 13
 # Most pairs the backward pass prepares once and keeps for every channel (about 50 bytes each).
 _CACHE = 1 << 19
 # Most bytes of the backward pass's float64 sums over the touched pixels, a slice of channels.
 _ACCUMULATOR = 96 << 20
-# Largest key space (N * PH * PW * H * W) for which the backward pass finds the touched pixels
+# Largest key space (N * PH * PW * H * W) whose float64 sums the backward pass holds for a
+# channel (8 bytes an entry) rather than only those of the touched pixels.
+_DENSE = 1 << 21
+# Largest key space for which the backward pass finds the touched pixels
 # with a dense map (5 bytes an entry) rather than by sorting.
 _MAP = 1 << 22
 # The gathered values are widened to float64 by einsum for these; others first go to float32.
@@ -137,13 +140,16 @@ class Group(NamedTuple):
     pairs in pieces of row entries ``spans``.
 
     Attributes:
-        roi, ph, pw (ndarray[B] int64): each bin's RoI (in the block) and place.
+        roi, place (ndarray[B] int64): each bin's RoI (in the block) and ``j = ph * PW + pw``.
+        iy, ix (ndarray[B] int64): its rows of the block's axes flattened to ``[G * PH, R]`` and
+            ``[G * PW, R]``.
         start, stop (int): the bins' positions in the block's order (:func:`_groups`).
     """
 
     roi: numpy.ndarray
-    ph: numpy.ndarray
-    pw: numpy.ndarray
+    place: numpy.ndarray
+    iy: numpy.ndarray
+    ix: numpy.ndarray
     start: int
     stop: int
     rows: int
@@ -177,7 +183,7 @@ def _bucket(n: numpy.ndarray) -> numpy.ndarray:
 def _groups(block: Block, pooled) -> tuple[numpy.ndarray, list[Group]]:
     """The block's bins that read something, in groups by how many rows and columns they read
     (a group pads little), in pieces of at most ``_PAIRS`` pairs; within a group, bin after bin
-    (the bins of one place read one channel) in reading order (image, row, column), so that the
+    (the bins of one place read one channel) in reading order (image, first row), so that the
     gathers walk through memory.
 
     Returns:
@@ -186,28 +192,29 @@ def _groups(block: Block, pooled) -> tuple[numpy.ndarray, list[Group]]:
     """
     pooled_h, pooled_w = pooled
     g = block.b.size
-    ry = numpy.broadcast_to(block.y.count[:, :, None], (g, pooled_h, pooled_w)).ravel()
-    rx = numpy.broadcast_to(block.x.count[:, None, :], (g, pooled_h, pooled_w)).ravel()
+    bins = pooled_h * pooled_w
+    ry = numpy.repeat(block.y.count.ravel(), pooled_w)
+    rx = numpy.tile(block.x.count, (1, pooled_h)).ravel()
     live = numpy.flatnonzero((ry > 0) & (rx > 0))
     if live.size == 0:
         return live, []
     ry, rx = ry[live], rx[live]
-    roi, place = live // (pooled_h * pooled_w), live % (pooled_h * pooled_w)
-    ph, pw = place // pooled_w, place % pooled_w
+    roi, place = numpy.divmod(live, bins)
+    iy = roi * pooled_h + place // pooled_w
+    ix = roi * pooled_w + place % pooled_w
     by, bx = _bucket(ry), _bucket(rx)
-    where = (block.b[roi] * (int(block.y.pixel.max()) + 1) + block.y.pixel[roi, ph, 0]) * (
-        int(block.x.pixel.max()) + 1
-    ) + block.x.pixel[roi, pw, 0]
-    kinds = (by.max() + 1) * (bx.max() + 1) * pooled_h * pooled_w
-    if kinds * (int(where.max()) + 1) < 1 << 62:
-        order = numpy.argsort(((by * (bx.max() + 1) + bx) * (pooled_h * pooled_w) + place)
-                              * (int(where.max()) + 1) + where, kind="stable")
+    kind = by * (int(bx.max()) + 1) + bx
+    rows = block.y.pixel.shape[2]
+    top = int(block.y.pixel.max()) + 1
+    where = block.b[roi] * top + block.y.pixel.reshape(-1)[iy * rows]
+    if (int(kind.max()) + 1) * bins * (int(where.max()) + 1) < 1 << 62:
+        order = numpy.argsort((kind * bins + place) * (int(where.max()) + 1) + where,
+                              kind="stable")
     else:
-        order = numpy.lexsort((where, place, bx, by))
-    key = (by * (bx.max() + 1) + bx)[order]
-    ry, rx = ry[order], rx[order]
-    edges = numpy.flatnonzero(numpy.diff(key)) + 1
-    starts, stops = numpy.r_[0, edges], numpy.r_[edges, key.size]
+        order = numpy.lexsort((where, place, kind))
+    kind, ry, rx = kind[order], ry[order], rx[order]
+    edges = numpy.flatnonzero(kind[1:] != kind[:-1]) + 1
+    starts, stops = numpy.r_[0, edges], numpy.r_[edges, kind.size]
     tops_y = numpy.maximum.reduceat(ry, starts).tolist()
     tops_x = numpy.maximum.reduceat(rx, starts).tolist()
     runs = []  # [start, stop, rows, cols]
@@ -221,6 +228,7 @@ def _groups(block: Block, pooled) -> tuple[numpy.ndarray, list[Group]]:
                 runs[-1] = [s0, stop, rows, cols]
                 continue
         runs.append([start, stop, r, q])
+    roi, place, iy, ix = roi[order], place[order], iy[order], ix[order]
     out = []
     for start, stop, rows, cols in runs:
         count = max(1, _PAIRS // (rows * cols))
@@ -228,37 +236,43 @@ def _groups(block: Block, pooled) -> tuple[numpy.ndarray, list[Group]]:
         spans = [(a, min(rows, a + span)) for a in range(0, rows, span)]
         for s in range(start, stop, count):
             e = min(stop, s + count)
-            pick = order[s:e]
-            out.append(Group(roi[pick], ph[pick], pw[pick], s, e, rows, cols, spans))
-    return (place * g + roi)[order], out
+            out.append(Group(roi[s:e], place[s:e], iy[s:e], ix[s:e], s, e, rows, cols, spans))
+    return place * g + roi, out
 
 
 def _pairs(block: Block, group: Group, span, strides, pooled):
-    """Offsets ``[B, A * cols]`` (int64, from output channel 0) and weights (float64) of the
-    pairs of row entries ``span`` of ``group``'s bins."""
+    """Offsets ``[A * cols, B]`` (int64, from output channel 0) and weights (float64) of the
+    pairs of row entries ``span = (a0, a1)``, ``A = a1 - a0``, of ``group``'s ``B`` bins: pair
+    after pair, each over all the bins (long rows for the sums)."""
     s_n, s_c, s_h, s_w = strides
     a0, a1 = span
-    k, ph, pw = group.roi, group.ph, group.pw
-    py = block.y.pixel[k, ph, a0:a1]
-    px = block.x.pixel[k, pw, : group.cols]
-    base = block.b[k] * s_n + (ph * pooled[1] + pw) * s_c
-    offset = (base[:, None, None] + (py * s_h)[:, :, None]) + (px * s_w)[:, None, :]
-    weight = block.y.weight[k, ph, a0:a1][:, :, None] * block.x.weight[k, pw, : group.cols][
-        :, None, :
-    ]
-    return offset.reshape(k.size, -1), weight.reshape(k.size, -1)
+    rows, cols = block.y.pixel.shape[2], block.x.pixel.shape[2]
+    py = block.y.pixel.reshape(-1, rows).take(group.iy, axis=0)[:, a0:a1].T
+    px = block.x.pixel.reshape(-1, cols).take(group.ix, axis=0)[:, : group.cols].T
+    base = block.b.take(group.roi) * s_n + group.place * s_c
+    offset = (base + py * s_h)[:, None, :] + (px * s_w)[None, :, :]
+    wy = block.y.weight.reshape(-1, rows).take(group.iy, axis=0)[:, a0:a1].T
+    wx = block.x.weight.reshape(-1, cols).take(group.ix, axis=0)[:, : group.cols].T
+    weight = wy[:, None, :] * wx[None, :, :]
+    b = group.roi.size
+    return offset.reshape(-1, b), weight.reshape(-1, b)
 
 
 def _masks(block: Block, group: Group, span):
     """Which pairs of ``span`` are real (not padding), and which of those read a pixel with
-    weight exactly 0 along an axis: ``[B, A * cols]`` bool each, laid out as :func:`_pairs`."""
+    weight exactly 0 along an axis: ``[A * cols, B]`` bool each, laid out as :func:`_pairs`."""
     a0, a1 = span
-    k, ph, pw = group.roi, group.ph, group.pw
-    ry = numpy.arange(a0, a1) < block.y.count[k, ph][:, None]
-    rx = numpy.arange(group.cols) < block.x.count[k, pw][:, None]
-    real = ry[:, :, None] & rx[:, None, :]
-    zero = block.y.zero[k, ph, a0:a1][:, :, None] | block.x.zero[k, pw, : group.cols][:, None, :]
-    return real.reshape(k.size, -1), (real & zero).reshape(k.size, -1)
+    rows, cols = block.y.pixel.shape[2], block.x.pixel.shape[2]
+    ny = block.y.count.reshape(-1).take(group.iy)
+    nx = block.x.count.reshape(-1).take(group.ix)
+    real = (numpy.arange(a0, a1)[:, None] < ny)[:, None, :] & (
+        numpy.arange(group.cols)[:, None] < nx
+    )[None, :, :]
+    zy = block.y.zero.reshape(-1, rows).take(group.iy, axis=0)[:, a0:a1].T
+    zx = block.x.zero.reshape(-1, cols).take(group.ix, axis=0)[:, : group.cols].T
+    zero = zy[:, None, :] | zx[None, :, :]
+    b = group.roi.size
+    return real.reshape(-1, b), (real & zero).reshape(-1, b)
 
 
 def _runs(block: Block, todo, strides, pooled) -> Iterator[list]:
@@ -304,8 +318,8 @@ def _exact(flat, step, block, group, strides, pooled, channel, dtype) -> numpy.n
         offset, weight = _pairs(block, group, span, strides, pooled)
         real, zero = _masks(block, group, span)
         values = _gather(flat[channel * step :], offset, dtype).astype(numpy.float64)
-        total = total + numpy.where(real, weight * values, 0).sum(axis=1)
-        total = total + numpy.where(zero, 0 * values, 0).sum(axis=1)
+        total = total + numpy.where(real, weight * values, 0).sum(axis=0)
+        total = total + numpy.where(zero, 0 * values, 0).sum(axis=0)
     return total
 
 
@@ -338,7 +352,7 @@ def forward(input: numpy.ndarray, rois: numpy.ndarray, pooled, prepare: Prepare)
                 for ch in range(groups):
                     source, sums = flat[ch * step :], acc[ch]
                     for group, span, offset, weight in run:
-                        part = numpy.einsum("ij,ij->i", _gather(source, offset, dtype), weight)
+                        part = numpy.einsum("ji,ji->i", _gather(source, offset, dtype), weight)
                         if span[0]:
                             sums[group.start : group.stop] += part
                         else:
@@ -359,51 +373,87 @@ def forward(input: numpy.ndarray, rois: numpy.ndarray, pooled, prepare: Prepare)
     return out
 
 
-def _keys(block, todo, pooled, strides, limit) -> Iterator[tuple[numpy.ndarray, ...]]:
-    """``(key, row, weight, zero)`` of the real pairs of ``block``, in runs of about ``limit``
-    pairs: ``key`` is the pixel's index in ``[N, PH * PW, H, W]``, ``row`` the bin's position in
-    the block's order (:func:`_groups`), ``zero`` whether the pair reads its pixel at weight 0."""
-    parts, size = [], 0
-    for group in todo:
-        for span in group.spans:
-            offset, weight = _pairs(block, group, span, strides, pooled)
+class _Run(NamedTuple):
+    """Pieces of a block whose pairs the backward pass scatters together.
+
+    Attributes:
+        grad (ndarray[groups, S] float64): the block's gradient, bins in the block's order
+            (:func:`_groups`), already divided by the divisors.
+        pieces (list of (int, int, int)): each piece's bins ``start:stop`` and its pairs.
+        key (ndarray[M] int64): each pair's pixel in ``[N, PH * PW, H, W]``, padding at the end
+            of that space.
+        weight (ndarray[M] float64): each pair's weight (0 for padding).
+        zero_key, zero_row (ndarray int64): the real pairs that read their pixel at weight 0,
+            and their bins; only with ``zeros``.
+    """
+
+    grad: numpy.ndarray
+    pieces: list
+    key: numpy.ndarray
+    weight: numpy.ndarray
+    zero_key: numpy.ndarray
+    zero_row: numpy.ndarray
+
+
+def _scatter_runs(block, todo, grad, pooled, strides, space, limit, zeros):
+    """The pairs of ``block`` in runs of about ``limit`` (at least a piece), as :class:`_Run`."""
+    todo = [(group, span) for group in todo for span in group.spans]
+    i = 0
+    while i < len(todo):
+        j, total = i, 0
+        while j < len(todo) and (j == i or total < limit):
+            group, (a0, a1) = todo[j]
+            total += (group.stop - group.start) * (a1 - a0) * group.cols
+            j += 1
+        key = numpy.empty(total, numpy.int64)
+        weight = numpy.empty(total)
+        pieces, zk, zr, at = [], [], [], 0
+        for group, span in todo[i:j]:
+            offset, w = _pairs(block, group, span, strides, pooled)
             real, zero = _masks(block, group, span)
-            row = numpy.broadcast_to(numpy.arange(group.start, group.stop)[:, None], real.shape)
-            parts.append((offset[real], row[real], weight[real], zero[real]))
-            del offset, weight, real, zero, row
-            size += parts[-1][0].size
-            if size >= limit:
-                yield tuple(numpy.concatenate(p) for p in zip(*parts))
-                parts, size = [], 0
-    if parts:
-        yield tuple(numpy.concatenate(p) for p in zip(*parts))
+            m = offset.size
+            numpy.copyto(key[at : at + m].reshape(offset.shape), numpy.where(real, offset, space))
+            weight[at : at + m] = w.ravel()
+            if zeros and zero.any():
+                pairs, bins = numpy.nonzero(zero)
+                zk.append(offset[pairs, bins])
+                zr.append(bins + group.start)
+            pieces.append((group.start, group.stop, m))
+            at += m
+        empty = numpy.zeros(0, numpy.int64)
+        yield _Run(grad, pieces, key, weight,
+                   numpy.concatenate(zk) if zk else empty, numpy.concatenate(zr) if zr else empty)
+        i = j
 
 
 class _Touched:
-    """The pixels of a key space that some pair reads, numbered in increasing order: with a
-    dense map where the space is small enough, else by sorting what the pairs read."""
+    """The pixels of a key space that some pair reads, numbered in increasing order (with a
+    dense map where the space is small enough, else by sorting what the pairs read); the end of
+    the space (padding) maps to one past the last."""
 
     def __init__(self, space: int):
         self.space = space
-        self.present = numpy.zeros(space, bool) if space <= _MAP else None
+        self.present = numpy.zeros(space + 1, bool) if space <= _MAP else None
         self.keys = numpy.zeros(0, numpy.int64)
 
     def add(self, key: numpy.ndarray) -> None:
         if self.present is not None:
             self.present[key] = True
         else:
-            self.keys = numpy.union1d(self.keys, key)
+            self.keys = numpy.union1d(self.keys, key[key < self.space])
 
     def finish(self) -> None:
         if self.present is not None:
+            self.present[self.space] = False
             self.keys = numpy.flatnonzero(self.present)
             self.present = None
-            self.pos = numpy.empty(self.space, numpy.int32)
+            self.pos = numpy.empty(self.space + 1, numpy.int32)
             self.pos[self.keys] = numpy.arange(self.keys.size, dtype=numpy.int32)
+            self.pos[self.space] = self.keys.size
 
     def index(self, key: numpy.ndarray) -> numpy.ndarray:
-        """The numbers of ``key`` (touched pixels)."""
-        if self.space <= _MAP:
+        """The numbers of ``key`` (touched pixels, or the end of the space)."""
+        if self.present is None and self.space <= _MAP:
             return self.pos[key].astype(numpy.intp)
         return numpy.searchsorted(self.keys, key)
 
@@ -413,6 +463,10 @@ def backward(
 ) -> numpy.ndarray:
     """The adjoint of :func:`forward`: ``grad_input [N, C, H, W]`` in grad_output's dtype,
     accumulated in float64 in a fixed order (the same bits on every run) and rounded once.
+
+    Each output channel's pairs are summed by ``bincount`` over the key space
+    ``[N, PH * PW, H, W]`` where it is small (``_DENSE``), else over only the pixels some pair
+    touches.
 
     Args:
         grad_output (ndarray[K, C / (PH * PW), PH, PW]): any strides.
@@ -427,10 +481,11 @@ def backward(
     if grad_input.size == 0 or k == 0:
         return grad_input
     plane = bins * h * w
+    space = n * plane
     strides = (plane, h * w, w, 1)
-    non_finite = not numpy.isfinite(grad_output).all()
+    zeros = not numpy.isfinite(grad_output).all()
 
-    def runs():
+    def runs(limit=_SCATTER):
         for block in _blocks(rois, input_shape, pooled, prepare):
             slot, todo = _groups(block, pooled)
             if not todo:
@@ -440,67 +495,71 @@ def backward(
             grad = grad.reshape(groups, -1)
             if block.divisor is not None:
                 grad /= block.divisor.T.ravel()
-            grad = grad[:, slot]
-            for run in _keys(block, todo, pooled, strides, _SCATTER):
-                yield grad, run
+            yield from _scatter_runs(block, todo, grad[:, slot], pooled, strides, space, limit,
+                                     zeros)
 
-    # Up to _CACHE pairs (the usual case) are prepared once, as one run summed channel by
-    # channel. More are prepared again for each pass (the touched pixels, then the sums of a
-    # slice of channels), so that memory does not grow with K or with a bin.
-    cached, total = [], 0
-    if rois.shape[0] > _block_size(input_shape, pooled):
-        cached = None
-    for grad, run in runs() if cached is not None else ():
-        cached.append((grad, run))
-        total += run[0].size
-        if total > _CACHE:
-            cached = None
-            break
-    if cached is not None and len(cached) > 1:
-        grads, seen, parts, shift = [], set(), [], 0
-        for grad, (key, row, weight, zero) in cached:
-            if id(grad) not in seen:
-                seen.add(id(grad))
-                grads.append(grad)
-                shift = sum(g.shape[1] for g in grads[:-1])
-            parts.append((key, row + shift, weight, zero))
-        cached = [(numpy.concatenate(grads, axis=1),
-                   tuple(numpy.concatenate(p) for p in zip(*parts)))]
-        del grads, parts
-    touched = _Touched(n * plane)
-    for _, (key, *_) in cached or runs():
-        touched.add(key)
-    touched.finish()
-    if touched.keys.size == 0:
-        return grad_input
-    # Where each touched pixel lies in grad_input, in output channel 0.
-    target = touched.keys + (touched.keys // plane) * (c - bins) * h * w
-    size = touched.keys.size
+    # Up to _CACHE pairs of one block (the usual case) are prepared once, as one run summed
+    # channel by channel. More are prepared again for each pass (the touched pixels, then the
+    # sums of a slice of channels), so that memory does not grow with K or with a bin.
+    cached = None
+    if rois.shape[0] <= _block_size(input_shape, pooled):
+        todo = runs(_CACHE)
+        first = next(todo, None)
+        if first is None:
+            return grad_input
+        cached = [first] if next(todo, None) is None else None
+        del todo, first
+    if space <= _DENSE:
+        touched, size = None, space
+    else:
+        touched = _Touched(space)
+        for run in cached or runs():
+            touched.add(run.key)
+        touched.finish()
+        size = touched.keys.size
+        if size == 0:
+            return grad_input
+        target = touched.keys + (touched.keys // plane) * (c - bins) * h * w
     out = grad_input.reshape(-1)
+    images = grad_input.reshape(n, c * h * w)
+
+    def store(ch, sums):
+        if touched is None:
+            images[:, ch * plane : (ch + 1) * plane] = sums.reshape(n, plane)
+        else:
+            out[ch * plane :][target] = sums.astype(grad_input.dtype)
+
     cc = groups if cached else max(1, min(groups, _ACCUMULATOR // (8 * size)))
+    terms = numpy.empty(0)
     with numpy.errstate(invalid="ignore", over="ignore"):
         for c0 in range(0, groups, cc):
             c1 = min(groups, c0 + cc)
-            acc = None if cached else numpy.zeros((c1 - c0, size))
-            for grad, (key, row, weight, zero) in cached or runs():
-                dest = touched.index(key)
-                # 0 * inf is NaN: a zero-weight read passes a non-finite gradient on, as in the
-                # kernels; its term is 0 otherwise, so it is added only then.
-                zero = numpy.flatnonzero(zero) if non_finite else zero[:0]
+            acc = None if cached else numpy.zeros((c1 - c0, size + 1))
+            for run in cached or runs():
+                dest = run.key if touched is None else touched.index(run.key)
+                zero_dest = run.zero_key if touched is None else touched.index(run.zero_key)
+                if terms.size < dest.size:
+                    terms = numpy.empty(dest.size)
                 for ch in range(c0, c1):
-                    terms = grad[ch].take(row)
-                    terms *= weight
+                    at = 0
+                    for start, stop, m in run.pieces:
+                        numpy.multiply(run.grad[ch, start:stop],
+                                       run.weight[at : at + m].reshape(-1, stop - start),
+                                       out=terms[at : at + m].reshape(-1, stop - start))
+                        at += m
                     if acc is None:
-                        part = numpy.bincount(dest, terms, size)
-                        if zero.size:
-                            part += numpy.bincount(dest[zero], grad[ch].take(row[zero]) * 0.0,
-                                                   size)
-                        out[ch * plane :][target] = part
+                        sums = numpy.bincount(dest, terms[:at], size + 1)
                     else:
-                        numpy.add.at(acc[ch - c0], dest, terms)
-                        if zero.size:
-                            numpy.add.at(acc[ch - c0], dest[zero], grad[ch].take(row[zero]) * 0.0)
+                        sums = acc[ch - c0]
+                        numpy.add.at(sums, dest, terms[:at])
+                    if zero_dest.size:
+                        # 0 * inf is NaN: a zero-weight read passes a non-finite gradient on,
+                        # as in the kernels (its term is 0 otherwise, so it is added only here).
+                        numpy.add.at(sums, zero_dest, run.grad[ch].take(run.zero_row) * 0.0)
+                    if acc is None:
+                        store(ch, sums[:size])
             if acc is not None:
                 for ch in range(c0, c1):
-                    out[ch * plane :][target] = acc[ch - c0]
+                    store(ch, acc[ch - c0, :size])
     return grad_input
+
