@@ -18,6 +18,8 @@ from roi_cupy._numpy import _separable
 _OFFSET = 0.5
 # Most samples per bin and axis, as in the kernels (ROI_MAX_GRID): a gigantic box stays finite work.
 _MAX_GRID = float(1 << 20)
+# The compute dtypes' machine epsilon (numpy.finfo is slow to ask on every call).
+_EPS = {numpy.dtype(t): float(numpy.finfo(t).eps) for t in (numpy.float32, numpy.float64)}
 # Most samples expanded at once along one axis (each holds a few dozen bytes of temporaries).
 _SAMPLES = 1 << 13
 
@@ -37,18 +39,18 @@ class _Axis:
     def __init__(self, start, bin_size, grid, pooled: int, size: int, ct: numpy.dtype):
         self.bin, self.grid, self.size, self.ct = bin_size, grid, size, ct
         g = grid[:, None]
-        with numpy.errstate(all="ignore"):
-            self.base = start[:, None] + numpy.arange(pooled, dtype=ct) * bin_size[:, None]
-            b64 = self.base.astype(numpy.float64)
-            step = (bin_size.astype(numpy.float64) / grid)[:, None]
-            # Sample indices whose coordinate lands in [-1, size], widened by the rounding
-            # error of the compute dtype; the exact test is redone on every evaluated sample.
-            first = (-1.0 - b64) / step - 0.5
-            last = (size - b64) / step - 0.5
-            eps = numpy.finfo(ct).eps
-            slack = 2.0 + 4.0 * eps * (numpy.abs(b64) + numpy.abs(step)) / numpy.abs(step)
-            lo = numpy.clip(numpy.floor(numpy.fmin(first, last) - slack), 0, g - 1)
-            hi = numpy.clip(numpy.ceil(numpy.fmax(first, last) + slack), 0, g - 1)
+        # (Called under numpy.errstate(all="ignore"): NaN and inf boxes sample nothing.)
+        self.base = start[:, None] + numpy.arange(pooled, dtype=ct) * bin_size[:, None]
+        b64 = self.base.astype(numpy.float64)
+        step = (bin_size.astype(numpy.float64) / grid)[:, None]
+        # Sample indices whose coordinate lands in [-1, size], widened by the rounding
+        # error of the compute dtype; the exact test is redone on every evaluated sample.
+        first = (-1.0 - b64) / step - 0.5
+        last = (size - b64) / step - 0.5
+        eps = _EPS[ct]
+        slack = 2.0 + 4.0 * eps * (numpy.abs(b64) + numpy.abs(step)) / numpy.abs(step)
+        lo = numpy.clip(numpy.floor(numpy.fmin(first, last) - slack), 0, g - 1)
+        hi = numpy.clip(numpy.ceil(numpy.fmax(first, last) + slack), 0, g - 1)
         # A zero-size bin puts all its samples on one point: evaluate it once, weight 1.
         collapsed = (bin_size == 0)[:, None] & (g >= 1)
         lo = numpy.where(collapsed, 0.0, lo)
@@ -75,10 +77,9 @@ class _Axis:
         first = numpy.cumsum(counts) - counts
         index = self.lo[rois].ravel()[kp] + (numpy.arange(kp.size) - first[kp])
         k = kp // pooled
-        with numpy.errstate(all="ignore"):
-            y = self.base[rois].ravel()[kp] + (
-                (index.astype(ct) + ct.type(0.5)) * self.bin[rois][k]
-            ) / self.grid[rois].astype(ct)[k]
+        y = self.base[rois].ravel()[kp] + (
+            (index.astype(ct) + ct.type(0.5)) * self.bin[rois][k]
+        ) / self.grid[rois].astype(ct)[k]
         inside = (y >= -1) & (y <= size)  # NaN fails both
         kp, y = kp[inside], y[inside]
         y = numpy.maximum(y, ct.type(0))
@@ -106,21 +107,39 @@ class _Axis:
             factor = numpy.tile(self.factor[rois][kp // pooled], 2)
             weight = numpy.concatenate([ct.type(1) - frac, frac]).astype(numpy.float64) * factor
             pixel = numpy.concatenate([low, high])
-            bins = numpy.tile(kp + i * pooled, 2)
-            # One key per (bin, pixel, weight is 0): the old Entries' merge, same sums.
-            key = (bins * size + pixel) * 2 + (weight == 0)
-            unique, inverse = numpy.unique(key, return_inverse=True)
-            total = numpy.bincount(inverse.ravel(), weights=weight, minlength=unique.size)
-            at = unique // 2
-            # A pixel read at both a positive weight and 0 becomes one entry, flagged.
-            new = numpy.ones(at.size, bool)
-            new[1:] = at[1:] != at[:-1]
-            slot = numpy.cumsum(new) - 1
-            parts.append((
-                at[new] // size, at[new] % size,
-                numpy.bincount(slot, weights=total, minlength=int(new.sum())),
-                numpy.bincount(slot, weights=unique % 2, minlength=int(new.sum())) > 0,
-            ))
+            bins = numpy.tile(kp, 2)
+            # Each bin's corners lie in a window of its axis: number them within it and add up
+            # each pixel's weights with bincount, in the order above (low corners first, in
+            # sample order), a pixel read at weight 0 flagged. Far-apart samples make the
+            # windows wide: then number the pixels by sorting.
+            count = numpy.bincount(kp, minlength=rois.size * pooled)
+            live = numpy.flatnonzero(count)
+            starts = (numpy.cumsum(count) - count)[live]
+            origin = numpy.zeros(count.size, numpy.int64)
+            if live.size:
+                origin[live] = numpy.minimum.reduceat(low, starts)
+                span = int((numpy.maximum.reduceat(high, starts) - origin[live]).max()) + 1
+            else:
+                span = 1
+            if count.size * span <= 8 * bins.size + 4096:
+                key = bins * span + (pixel - origin[bins])
+                space = count.size * span
+                at = numpy.flatnonzero(numpy.bincount(key, minlength=space))
+                slot = at // span
+                parts.append((
+                    slot + i * pooled, origin[slot] + at % span,
+                    numpy.bincount(key, weights=weight, minlength=space)[at],
+                    numpy.bincount(key, weights=weight == 0, minlength=space)[at] > 0,
+                ))
+            else:
+                key = bins * size + pixel
+                unique, inverse = numpy.unique(key, return_inverse=True)
+                inverse = inverse.ravel()
+                parts.append((
+                    unique // size + i * pooled, unique % size,
+                    numpy.bincount(inverse, weights=weight, minlength=unique.size),
+                    numpy.bincount(inverse, weights=weight == 0, minlength=unique.size) > 0,
+                ))
             i = j
         bins, pixel, weight, zero = (numpy.concatenate(a) for a in zip(*parts))
         return _separable.Axis.of_sorted(bins, pixel, weight, zero, (g, pooled))
@@ -137,8 +156,7 @@ def _prepare(shape, pooled, spatial_scale, sampling_ratio, ct):
         if ratio > 0:
             g = numpy.full(bin_size.shape, float(ratio))
         else:
-            with numpy.errstate(all="ignore"):
-                g = numpy.ceil(bin_size).astype(numpy.float64)
+            g = numpy.ceil(bin_size).astype(numpy.float64)
         # NaN and non-positive grids sample nothing.
         return numpy.where(g >= 1, numpy.minimum(g, _MAX_GRID), 0.0)
 
@@ -149,9 +167,9 @@ def _prepare(shape, pooled, spatial_scale, sampling_ratio, ct):
             y0 = rois[:, 2] * scale - offset
             bw = ((rois[:, 3] * scale - offset) - x0) / ct.type(pooled_w)
             bh = ((rois[:, 4] * scale - offset) - y0) / ct.type(pooled_h)
-        ay = _Axis(y0, bh, grid(bh, sampling_h), pooled_h, h, ct)
-        ax = _Axis(x0, bw, grid(bw, sampling_w), pooled_w, w, ct)
-        return ay.entries(), ax.entries(), None
+            ay = _Axis(y0, bh, grid(bh, sampling_h), pooled_h, h, ct)
+            ax = _Axis(x0, bw, grid(bw, sampling_w), pooled_w, w, ct)
+            return ay.entries(), ax.entries(), None
 
     return prepare
 
