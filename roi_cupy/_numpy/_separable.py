@@ -13,15 +13,18 @@ weights added up and divided by the samples per axis (divisor 1); PS RoI Pool's 
 the bin's window, each weighing 1 (divisor: the window's area). :class:`Axis` lists each bin's
 pixels and weights along one axis, padded to a common count.
 
-The pixels a bin reads and their weights are the same for every output channel. So RoIs with
-about as many rows and columns per bin are taken together (a *piece*): their bins' pixel
-offsets (from output channel 0) and pair weights ``wy * wx`` are laid out once as
-``[bins, rows * columns]`` arrays, and each output channel gathers its values straight from the
-features (the offsets moved by that channel's stride: no copy of the features) and adds them up
-in float64 against the weights. Padding entries weigh 0. The backward pass scatters the same
-pairs, with float64 sums over only the pixels the bins touch, then rounds each once. Work and
-memory follow the pairs the bins read, in pieces of bounded size however large a bin is, never
-the plane.
+The pixels a bin reads and their weights are the same for every output channel. So the bins of
+a block of RoIs that read about as many rows and columns are taken together (a *group*, cut in
+*pieces* of bounded size), bin place after bin place and in reading order within one: their
+pixel offsets (from output channel 0) and pair weights ``wy * wx`` are laid out once as
+``[rows * columns, bins]`` arrays, and each output channel in turn gathers its values straight
+from the features (the offsets moved by that channel's stride: no copy of the features, and one
+channel's planes stay in cache) and adds them up in float64 against the weights. Padding entries
+weigh 0. The backward pass spreads each bin's gradient over the same pairs and adds them up per
+pixel with ``bincount`` in float64 (over the whole key space ``[N, PH * PW, H, W]`` of one
+channel where that is small, else over only the pixels the bins touch), then rounds each sum
+once. Work and memory follow the pairs the bins read, in pieces of bounded size however large a
+bin is.
 
 A pixel that an axis reads with weight exactly 0 (a bilinear corner of weight 0) must still turn
 a non-finite value there into NaN (``0 * inf``), as in the kernels, which multiply all four
@@ -194,7 +197,7 @@ def _groups(block: Block, pooled) -> tuple[numpy.ndarray, list[Group]]:
     g = block.b.size
     bins = pooled_h * pooled_w
     ry = numpy.repeat(block.y.count.ravel(), pooled_w)
-    rx = numpy.tile(block.x.count, (1, pooled_h)).ravel()
+    rx = numpy.broadcast_to(block.x.count[:, None, :], (g, pooled_h, pooled_w)).ravel()
     live = numpy.flatnonzero((ry > 0) & (rx > 0))
     if live.size == 0:
         return live, []

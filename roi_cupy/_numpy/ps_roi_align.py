@@ -104,10 +104,11 @@ class _Axis:
             j = max(i + 1, int(numpy.searchsorted(per_roi, done + _SAMPLES, side="right")))
             rois = numpy.arange(i, j)
             kp, low, high, frac = self.taps(rois)
-            factor = numpy.tile(self.factor[rois][kp // pooled], 2)
-            weight = numpy.concatenate([ct.type(1) - frac, frac]).astype(numpy.float64) * factor
+            factor = self.factor[rois][kp // pooled]
+            weight = numpy.concatenate([ct.type(1) - frac, frac]).astype(numpy.float64)
+            weight *= numpy.concatenate([factor, factor])
             pixel = numpy.concatenate([low, high])
-            bins = numpy.tile(kp, 2)
+            bins = numpy.concatenate([kp, kp])
             # Each bin's corners lie in a window of its axis: number them within it and add up
             # each pixel's weights with bincount, in the order above (low corners first, in
             # sample order), a pixel read at weight 0 flagged. Far-apart samples make the
