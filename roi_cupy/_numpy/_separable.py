@@ -344,6 +344,7 @@ def forward(input: numpy.ndarray, rois: numpy.ndarray, pooled, prepare: Prepare)
     flat, strides = _flat(input)
     step = bins * strides[1]
     dtype = input.dtype
+    flat_out = out.reshape(-1)
     # inf - inf and 0 * inf are NaN, as in the kernels; float16 rounds to inf past its range.
     with numpy.errstate(invalid="ignore", over="ignore"):
         for block in _blocks(rois, input.shape, pooled, prepare):
@@ -367,12 +368,13 @@ def forward(input: numpy.ndarray, rois: numpy.ndarray, pooled, prepare: Prepare)
                     for ch in numpy.flatnonzero(bad[:, cols].any(axis=1)).tolist():
                         acc[ch, cols] = _exact(flat, step, block, group, strides, pooled, ch,
                                                dtype)
-            placed = numpy.zeros((groups, bins * block.b.size))
-            placed[:, slot] = acc
+            place, roi = numpy.divmod(slot, block.b.size)
             if block.divisor is not None:
-                placed /= block.divisor.T.ravel()
-            acc = placed.reshape(groups, *pooled, block.b.size)
-            out[block.kidx] = acc.transpose(3, 0, 1, 2)
+                acc /= block.divisor.reshape(-1)[roi * bins + place]
+            # Straight to out[k, ch, ph, pw]; bins that read nothing stay 0.
+            at = block.kidx[roi] * (groups * bins) + place
+            for ch in range(groups):
+                flat_out[ch * bins :][at] = acc[ch]
     return out
 
 
@@ -487,19 +489,22 @@ def backward(
     space = n * plane
     strides = (plane, h * w, w, 1)
     zeros = not numpy.isfinite(grad_output).all()
+    given = numpy.ascontiguousarray(grad_output).reshape(-1)
 
     def runs(limit=_SCATTER):
         for block in _blocks(rois, input_shape, pooled, prepare):
             slot, todo = _groups(block, pooled)
             if not todo:
                 continue
-            grad = numpy.empty((groups, pooled_h, pooled_w, block.b.size))
-            grad[...] = grad_output[block.kidx].transpose(1, 2, 3, 0)
-            grad = grad.reshape(groups, -1)
+            # The gradient of each bin in the groups' order, in float64.
+            place, roi = numpy.divmod(slot, block.b.size)
+            at = block.kidx[roi] * (groups * bins) + place
+            grad = numpy.empty((groups, slot.size))
+            for ch in range(groups):
+                grad[ch] = given.take(at + ch * bins)
             if block.divisor is not None:
-                grad /= block.divisor.T.ravel()
-            yield from _scatter_runs(block, todo, grad[:, slot], pooled, strides, space, limit,
-                                     zeros)
+                grad /= block.divisor.reshape(-1)[roi * bins + place]
+            yield from _scatter_runs(block, todo, grad, pooled, strides, space, limit, zeros)
 
     # Up to _CACHE pairs of one block (the usual case) are prepared once, as one run summed
     # channel by channel. More are prepared again for each pass (the touched pixels, then the
