@@ -279,11 +279,14 @@ def _masks(block: Block, group: Group, span):
 
 
 def _runs(block: Block, todo, strides, pooled) -> Iterator[list]:
-    """``todo``'s pieces with their pairs, in runs of about ``_RUN`` pairs (at least a piece)."""
+    """``todo``'s pieces with their pairs (offsets, and weights or None where all are 1), in
+    runs of about ``_RUN`` pairs (at least a piece)."""
     run, size = [], 0
     for group in todo:
         for span in group.spans:
-            run.append((group, span, *_pairs(block, group, span, strides, pooled)))
+            offset, weight = _pairs(block, group, span, strides, pooled)
+            # Weights all 1 (a PS RoI Pool piece without padding): a plain float64 sum.
+            run.append((group, span, offset, None if (weight == 1).all() else weight))
             size += run[-1][2].size
             if size >= _RUN:
                 yield run
@@ -356,7 +359,11 @@ def forward(input: numpy.ndarray, rois: numpy.ndarray, pooled, prepare: Prepare)
                 for ch in range(groups):
                     source, sums = flat[ch * step :], acc[ch]
                     for group, span, offset, weight in run:
-                        part = numpy.einsum("ji,ji->i", _gather(source, offset, dtype), weight)
+                        values = _gather(source, offset, dtype)
+                        if weight is None:
+                            part = numpy.add.reduce(values, axis=0, dtype=numpy.float64)
+                        else:
+                            part = numpy.einsum("ji,ji->i", values, weight)
                         if span[0]:
                             sums[group.start : group.stop] += part
                         else:
