@@ -207,9 +207,8 @@ def _groups(block: Block, pooled) -> tuple[numpy.ndarray, list[Group]]:
     ix = roi * pooled_w + place % pooled_w
     by, bx = _bucket(ry), _bucket(rx)
     kind = by * (int(bx.max()) + 1) + bx
-    rows = block.y.pixel.shape[2]
     top = int(block.y.pixel.max()) + 1
-    where = block.b[roi] * top + block.y.pixel.reshape(-1)[iy * rows]
+    where = block.b[roi] * top + block.y.pixel[:, :, 0].reshape(-1)[iy]
     if (int(kind.max()) + 1) * bins * (int(where.max()) + 1) < 1 << 62:
         order = numpy.argsort((kind * bins + place) * (int(where.max()) + 1) + where,
                               kind="stable")
