@@ -35,14 +35,6 @@ def _windows(rois, h: int, w: int, pooled, spatial_scale: float, ct):
     return (*edges(pooled_h, h, ys, bh), *edges(pooled_w, w, xs, bw))
 
 
-def _entries(lo: numpy.ndarray, hi: numpy.ndarray) -> _separable.Entries:
-    """Every pixel of each window ``[lo, hi)`` ([G, P] each), weighing 1."""
-    count = numpy.maximum(hi - lo, 0).ravel()
-    bins = numpy.repeat(numpy.arange(count.size), count)
-    pixel = lo.ravel()[bins] + numpy.arange(bins.size) - (numpy.cumsum(count) - count)[bins]
-    return _separable.Entries.of_sorted(bins, pixel, numpy.ones(bins.size), count.size)
-
-
 def _prepare(shape, pooled, spatial_scale, ct):
     """What the bins of a block of valid RoIs read (see :data:`_separable.Prepare`)."""
     _, _, h, w = shape
@@ -50,8 +42,9 @@ def _prepare(shape, pooled, spatial_scale, ct):
     def prepare(rois: numpy.ndarray):
         hs, he, ws, we = _windows(rois, h, w, pooled, spatial_scale, ct)
         area = numpy.maximum(he - hs, 0)[:, :, None] * numpy.maximum(we - ws, 0)[:, None, :]
-        divisor = numpy.where(area > 0, area, 1).astype(numpy.float64).ravel()
-        return _entries(hs, he), _entries(ws, we), divisor
+        divisor = numpy.where(area > 0, area, 1).astype(numpy.float64)
+        y, x = _separable.Axis.of_ranges(hs, he), _separable.Axis.of_ranges(ws, we)
+        return y, x, divisor.reshape(rois.shape[0], -1)
 
     return prepare
 
