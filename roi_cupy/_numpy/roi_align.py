@@ -33,6 +33,8 @@ _LANES = 2
 _TAPS = 1 << 18
 # Most samples per bin and axis, as in the kernels (ROI_MAX_GRID): a gigantic box stays finite work.
 _MAX_GRID = float(1 << 20)
+# The compute dtypes' machine epsilon (numpy.finfo is slow to ask on every call).
+_EPS = {numpy.dtype(t): float(numpy.finfo(t).eps) for t in (numpy.float32, numpy.float64)}
 
 
 class _Axis:
@@ -59,7 +61,7 @@ class _Axis:
             # error of the compute dtype; the exact test is redone on every evaluated sample.
             first = (-1.0 - b64) / step - 0.5
             last = (size - b64) / step - 0.5
-            eps = numpy.finfo(ct).eps
+            eps = _EPS[ct]
             slack = 2.0 + 4.0 * eps * (numpy.abs(b64) + numpy.abs(step)) / numpy.abs(step)
             lo = numpy.clip(numpy.floor(numpy.fmin(first, last) - slack), 0, g - 1)
             hi = numpy.clip(numpy.ceil(numpy.fmax(first, last) + slack), 0, g - 1)
