@@ -344,6 +344,27 @@ def test_numpy_windows_and_planes_give_the_same_numbers(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_numpy_channel_chunks_give_the_same_numbers(monkeypatch, dtype):
+    """The NumPy forward pools a chunk of channels at a time and decodes the bins of a run of
+    RoIs straight into the outputs: with one channel per chunk (the outputs' slices strided),
+    RoIs out of order (no runs), -0.0, NaN and infinities, the same bits and indices."""
+    from roi_cupy._numpy import _common
+
+    rng = make_rng("pool channel chunks", numpy.dtype(dtype).name)
+    x = sprinkled(rng, (2, 3, 9, 11), dtype)
+    x[rng.random(x.shape) < 0.1] = -0.0
+    rois = random_boxes(rng, 2, 60, 9, 11, quantum=0.25, dtype=compute_dtype(dtype))
+    for boxes in (rois, rois[rng.permutation(60)]):
+        whole = roi_cupy.roi_pool(x, boxes, (3, 2), return_indices=True)
+        monkeypatch.setattr(_common, "PLANE_BUDGET", 1)
+        chunked = roi_cupy.roi_pool(x, boxes, (3, 2), return_indices=True)
+        monkeypatch.undo()
+        numpy.testing.assert_array_equal(chunked[0].view(numpy.uint8), whole[0].view(numpy.uint8))
+        numpy.testing.assert_array_equal(chunked[1], whole[1])
+        check(whole, roi_pool_ref(x, boxes, (3, 2)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
 @pytest.mark.parametrize("layout", ["planes", "ranges"])
 def test_numpy_backward_accumulators_match_reference(monkeypatch, dtype, layout):
     """The NumPy backward sums in small accumulators (channel chunks of whole planes, or ranges

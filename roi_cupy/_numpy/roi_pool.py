@@ -91,12 +91,20 @@ def _values(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.nd
     return v.reshape(n, h, w, c1 - c0)
 
 
-def _keys(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.ndarray:
-    """Channels ``c0:c1`` as int64 keys ``[N, H, W, Cc]`` (see the module docstring)."""
+def _keys(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype, rare: bool = True):
+    """Channels ``c0:c1`` as int64 keys ``[N, H, W, Cc]`` (see the module docstring), and
+    whether they hold values that need work after pooling: ``(keys, (low, negative_zero))``,
+    whether a value is NaN or ``<= -FLT_MAX`` and whether one is -0.0 (both True unless
+    ``rare``, which asks to find out)."""
     n, _, h, w = input.shape
     floor = ct.type(-_common.FLT_MAX)
     v = input[:, c0:c1].astype(ct)
-    numpy.copyto(v, floor, where=~(v > floor))
+    low = ~(v > floor)
+    numpy.copyto(v, floor, where=low)
+    found = (True, True)
+    if rare:
+        sign = numpy.int32(-(2**31)) if ct == numpy.float32 else numpy.int64(-(2**63))
+        found = (bool(low.any()), bool((v.view(sign.dtype) == sign).any()))  # -0.0's bits
     v += ct.type(0)  # -0.0 -> 0.0: the two compare equal
     if ct == numpy.float32:
         bits = v.view(numpy.int32)
@@ -111,7 +119,7 @@ def _keys(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.ndar
     halves[..., _HIGH] = order.transpose(0, 2, 3, 1)
     position = (_LOW - numpy.arange(h * w, dtype=numpy.int64)).astype(numpy.uint32)
     halves[..., 1 - _HIGH] = position.view(numpy.int32).reshape(1, h, w, 1)
-    return keys
+    return keys, found
 
 
 class _Buffers:
@@ -131,19 +139,19 @@ class _Buffers:
         return array[:size].reshape(shape)
 
 
-def _decode(stage: numpy.ndarray, buffers: _Buffers) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """float32 keys -> (float32 value, int64 argmax); argmax -1 where nothing was picked."""
+def _decode(stage, value, argmax, low) -> None:
+    """float32 keys ``stage`` -> ``value`` (float32 bits, as int32) and ``argmax`` (int64), all
+    of one shape; argmax -1 where nothing was picked, which only ``low`` values (NaN,
+    ``<= -FLT_MAX``) can cause."""
     halves = stage.view(numpy.int32).reshape(stage.shape + (2,))
     order = halves[..., _HIGH]
-    bits = buffers("bits", stage.shape, numpy.int32)
-    numpy.right_shift(order, 31, out=bits)
-    numpy.bitwise_and(bits, numpy.int32(0x7FFFFFFF), out=bits)
-    numpy.bitwise_xor(order, bits, out=bits)
-    value = bits.view(numpy.float32)
-    argmax = buffers("argmax", stage.shape, numpy.int64)
+    numpy.right_shift(order, 31, out=value)
+    numpy.bitwise_and(value, numpy.int32(0x7FFFFFFF), out=value)
+    numpy.bitwise_xor(order, value, out=value)
     numpy.subtract(_LOW, halves[..., 1 - _HIGH].view(numpy.uint32), out=argmax, dtype=numpy.int64)
-    numpy.copyto(argmax, -1, where=value == numpy.float32(-_common.FLT_MAX))
-    return value, argmax
+    if low:
+        floor = value.view(numpy.float32) == numpy.float32(-_common.FLT_MAX)
+        numpy.copyto(argmax, -1, where=floor)
 
 
 def _pool(data, b, hs, he, ws, we, stage) -> None:
@@ -193,25 +201,33 @@ def _pool_direct(values, b, hs, he, ws, we, w, bins, out_v, out_i) -> None:
         )
 
 
-def _stage_float32(input, c0, keys, args, shape, buffers):
+def _stage_float32(input, c0, keys, args, shape, buffers, found=(True, True), value=None,
+                   argmax=None):
     """float16/float32 bins of one group of RoIs: ``(value float32, argmax)`` [k, Cc, PH, PW],
-    in ``buffers``.
+    in ``value`` and ``argmax`` where given (float32 and int64 arrays of that shape), else in
+    ``buffers``.
 
-    ``args`` is ``(b, hs, he, ws, we)`` of the group; ``keys`` come from :func:`_keys`.
+    ``args`` is ``(b, hs, he, ws, we)`` of the group; ``keys`` and ``found`` come from
+    :func:`_keys`.
     """
     b, hs, he, ws, we = args
     stage = buffers("stage", shape, numpy.int64)
     _pool(keys, b, hs, he, ws, we, stage)
-    value, argmax = _decode(stage, buffers)
+    if value is None:
+        value = buffers("value", shape, numpy.float32)
+    if argmax is None:
+        argmax = buffers("argmax", shape, numpy.int64)
+    _decode(stage, value.view(numpy.int32), argmax, found[0])
     _clear_empty(hs, he, ws, we, value, argmax)
-    # Keys hold -0.0 as 0.0; the kernels store the value they read.
-    zero = numpy.flatnonzero(value == 0)
-    zero = zero[argmax.ravel()[zero] >= 0]
-    if zero.size:
-        w = input.shape[3]
-        kk, ch, _, _ = numpy.unravel_index(zero, shape)
-        picked = argmax.ravel()[zero]
-        value.ravel()[zero] = input[b[kk], c0 + ch, picked // w, picked % w]
+    if found[1]:
+        # Keys hold -0.0 as 0.0; the kernels store the value they read.
+        zero = numpy.nonzero(value == 0)
+        picked = argmax[zero]
+        if (picked >= 0).any():
+            kk, ch, p, q = (z[picked >= 0] for z in zero)
+            picked = picked[picked >= 0]
+            w = input.shape[3]
+            value[kk, ch, p, q] = input[b[kk], c0 + ch, picked // w, picked % w]
     return value, argmax
 
 
@@ -328,9 +344,13 @@ def _forward(input, b, hs, he, ws, we, live, out, argmax, ct) -> None:
     pooled_h, pooled_w = hs.shape[1], ws.shape[1]
     keyed = h * w < _KEYED_PLANE
     cc = _common.channel_chunk(c, n * h * w, 8 if ct == numpy.float32 else 16)
+    # Whether the copy holds NaN, values <= -FLT_MAX or -0.0 is worth finding out when it is
+    # smaller than the bins: without them, the bins need no look for them.
+    # (The float64 path checks every pick anyway.)
+    rare = ct == numpy.float32 and n * h * w < live.size * pooled_h * pooled_w
     for c0 in range(0, c, cc):
         c1 = min(c, c0 + cc)
-        keys = _keys(input, c0, c1, ct) if keyed else None
+        keys, found = _keys(input, c0, c1, ct, rare) if keyed else (None, None)
         values = None
         if ct == numpy.float64 or not keyed:
             values = _values(input, c0, c1, numpy.dtype(numpy.float64))
@@ -338,12 +358,21 @@ def _forward(input, b, hs, he, ws, we, live, out, argmax, ct) -> None:
         buffers = _Buffers()
         for s in range(0, live.size, step):
             sel = live[s : s + step]
-            # A run of consecutive RoIs is stored through a slice, cheaper than an index array.
+            # A run of consecutive RoIs is stored through a slice, cheaper than an index array,
+            # and its bins are decoded straight into the outputs.
             rows = slice(sel[0], sel[-1] + 1) if sel[-1] - sel[0] == sel.size - 1 else sel
             args = (b[sel], hs[sel], he[sel], ws[sel], we[sel])
             shape = (sel.size, c1 - c0, pooled_h, pooled_w)
             if values is None:
-                value, index = _stage_float32(input, c0, keys, args, shape, buffers)
+                direct = isinstance(rows, slice)
+                into = out[rows, c0:c1] if direct and out.dtype == numpy.float32 else None
+                index = argmax[rows, c0:c1] if direct and argmax is not None else None
+                value, index = _stage_float32(input, c0, keys, args, shape, buffers, found,
+                                              into, index)
+                if value is into:
+                    if argmax is not None and not direct:
+                        argmax[rows, c0:c1] = index
+                    continue
             else:
                 value, index = _stage_float64(values, keys, args, w, shape)
             with numpy.errstate(over="ignore"):  # -FLT_MAX is -inf in float16
