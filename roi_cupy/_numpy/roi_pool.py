@@ -45,6 +45,8 @@ _BACKWARD_CHUNK = 1 << 15
 _SEGMENT = 1 << 16
 # Gradients per pixel below which the backward sums straight into grad_input.
 _DIRECT = 1.0
+# Gradients up to which the backward adds them all in one call (:func:`_backward_once`).
+_ONCE = _BACKWARD_CHUNK
 # Planes of more pixels are accumulated one channel and one range of at most this many pixels
 # at a time, only where indices fall: the memory then follows the indices, not the plane.
 _SEGMENT_PLANE = 1 << 20
@@ -57,29 +59,28 @@ def _round(v: numpy.ndarray) -> numpy.ndarray:
 
 
 def _bins(rois, n, h, w, pooled_h, pooled_w, spatial_scale, ct):
-    """Batch index, validity and clipped bin edges ``(hs, he, ws, we)`` ([K, PH] / [K, PW])."""
+    """Batch index, validity and clipped bin edges ``(hs, he, ws, we)`` ([K, PH] / [K, PW]).
+
+    Both axes go through each operation together (rows, then columns), as ``[K, 2, P]`` with
+    ``P = max(PH, PW)``: the same arithmetic, element by element, in fewer NumPy calls.
+    """
     b, valid = _common.batch_index(rois, n)
-    r = numpy.where(valid[:, None], rois, 0).astype(ct)
-    scale = ct.type(spatial_scale)
+    r = numpy.where(valid[:, None], rois[:, (2, 1, 4, 3)], 0).astype(ct)  # y1, x1, y2, x2
+    pooled = max(pooled_h, pooled_w)
     with numpy.errstate(all="ignore"):
-        xs, ys, xe, ye = (_round(r[:, i] * scale).astype(numpy.float64) for i in (1, 2, 3, 4))
-        rw = numpy.maximum(xe - xs + 1, 1).astype(ct)
-        rh = numpy.maximum(ye - ys + 1, 1).astype(ct)
-        bw = rw / ct.type(pooled_w)
-        bh = rh / ct.type(pooled_h)
-
-    def edges(pooled, size, start, bin_size):
+        corners = _round(r * ct.type(spatial_scale)).astype(numpy.float64)
+        start = corners[:, :2, None]
+        extent = numpy.maximum(corners[:, 2:] - corners[:, :2] + 1, 1).astype(ct)
+        bin_size = (extent / numpy.array([pooled_h, pooled_w], dtype=ct))[:, :, None]
         p = numpy.arange(pooled, dtype=ct)
-        with numpy.errstate(all="ignore"):
-            lo = numpy.floor(p * bin_size[:, None]).astype(numpy.float64) + start[:, None]
-            hi = numpy.ceil((p + 1) * bin_size[:, None]).astype(numpy.float64) + start[:, None]
-        # fmax/fmin drop a NaN (0 * inf for a box that overflows), which lands on 0 as in the
-        # kernels' clamp.
-        return tuple(numpy.fmin(numpy.fmax(e, 0), size).astype(numpy.int64) for e in (lo, hi))
-
-    hs, he = edges(pooled_h, h, ys, bh)
-    ws, we = edges(pooled_w, w, xs, bw)
-    return b, valid, hs, he, ws, we
+        lo = numpy.floor(p * bin_size).astype(numpy.float64) + start
+        hi = numpy.ceil((p + 1) * bin_size).astype(numpy.float64) + start
+    # fmax/fmin drop a NaN (0 * inf for a box that overflows), which lands on 0 as in the
+    # kernels' clamp.
+    size = numpy.array([h, w], dtype=numpy.float64)[:, None]
+    lo, hi = (numpy.fmin(numpy.fmax(e, 0), size).astype(numpy.int64) for e in (lo, hi))
+    return (b, valid, lo[:, 0, :pooled_h], hi[:, 0, :pooled_h], lo[:, 1, :pooled_w],
+            hi[:, 1, :pooled_w])
 
 
 def _values(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.ndarray:
@@ -549,6 +550,29 @@ def _backward_ranges(add, runs, grad_input) -> None:
                 pos = e
 
 
+def _backward_once(grad_output, b, valid, argmax, grad_input, check) -> bool:
+    """Add all the gradients of a small call straight into ``grad_input`` (grad_output's dtype
+    being the compute dtype), with one ``numpy.add.at`` in the order of ``(k, c, ph, pw)``,
+    the order of the sums. Indices outside ``[0, H * W)`` and invalid RoIs add +0.0 to their
+    channel's first pixel instead (see :meth:`_Scatter.direct`). Returns whether an index lies
+    outside ``[-1, H * W)``; with ``check`` nothing is added then."""
+    c, h, w = grad_input.shape[1:]
+    plane = h * w
+    lo, hi = int(argmax.min()), int(argmax.max())
+    wrong = lo < -1 or hi >= plane
+    if wrong and check:
+        return True
+    base = ((b[:, None] * c + numpy.arange(c)) * plane)[:, :, None, None]
+    index = argmax + base
+    values = grad_output
+    if lo < 0 or hi >= plane or not valid.all():
+        outside = (argmax < 0) | (argmax >= plane) | ~valid[:, None, None, None]
+        index = numpy.where(outside, base, index)
+        values = numpy.where(outside, 0, values)
+    numpy.add.at(grad_input.reshape(-1), index.reshape(-1), values.reshape(-1))
+    return wrong
+
+
 def roi_pool_backward(
     grad_output: numpy.ndarray,
     rois: numpy.ndarray,
@@ -593,6 +617,13 @@ def roi_pool_backward(
     # The result first: an input_shape too large for memory fails on an array of that shape.
     grad_input = numpy.zeros(input_shape, dtype=grad_output.dtype)
     b, valid = _common.batch_index(rois, n)
+    if (grad_output.size <= _ONCE and grad_output.dtype == _common.compute_dtype(grad_input.dtype)
+            and argmax.dtype != numpy.uint64):  # uint64 + int64 would add in float64
+        with numpy.errstate(invalid="ignore", over="ignore"):
+            if _backward_once(grad_output, b, valid, argmax, grad_input, check_indices):
+                if check_indices:
+                    raise _backend.IndexOutOfRange(roi_check.first_out_of_range(argmax, plane))
+        return grad_input
     runs = _image_runs(b, valid, n)
     # One pass over the indices in their own order, block by block: the first one out of range
     # is an error, or else (unchecked) means clipping them all.
