@@ -365,11 +365,11 @@ def test_numpy_channel_chunks_give_the_same_numbers(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
-@pytest.mark.parametrize("layout", ["planes", "ranges"])
+@pytest.mark.parametrize("layout", ["images", "planes", "ranges"])
 def test_numpy_backward_accumulators_match_reference(monkeypatch, dtype, layout):
-    """The NumPy backward sums in small accumulators (channel chunks of whole planes, or ranges
-    of a plane where indices fall): forced small, with indices out of range ignored, it gives
-    the reference's numbers, and the same bits as one large accumulator."""
+    """The NumPy backward sums in small accumulators (all channels of an image, channel chunks
+    of whole planes, or ranges of a plane where indices fall): forced small, with indices out
+    of range ignored, it gives the reference's numbers, and the same bits as one call."""
     from reference import roi_pool_backward_ref
 
     from roi_cupy._numpy import roi_pool as numpy_pool
@@ -387,14 +387,41 @@ def test_numpy_backward_accumulators_match_reference(monkeypatch, dtype, layout)
     expected = roi_pool_backward_ref(g, rois, indices, shape)
     whole = roi_cupy.roi_pool_backward(g, rois, indices, shape, validate=False)  # in one call
     monkeypatch.setattr(numpy_pool, "_ONCE", 0)
+    monkeypatch.setattr(numpy_pool, "_DIRECT", 0.0)
     monkeypatch.setattr(numpy_pool, "_BACKWARD_CHUNK", 7)
     monkeypatch.setattr(numpy_pool, "_SEGMENT", 30)
+    if layout != "images":
+        monkeypatch.setattr(numpy_pool, "_IMAGE_SEGMENT", 0)
     if layout == "ranges":
         monkeypatch.setattr(numpy_pool, "_SEGMENT_PLANE", 13)
     for a in (indices, indices.astype(numpy.int32), numpy.repeat(indices, 2, axis=1)[:, ::2]):
         grad = roi_cupy.roi_pool_backward(g, rois, a, shape, validate=False)
         assert_matches(grad, expected, dtype)
         numpy.testing.assert_array_equal(grad.view(numpy.uint8), whole.view(numpy.uint8))
+
+
+@pytest.mark.parametrize("layout", ["once", "images", "planes"])
+def test_numpy_backward_reports_the_first_index_out_of_range(monkeypatch, layout):
+    """Each way of summing checks the indices its own way (all at once, block by block as
+    they are read, or in one pass first): each reports the first index out of range."""
+    from roi_cupy._numpy import roi_pool as numpy_pool
+
+    rng = make_rng("pool first index out of range")
+    shape = (2, 3, 6, 7)
+    rois = random_boxes(rng, 2, 40, 6, 7, quantum=0.25, dtype=numpy.float32)
+    _, indices = roi_cupy.roi_pool(random_features(rng, shape, numpy.float32), rois, 2,
+                                   return_indices=True)
+    indices[31, 2, 1, 0] = 42
+    indices[17, 0, 0, 1] = -2  # the first in C order
+    g = random_features(rng, indices.shape, numpy.float32)
+    if layout != "once":
+        monkeypatch.setattr(numpy_pool, "_ONCE", 0)
+        monkeypatch.setattr(numpy_pool, "_DIRECT", 0.0)
+        monkeypatch.setattr(numpy_pool, "_BACKWARD_CHUNK", 13)
+    if layout == "planes":
+        monkeypatch.setattr(numpy_pool, "_IMAGE_SEGMENT", 0)
+    with pytest.raises(ValueError, match=r"got -2 at \(17, 0, 0, 1\)"):
+        roi_cupy.roi_pool_backward(g, rois, indices, shape)
 
 
 def test_numpy_backward_float32_sums_stay_accurate():

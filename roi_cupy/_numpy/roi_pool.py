@@ -43,6 +43,9 @@ _BACKWARD_CHUNK = 1 << 15
 # Accumulator elements of one image's channels in the backward pass: small enough to stay in
 # cache while the gradients of that image's RoIs are added into it.
 _SEGMENT = 1 << 16
+# Accumulator elements of all of one image's channels, summed at a time where they fit (their
+# gradients then read in whole blocks of RoIs).
+_IMAGE_SEGMENT = 5 << 16
 # Gradients per pixel below which the backward sums straight into grad_input.
 _DIRECT = 1.0
 # Gradients up to which the backward adds them all in one call (:func:`_backward_once`).
@@ -524,6 +527,37 @@ def _backward_planes(add, runs, grad_input) -> None:
             ]
 
 
+def _backward_images(add, runs, grad_input, check) -> bool:
+    """Sum each image's gradients, all its channels at a time, in an accumulator with a slot on
+    either side of each plane (small enough to stay in cache): every group of RoIs then reads
+    its indices and gradients (C-contiguous, the gradients in the compute dtype) in one block,
+    no copy of the gradients, and checks the indices while they are in cache (a block inside
+    ``[-1, H * W)`` needs no clipping). Returns whether an index outside ``[-1, H * W)`` was
+    met; with ``check`` the sums stop there (the caller raises)."""
+    c, h, w = grad_input.shape[1:]
+    plane, row = h * w, h * w + 2
+    step = add.step(c)
+    acc = numpy.empty(c * row, dtype=add.ct)
+    offset = add._offsets(c, row, 1)
+    wrong = False
+    for image, ks in runs:
+        acc.fill(0)
+        for sel in _groups(ks, step):
+            a = add.argmax[sel]
+            index = add.index[: a.size].reshape(a.shape)
+            if int(a.min()) < -1 or int(a.max()) >= plane:
+                wrong = True
+                if check:
+                    return True
+                numpy.clip(a, -1, plane, out=index)
+                index += offset
+            else:
+                numpy.add(a, offset, out=index)
+            numpy.add.at(acc, index.reshape(-1), add.grad[sel].reshape(-1))
+        grad_input[image].reshape(c, plane)[...] = acc.reshape(c, row)[:, 1 : plane + 1]
+    return wrong
+
+
 def _backward_ranges(add, runs, grad_input) -> None:
     """Sum each image's gradients channel by channel, over ranges of at most
     ``_SEGMENT_PLANE`` pixels that cover the indices of its RoIs and skip the gaps between."""
@@ -625,6 +659,23 @@ def roi_pool_backward(
                     raise _backend.IndexOutOfRange(roi_check.first_out_of_range(argmax, plane))
         return grad_input
     runs = _image_runs(b, valid, n)
+    contiguous = argmax.flags.c_contiguous and grad_output.flags.c_contiguous
+    if (
+        (plane + 2) * c <= _IMAGE_SEGMENT
+        and contiguous
+        and argmax.dtype != numpy.uint64
+        and grad_output.dtype == _common.compute_dtype(grad_output.dtype)
+        and (valid.all() or not check_indices)
+        and grad_output.size >= _DIRECT * grad_input.size
+    ):
+        # The indices of the RoIs summed are checked as they are read; with check_indices
+        # every RoI is (invalid ones are refused before).
+        add = _Scatter(grad_output, argmax, plane, False)
+        add.index = numpy.empty(add.step(c) * c * add.bins, dtype=numpy.int64)
+        with numpy.errstate(invalid="ignore", over="ignore"):
+            if _backward_images(add, runs, grad_input, check_indices) and check_indices:
+                raise _backend.IndexOutOfRange(roi_check.first_out_of_range(argmax, plane))
+        return grad_input
     # One pass over the indices in their own order, block by block: the first one out of range
     # is an error, or else (unchecked) means clipping them all.
     wrong = roi_check.first_out_of_range(argmax, plane)
