@@ -539,12 +539,13 @@ def _backward_images(add, runs, grad_input, check) -> bool:
     step = add.step(c)
     acc = numpy.empty(c * row, dtype=add.ct)
     offset = add._offsets(c, row, 1)
+    indices = numpy.empty(step * offset.size, dtype=numpy.int64)
     wrong = False
     for image, ks in runs:
         acc.fill(0)
         for sel in _groups(ks, step):
             a = add.argmax[sel]
-            index = add.index[: a.size].reshape(a.shape)
+            index = indices[: a.size].reshape(a.shape)
             if int(a.min()) < -1 or int(a.max()) >= plane:
                 wrong = True
                 if check:
@@ -651,8 +652,9 @@ def roi_pool_backward(
     # The result first: an input_shape too large for memory fails on an array of that shape.
     grad_input = numpy.zeros(input_shape, dtype=grad_output.dtype)
     b, valid = _common.batch_index(rois, n)
-    if (grad_output.size <= _ONCE and grad_output.dtype == _common.compute_dtype(grad_input.dtype)
-            and argmax.dtype != numpy.uint64):  # uint64 + int64 would add in float64
+    # (uint64 + int64 would add in float64.)
+    own_dtype = grad_output.dtype == _common.compute_dtype(grad_output.dtype)
+    if grad_output.size <= _ONCE and own_dtype and argmax.dtype != numpy.uint64:
         with numpy.errstate(invalid="ignore", over="ignore"):
             if _backward_once(grad_output, b, valid, argmax, grad_input, check_indices):
                 if check_indices:
@@ -664,14 +666,13 @@ def roi_pool_backward(
         (plane + 2) * c <= _IMAGE_SEGMENT
         and contiguous
         and argmax.dtype != numpy.uint64
-        and grad_output.dtype == _common.compute_dtype(grad_output.dtype)
+        and own_dtype
         and (valid.all() or not check_indices)
         and grad_output.size >= _DIRECT * grad_input.size
     ):
         # The indices of the RoIs summed are checked as they are read; with check_indices
         # every RoI is (invalid ones are refused before).
         add = _Scatter(grad_output, argmax, plane, False)
-        add.index = numpy.empty(add.step(c) * c * add.bins, dtype=numpy.int64)
         with numpy.errstate(invalid="ignore", over="ignore"):
             if _backward_images(add, runs, grad_input, check_indices) and check_indices:
                 raise _backend.IndexOutOfRange(roi_check.first_out_of_range(argmax, plane))
