@@ -625,7 +625,8 @@ def roi_pool_backward(
 
     The sums run in accumulators of a bounded size (one image's channels of a small plane at a
     time, or, on a plane above ``_SEGMENT_PLANE`` pixels, one channel's range of pixels where
-    indices fall), so the memory beyond grad_input does not grow with the plane.
+    indices fall), or for a call of at most ``_ONCE`` gradients straight in grad_input, so the
+    memory beyond grad_input does not grow with the plane.
 
     Args:
         grad_output (ndarray[K, C, PH, PW]): gradient of the output, any strides.
