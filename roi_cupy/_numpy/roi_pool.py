@@ -109,6 +109,7 @@ def _keys(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype, rare: bool = 
     if rare:
         sign = numpy.int32(-(2**31)) if ct == numpy.float32 else numpy.int64(-(2**63))
         found = (bool(low.any()), bool((v.view(sign.dtype) == sign).any()))  # -0.0's bits
+    del low  # not to be held while the keys are made
     v += ct.type(0)  # -0.0 -> 0.0: the two compare equal
     if ct == numpy.float32:
         bits = v.view(numpy.int32)
