@@ -2,11 +2,12 @@
 
 Run from the repository root in an environment with torch and torchvision (CPU):
 
-    python benchmarks/cpu_roi_pool.py [--repeat 41] [--workloads pool-core,pool-many,pool-large]
+    python benchmarks/cpu_roi_pool.py [--repeat 41] [--workloads pool-core,pool-many,pool-large,...]
 
 Each workload's calls take turns call by call (torchvision forward, roi_cupy forward,
-torchvision backward, roi_cupy backward, ...), the round starting one call later every time, so
-that a slow spell of a shared machine, or caches left cold by the previous call, fall on all
+torchvision backward, roi_cupy backward, ...; 50 calls of a kind at a time for the per-call
+overhead workloads ``pool-one`` and ``pool-two``), the round starting one call later every time,
+so that a slow spell of a shared machine, or caches left cold by the previous call, fall on all
 alike. torchvision runs with ``torch.set_num_threads(2)``; its backward is
 ``torch.autograd.grad`` on a retained graph with a fixed ``grad_output``. roi_cupy runs with its
 defaults (``validate=True``), forward with ``return_indices=True`` (the indices the backward
@@ -45,8 +46,22 @@ WORKLOADS = {
             op="roi_pool", batch=1, channels=64, height=200, width=304, boxes_per_image=256,
             spatial_scale=0.25, box_min=256.0, box_max=1024.0, device="cpu", seed=7,
         ),
+        # Per-call overhead: next to nothing to compute.
+        Workload(
+            "pool-one", "[1, 16, 14, 14] f32, one box (4-14 px), 7x7 (per-call overhead)",
+            op="roi_pool", batch=1, channels=16, height=14, width=14, boxes_per_image=1,
+            spatial_scale=1.0, box_min=4.0, box_max=14.0, device="cpu", seed=9,
+        ),
+        Workload(
+            "pool-two", "[1, 4, 8, 8] f32, two boxes (2-8 px), 2x2 (per-call overhead)",
+            op="roi_pool", batch=1, channels=4, height=8, width=8, boxes_per_image=2,
+            output_size=2, spatial_scale=1.0, box_min=2.0, box_max=8.0, device="cpu", seed=9,
+        ),
     )
 }
+# Workloads of calls so short that one timing holds this many calls (the median of the rest
+# would measure the clock and the machine's hiccups).
+BATCHED = {"pool-one": 50, "pool-two": 50}
 
 
 def quartiles(times: list[float]) -> tuple[float, float, float]:
@@ -100,13 +115,15 @@ def run(workload: Workload, repeat: int, torch, ops) -> list[tuple]:
         for call in calls.values():
             call()
     order = list(calls.items())
+    batch = BATCHED.get(workload.name, 1)
     for i in range(repeat):
         # Each call's place in the round moves by one every round: no backend always runs
         # right after the other's (with its caches cold).
         for key, call in order[i % len(order) :] + order[: i % len(order)]:
             t0 = time.perf_counter()
-            call()
-            times[key].append(time.perf_counter() - t0)
+            for _ in range(batch):
+                call()
+            times[key].append((time.perf_counter() - t0) / batch)
     rows = []
     for (pass_, name), ts in times.items():
         q1, med, q3 = quartiles(ts)
@@ -138,7 +155,7 @@ def main() -> None:
     print("| workload | pass | backend | median ms | q1-q3 ms | tv/rc | extra peak MiB |")
     print("|---|---|---|---:|---:|---:|---:|")
     for w, p, name, med, q1, q3, ratio, mem in rows:
-        print(f"| {w} | {p} | {name} | {med:.2f} | {q1:.2f}-{q3:.2f} | {ratio:.2f}x | {mem} |")
+        print(f"| {w} | {p} | {name} | {med:.3f} | {q1:.3f}-{q3:.3f} | {ratio:.2f}x | {mem} |")
 
 
 if __name__ == "__main__":

@@ -95,10 +95,13 @@ def test_samples_expanded_in_runs_give_the_same_numbers(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [numpy.float16, numpy.float32, numpy.float64], ids=str)
-def test_pool_memory_follows_the_boxes_not_the_plane(dtype):
+def test_pool_memory_follows_the_boxes_not_the_plane(dtype, monkeypatch):
     """One 10 x 10 box on a 2048 x 2048 plane: forward and backward work on what the box reads
     (with a fixed working set), not on copies of the plane, and give the numbers of the same
-    box on a crop around it."""
+    box on a crop around it. The backward is measured both ways: all its gradients added in
+    one call (as few as these are) and by ranges of the plane (as many gradients would be)."""
+    from roi_cupy._numpy import roi_pool as numpy_pool
+
     rng = make_rng("memory pool plane", numpy.dtype(dtype).name)
     x = rng.standard_normal((1, 4, 2048, 2048), dtype=numpy.float32).astype(dtype)
     compute = numpy.float64 if dtype == numpy.float64 else numpy.float32
@@ -111,6 +114,11 @@ def test_pool_memory_follows_the_boxes_not_the_plane(dtype):
     used = extra_memory(lambda: roi_cupy.roi_pool_backward(g, rois, indices, x.shape))
     assert used < 8 * touched + 1, used  # before: 80-160 MiB
     grad = roi_cupy.roi_pool_backward(g, rois, indices, x.shape)
+    monkeypatch.setattr(numpy_pool, "_ONCE", 0)
+    used = extra_memory(lambda: roi_cupy.roi_pool_backward(g, rois, indices, x.shape))
+    assert used < 8 * touched + 1, used
+    ranges = roi_cupy.roi_pool_backward(g, rois, indices, x.shape)
+    numpy.testing.assert_array_equal(ranges.view(numpy.uint8), grad.view(numpy.uint8))
 
     crop = numpy.ascontiguousarray(x[:, :, 190:230, 80:120])
     shifted = rois - numpy.array([0, 80, 190, 80, 190], dtype=compute)

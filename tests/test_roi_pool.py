@@ -344,11 +344,32 @@ def test_numpy_windows_and_planes_give_the_same_numbers(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
-@pytest.mark.parametrize("layout", ["planes", "ranges"])
+def test_numpy_channel_chunks_give_the_same_numbers(monkeypatch, dtype):
+    """The NumPy forward pools a chunk of channels at a time and decodes the bins of a run of
+    RoIs straight into the outputs: with one channel per chunk (the outputs' slices strided),
+    RoIs out of order (no runs), -0.0, NaN and infinities, the same bits and indices."""
+    from roi_cupy._numpy import _common
+
+    rng = make_rng("pool channel chunks", numpy.dtype(dtype).name)
+    x = sprinkled(rng, (2, 3, 9, 11), dtype)
+    x[rng.random(x.shape) < 0.1] = -0.0
+    rois = random_boxes(rng, 2, 60, 9, 11, quantum=0.25, dtype=compute_dtype(dtype))
+    for boxes in (rois, rois[rng.permutation(60)]):
+        whole = roi_cupy.roi_pool(x, boxes, (3, 2), return_indices=True)
+        monkeypatch.setattr(_common, "PLANE_BUDGET", 1)
+        chunked = roi_cupy.roi_pool(x, boxes, (3, 2), return_indices=True)
+        monkeypatch.undo()
+        numpy.testing.assert_array_equal(chunked[0].view(numpy.uint8), whole[0].view(numpy.uint8))
+        numpy.testing.assert_array_equal(chunked[1], whole[1])
+        check(whole, roi_pool_ref(x, boxes, (3, 2)), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+@pytest.mark.parametrize("layout", ["images", "planes", "ranges"])
 def test_numpy_backward_accumulators_match_reference(monkeypatch, dtype, layout):
-    """The NumPy backward sums in small accumulators (channel chunks of whole planes, or ranges
-    of a plane where indices fall): forced small, with indices out of range ignored, it gives
-    the reference's numbers, and the same bits as one large accumulator."""
+    """The NumPy backward sums in small accumulators (all channels of an image, channel chunks
+    of whole planes, or ranges of a plane where indices fall): forced small, with indices out
+    of range ignored, it gives the reference's numbers, and the same bits as one call."""
     from reference import roi_pool_backward_ref
 
     from roi_cupy._numpy import roi_pool as numpy_pool
@@ -364,15 +385,43 @@ def test_numpy_backward_accumulators_match_reference(monkeypatch, dtype, layout)
     g = random_features(rng, indices.shape, dtype)
     g[1, 2, 1, 1] = numpy.inf
     expected = roi_pool_backward_ref(g, rois, indices, shape)
-    whole = roi_cupy.roi_pool_backward(g, rois, indices, shape, validate=False)
+    whole = roi_cupy.roi_pool_backward(g, rois, indices, shape, validate=False)  # in one call
+    monkeypatch.setattr(numpy_pool, "_ONCE", 0)
+    monkeypatch.setattr(numpy_pool, "_DIRECT", 0.0)
     monkeypatch.setattr(numpy_pool, "_BACKWARD_CHUNK", 7)
     monkeypatch.setattr(numpy_pool, "_SEGMENT", 30)
+    if layout != "images":
+        monkeypatch.setattr(numpy_pool, "_IMAGE_SEGMENT", 0)
     if layout == "ranges":
         monkeypatch.setattr(numpy_pool, "_SEGMENT_PLANE", 13)
     for a in (indices, indices.astype(numpy.int32), numpy.repeat(indices, 2, axis=1)[:, ::2]):
         grad = roi_cupy.roi_pool_backward(g, rois, a, shape, validate=False)
         assert_matches(grad, expected, dtype)
         numpy.testing.assert_array_equal(grad.view(numpy.uint8), whole.view(numpy.uint8))
+
+
+@pytest.mark.parametrize("layout", ["once", "images", "planes"])
+def test_numpy_backward_reports_the_first_index_out_of_range(monkeypatch, layout):
+    """Each way of summing checks the indices its own way (all at once, block by block as
+    they are read, or in one pass first): each reports the first index out of range."""
+    from roi_cupy._numpy import roi_pool as numpy_pool
+
+    rng = make_rng("pool first index out of range")
+    shape = (2, 3, 6, 7)
+    rois = random_boxes(rng, 2, 40, 6, 7, quantum=0.25, dtype=numpy.float32)
+    _, indices = roi_cupy.roi_pool(random_features(rng, shape, numpy.float32), rois, 2,
+                                   return_indices=True)
+    indices[31, 2, 1, 0] = 42
+    indices[17, 0, 0, 1] = -2  # the first in C order
+    g = random_features(rng, indices.shape, numpy.float32)
+    if layout != "once":
+        monkeypatch.setattr(numpy_pool, "_ONCE", 0)
+        monkeypatch.setattr(numpy_pool, "_DIRECT", 0.0)
+        monkeypatch.setattr(numpy_pool, "_BACKWARD_CHUNK", 13)
+    if layout == "planes":
+        monkeypatch.setattr(numpy_pool, "_IMAGE_SEGMENT", 0)
+    with pytest.raises(ValueError, match=r"got -2 at \(17, 0, 0, 1\)"):
+        roi_cupy.roi_pool_backward(g, rois, indices, shape)
 
 
 def test_numpy_backward_float32_sums_stay_accurate():
@@ -398,8 +447,8 @@ def test_numpy_backward_float32_sums_stay_accurate():
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=str)
 def test_numpy_backward_in_place_gives_the_same_bits(monkeypatch, dtype):
     """Few gradients per pixel are summed straight into grad_input (an index -1 adding +0.0 to
-    its plane's first pixel), many in padded accumulators: the same bits either way, -0.0 and
-    non-finite gradients included."""
+    its plane's first pixel), many in padded accumulators, a small call's all at once: the same
+    bits every way, -0.0 and non-finite gradients included."""
     from reference import roi_pool_backward_ref
 
     from roi_cupy._numpy import roi_pool as numpy_pool
@@ -414,11 +463,13 @@ def test_numpy_backward_in_place_gives_the_same_bits(monkeypatch, dtype):
     g = random_features(rng, indices.shape, dtype)
     g[rng.random(g.shape) < 0.1] = -0.0
     g[0, 0, 1, 1] = numpy.nan
-    results = []
+    results = [roi_cupy.roi_pool_backward(g, rois, indices, shape)]
+    monkeypatch.setattr(numpy_pool, "_ONCE", 0)
     for direct in (2.0**40, 0.0):
         monkeypatch.setattr(numpy_pool, "_DIRECT", direct)
         results.append(roi_cupy.roi_pool_backward(g, rois, indices, shape))
-    numpy.testing.assert_array_equal(results[0].view(numpy.uint8), results[1].view(numpy.uint8))
+    for other in results[1:]:
+        numpy.testing.assert_array_equal(results[0].view(numpy.uint8), other.view(numpy.uint8))
     assert_matches(results[0], roi_pool_backward_ref(g, rois, indices, shape), dtype)
 
 

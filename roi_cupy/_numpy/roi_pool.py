@@ -43,8 +43,13 @@ _BACKWARD_CHUNK = 1 << 15
 # Accumulator elements of one image's channels in the backward pass: small enough to stay in
 # cache while the gradients of that image's RoIs are added into it.
 _SEGMENT = 1 << 16
+# Accumulator elements of all of one image's channels, summed at a time where they fit (their
+# gradients then read in whole blocks of RoIs).
+_IMAGE_SEGMENT = 5 << 16
 # Gradients per pixel below which the backward sums straight into grad_input.
 _DIRECT = 1.0
+# Gradients up to which the backward adds them all in one call (:func:`_backward_once`).
+_ONCE = _BACKWARD_CHUNK
 # Planes of more pixels are accumulated one channel and one range of at most this many pixels
 # at a time, only where indices fall: the memory then follows the indices, not the plane.
 _SEGMENT_PLANE = 1 << 20
@@ -57,29 +62,28 @@ def _round(v: numpy.ndarray) -> numpy.ndarray:
 
 
 def _bins(rois, n, h, w, pooled_h, pooled_w, spatial_scale, ct):
-    """Batch index, validity and clipped bin edges ``(hs, he, ws, we)`` ([K, PH] / [K, PW])."""
+    """Batch index, validity and clipped bin edges ``(hs, he, ws, we)`` ([K, PH] / [K, PW]).
+
+    Both axes go through each operation together (rows, then columns), as ``[K, 2, P]`` with
+    ``P = max(PH, PW)``: the same arithmetic, element by element, in fewer NumPy calls.
+    """
     b, valid = _common.batch_index(rois, n)
-    r = numpy.where(valid[:, None], rois, 0).astype(ct)
-    scale = ct.type(spatial_scale)
+    r = numpy.where(valid[:, None], rois[:, (2, 1, 4, 3)], 0).astype(ct)  # y1, x1, y2, x2
+    pooled = max(pooled_h, pooled_w)
     with numpy.errstate(all="ignore"):
-        xs, ys, xe, ye = (_round(r[:, i] * scale).astype(numpy.float64) for i in (1, 2, 3, 4))
-        rw = numpy.maximum(xe - xs + 1, 1).astype(ct)
-        rh = numpy.maximum(ye - ys + 1, 1).astype(ct)
-        bw = rw / ct.type(pooled_w)
-        bh = rh / ct.type(pooled_h)
-
-    def edges(pooled, size, start, bin_size):
+        corners = _round(r * ct.type(spatial_scale)).astype(numpy.float64)
+        start = corners[:, :2, None]
+        extent = numpy.maximum(corners[:, 2:] - corners[:, :2] + 1, 1).astype(ct)
+        bin_size = (extent / numpy.array([pooled_h, pooled_w], dtype=ct))[:, :, None]
         p = numpy.arange(pooled, dtype=ct)
-        with numpy.errstate(all="ignore"):
-            lo = numpy.floor(p * bin_size[:, None]).astype(numpy.float64) + start[:, None]
-            hi = numpy.ceil((p + 1) * bin_size[:, None]).astype(numpy.float64) + start[:, None]
-        # fmax/fmin drop a NaN (0 * inf for a box that overflows), which lands on 0 as in the
-        # kernels' clamp.
-        return tuple(numpy.fmin(numpy.fmax(e, 0), size).astype(numpy.int64) for e in (lo, hi))
-
-    hs, he = edges(pooled_h, h, ys, bh)
-    ws, we = edges(pooled_w, w, xs, bw)
-    return b, valid, hs, he, ws, we
+        lo = numpy.floor(p * bin_size).astype(numpy.float64) + start
+        hi = numpy.ceil((p + 1) * bin_size).astype(numpy.float64) + start
+    # fmax/fmin drop a NaN (0 * inf for a box that overflows), which lands on 0 as in the
+    # kernels' clamp.
+    size = numpy.array([h, w], dtype=numpy.float64)[:, None]
+    lo, hi = (numpy.fmin(numpy.fmax(e, 0), size).astype(numpy.int64) for e in (lo, hi))
+    return (b, valid, lo[:, 0, :pooled_h], hi[:, 0, :pooled_h], lo[:, 1, :pooled_w],
+            hi[:, 1, :pooled_w])
 
 
 def _values(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.ndarray:
@@ -91,12 +95,21 @@ def _values(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.nd
     return v.reshape(n, h, w, c1 - c0)
 
 
-def _keys(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.ndarray:
-    """Channels ``c0:c1`` as int64 keys ``[N, H, W, Cc]`` (see the module docstring)."""
+def _keys(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype, rare: bool = True):
+    """Channels ``c0:c1`` as int64 keys ``[N, H, W, Cc]`` (see the module docstring), and
+    whether they hold values that need work after pooling: ``(keys, (low, negative_zero))``,
+    whether a value is NaN or ``<= -FLT_MAX`` and whether one is -0.0 (both True unless
+    ``rare``, which asks to find out)."""
     n, _, h, w = input.shape
     floor = ct.type(-_common.FLT_MAX)
     v = input[:, c0:c1].astype(ct)
-    numpy.copyto(v, floor, where=~(v > floor))
+    low = ~(v > floor)
+    numpy.copyto(v, floor, where=low)
+    found = (True, True)
+    if rare:
+        sign = numpy.int32(-(2**31)) if ct == numpy.float32 else numpy.int64(-(2**63))
+        found = (bool(low.any()), bool((v.view(sign.dtype) == sign).any()))  # -0.0's bits
+    del low  # not to be held while the keys are made
     v += ct.type(0)  # -0.0 -> 0.0: the two compare equal
     if ct == numpy.float32:
         bits = v.view(numpy.int32)
@@ -111,7 +124,7 @@ def _keys(input: numpy.ndarray, c0: int, c1: int, ct: numpy.dtype) -> numpy.ndar
     halves[..., _HIGH] = order.transpose(0, 2, 3, 1)
     position = (_LOW - numpy.arange(h * w, dtype=numpy.int64)).astype(numpy.uint32)
     halves[..., 1 - _HIGH] = position.view(numpy.int32).reshape(1, h, w, 1)
-    return keys
+    return keys, found
 
 
 class _Buffers:
@@ -131,19 +144,19 @@ class _Buffers:
         return array[:size].reshape(shape)
 
 
-def _decode(stage: numpy.ndarray, buffers: _Buffers) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """float32 keys -> (float32 value, int64 argmax); argmax -1 where nothing was picked."""
+def _decode(stage, value, argmax, low) -> None:
+    """float32 keys ``stage`` -> ``value`` (float32 bits, as int32) and ``argmax`` (int64), all
+    of one shape; argmax -1 where nothing was picked, which only ``low`` values (NaN,
+    ``<= -FLT_MAX``) can cause."""
     halves = stage.view(numpy.int32).reshape(stage.shape + (2,))
     order = halves[..., _HIGH]
-    bits = buffers("bits", stage.shape, numpy.int32)
-    numpy.right_shift(order, 31, out=bits)
-    numpy.bitwise_and(bits, numpy.int32(0x7FFFFFFF), out=bits)
-    numpy.bitwise_xor(order, bits, out=bits)
-    value = bits.view(numpy.float32)
-    argmax = buffers("argmax", stage.shape, numpy.int64)
+    numpy.right_shift(order, 31, out=value)
+    numpy.bitwise_and(value, numpy.int32(0x7FFFFFFF), out=value)
+    numpy.bitwise_xor(order, value, out=value)
     numpy.subtract(_LOW, halves[..., 1 - _HIGH].view(numpy.uint32), out=argmax, dtype=numpy.int64)
-    numpy.copyto(argmax, -1, where=value == numpy.float32(-_common.FLT_MAX))
-    return value, argmax
+    if low:
+        floor = value.view(numpy.float32) == numpy.float32(-_common.FLT_MAX)
+        numpy.copyto(argmax, -1, where=floor)
 
 
 def _pool(data, b, hs, he, ws, we, stage) -> None:
@@ -193,25 +206,33 @@ def _pool_direct(values, b, hs, he, ws, we, w, bins, out_v, out_i) -> None:
         )
 
 
-def _stage_float32(input, c0, keys, args, shape, buffers):
+def _stage_float32(input, c0, keys, args, shape, buffers, found=(True, True), value=None,
+                   argmax=None):
     """float16/float32 bins of one group of RoIs: ``(value float32, argmax)`` [k, Cc, PH, PW],
-    in ``buffers``.
+    in ``value`` and ``argmax`` where given (float32 and int64 arrays of that shape), else in
+    ``buffers``.
 
-    ``args`` is ``(b, hs, he, ws, we)`` of the group; ``keys`` come from :func:`_keys`.
+    ``args`` is ``(b, hs, he, ws, we)`` of the group; ``keys`` and ``found`` come from
+    :func:`_keys`.
     """
     b, hs, he, ws, we = args
     stage = buffers("stage", shape, numpy.int64)
     _pool(keys, b, hs, he, ws, we, stage)
-    value, argmax = _decode(stage, buffers)
+    if value is None:
+        value = buffers("value", shape, numpy.float32)
+    if argmax is None:
+        argmax = buffers("argmax", shape, numpy.int64)
+    _decode(stage, value.view(numpy.int32), argmax, found[0])
     _clear_empty(hs, he, ws, we, value, argmax)
-    # Keys hold -0.0 as 0.0; the kernels store the value they read.
-    zero = numpy.flatnonzero(value == 0)
-    zero = zero[argmax.ravel()[zero] >= 0]
-    if zero.size:
-        w = input.shape[3]
-        kk, ch, _, _ = numpy.unravel_index(zero, shape)
-        picked = argmax.ravel()[zero]
-        value.ravel()[zero] = input[b[kk], c0 + ch, picked // w, picked % w]
+    if found[1]:
+        # Keys hold -0.0 as 0.0; the kernels store the value they read.
+        zero = numpy.nonzero(value == 0)
+        picked = argmax[zero]
+        if (picked >= 0).any():
+            kk, ch, p, q = (z[picked >= 0] for z in zero)
+            picked = picked[picked >= 0]
+            w = input.shape[3]
+            value[kk, ch, p, q] = input[b[kk], c0 + ch, picked // w, picked % w]
     return value, argmax
 
 
@@ -328,9 +349,13 @@ def _forward(input, b, hs, he, ws, we, live, out, argmax, ct) -> None:
     pooled_h, pooled_w = hs.shape[1], ws.shape[1]
     keyed = h * w < _KEYED_PLANE
     cc = _common.channel_chunk(c, n * h * w, 8 if ct == numpy.float32 else 16)
+    # Whether the copy holds NaN, values <= -FLT_MAX or -0.0 is worth finding out when it is
+    # smaller than the bins: without them, the bins need no look for them.
+    # (The float64 path checks every pick anyway.)
+    rare = ct == numpy.float32 and n * h * w < live.size * pooled_h * pooled_w
     for c0 in range(0, c, cc):
         c1 = min(c, c0 + cc)
-        keys = _keys(input, c0, c1, ct) if keyed else None
+        keys, found = _keys(input, c0, c1, ct, rare) if keyed else (None, None)
         values = None
         if ct == numpy.float64 or not keyed:
             values = _values(input, c0, c1, numpy.dtype(numpy.float64))
@@ -338,12 +363,21 @@ def _forward(input, b, hs, he, ws, we, live, out, argmax, ct) -> None:
         buffers = _Buffers()
         for s in range(0, live.size, step):
             sel = live[s : s + step]
-            # A run of consecutive RoIs is stored through a slice, cheaper than an index array.
+            # A run of consecutive RoIs is stored through a slice, cheaper than an index array,
+            # and its bins are decoded straight into the outputs.
             rows = slice(sel[0], sel[-1] + 1) if sel[-1] - sel[0] == sel.size - 1 else sel
             args = (b[sel], hs[sel], he[sel], ws[sel], we[sel])
             shape = (sel.size, c1 - c0, pooled_h, pooled_w)
             if values is None:
-                value, index = _stage_float32(input, c0, keys, args, shape, buffers)
+                direct = isinstance(rows, slice)
+                into = out[rows, c0:c1] if direct and out.dtype == numpy.float32 else None
+                index = argmax[rows, c0:c1] if direct and argmax is not None else None
+                value, index = _stage_float32(input, c0, keys, args, shape, buffers, found,
+                                              into, index)
+                if value is into:
+                    if argmax is not None and not direct:
+                        argmax[rows, c0:c1] = index
+                    continue
             else:
                 value, index = _stage_float64(values, keys, args, w, shape)
             with numpy.errstate(over="ignore"):  # -FLT_MAX is -inf in float16
@@ -494,6 +528,38 @@ def _backward_planes(add, runs, grad_input) -> None:
             ]
 
 
+def _backward_images(add, runs, grad_input, check) -> bool:
+    """Sum each image's gradients, all its channels at a time, in an accumulator with a slot on
+    either side of each plane (small enough to stay in cache): every group of RoIs then reads
+    its indices and gradients (C-contiguous, the gradients in the compute dtype) in one block,
+    no copy of the gradients, and checks the indices while they are in cache (a block inside
+    ``[-1, H * W)`` needs no clipping). Returns whether an index outside ``[-1, H * W)`` was
+    met; with ``check`` the sums stop there (the caller raises)."""
+    c, h, w = grad_input.shape[1:]
+    plane, row = h * w, h * w + 2
+    step = add.step(c)
+    acc = numpy.empty(c * row, dtype=add.ct)
+    offset = add._offsets(c, row, 1)
+    indices = numpy.empty(step * offset.size, dtype=numpy.int64)
+    wrong = False
+    for image, ks in runs:
+        acc.fill(0)
+        for sel in _groups(ks, step):
+            a = add.argmax[sel]
+            index = indices[: a.size].reshape(a.shape)
+            if int(a.min()) < -1 or int(a.max()) >= plane:
+                wrong = True
+                if check:
+                    return True
+                numpy.clip(a, -1, plane, out=index)
+                index += offset
+            else:
+                numpy.add(a, offset, out=index)
+            numpy.add.at(acc, index.reshape(-1), add.grad[sel].reshape(-1))
+        grad_input[image].reshape(c, plane)[...] = acc.reshape(c, row)[:, 1 : plane + 1]
+    return wrong
+
+
 def _backward_ranges(add, runs, grad_input) -> None:
     """Sum each image's gradients channel by channel, over ranges of at most
     ``_SEGMENT_PLANE`` pixels that cover the indices of its RoIs and skip the gaps between."""
@@ -520,6 +586,29 @@ def _backward_ranges(add, runs, grad_input) -> None:
                 pos = e
 
 
+def _backward_once(grad_output, b, valid, argmax, grad_input, check) -> bool:
+    """Add all the gradients of a small call straight into ``grad_input`` (grad_output's dtype
+    being the compute dtype), with one ``numpy.add.at`` in the order of ``(k, c, ph, pw)``,
+    the order of the sums. Indices outside ``[0, H * W)`` and invalid RoIs add +0.0 to their
+    channel's first pixel instead (see :meth:`_Scatter.direct`). Returns whether an index lies
+    outside ``[-1, H * W)``; with ``check`` nothing is added then."""
+    c, h, w = grad_input.shape[1:]
+    plane = h * w
+    lo, hi = int(argmax.min()), int(argmax.max())
+    wrong = lo < -1 or hi >= plane
+    if wrong and check:
+        return True
+    base = ((b[:, None] * c + numpy.arange(c)) * plane)[:, :, None, None]
+    index = argmax + base
+    values = grad_output
+    if lo < 0 or hi >= plane or not valid.all():
+        outside = (argmax < 0) | (argmax >= plane) | ~valid[:, None, None, None]
+        index = numpy.where(outside, base, index)
+        values = numpy.where(outside, 0, values)
+    numpy.add.at(grad_input.reshape(-1), index.reshape(-1), values.reshape(-1))
+    return wrong
+
+
 def roi_pool_backward(
     grad_output: numpy.ndarray,
     rois: numpy.ndarray,
@@ -537,7 +626,8 @@ def roi_pool_backward(
 
     The sums run in accumulators of a bounded size (one image's channels of a small plane at a
     time, or, on a plane above ``_SEGMENT_PLANE`` pixels, one channel's range of pixels where
-    indices fall), so the memory beyond grad_input does not grow with the plane.
+    indices fall), or for a call of at most ``_ONCE`` gradients straight in grad_input, so the
+    memory beyond grad_input does not grow with the plane.
 
     Args:
         grad_output (ndarray[K, C, PH, PW]): gradient of the output, any strides.
@@ -564,7 +654,31 @@ def roi_pool_backward(
     # The result first: an input_shape too large for memory fails on an array of that shape.
     grad_input = numpy.zeros(input_shape, dtype=grad_output.dtype)
     b, valid = _common.batch_index(rois, n)
+    # (uint64 + int64 would add in float64.)
+    own_dtype = grad_output.dtype == _common.compute_dtype(grad_output.dtype)
+    if grad_output.size <= _ONCE and own_dtype and argmax.dtype != numpy.uint64:
+        with numpy.errstate(invalid="ignore", over="ignore"):
+            if _backward_once(grad_output, b, valid, argmax, grad_input, check_indices):
+                if check_indices:
+                    raise _backend.IndexOutOfRange(roi_check.first_out_of_range(argmax, plane))
+        return grad_input
     runs = _image_runs(b, valid, n)
+    contiguous = argmax.flags.c_contiguous and grad_output.flags.c_contiguous
+    if (
+        (plane + 2) * c <= _IMAGE_SEGMENT
+        and contiguous
+        and argmax.dtype != numpy.uint64
+        and own_dtype
+        and (valid.all() or not check_indices)
+        and grad_output.size >= _DIRECT * grad_input.size
+    ):
+        # The indices of the RoIs summed are checked as they are read; with check_indices
+        # every RoI is (invalid ones are refused before).
+        add = _Scatter(grad_output, argmax, plane, False)
+        with numpy.errstate(invalid="ignore", over="ignore"):
+            if _backward_images(add, runs, grad_input, check_indices) and check_indices:
+                raise _backend.IndexOutOfRange(roi_check.first_out_of_range(argmax, plane))
+        return grad_input
     # One pass over the indices in their own order, block by block: the first one out of range
     # is an error, or else (unchecked) means clipping them all.
     wrong = roi_check.first_out_of_range(argmax, plane)
