@@ -335,3 +335,38 @@ def random_rotated_boxes(
         rows[i, 5] = rng.uniform(-720.0, 720.0) if angle is None else angle
     rows[:, 1:5] /= spatial_scale
     return rows.astype(dtype)
+
+
+def assert_work_split_keeps_numbers(
+    monkeypatch: pytest.MonkeyPatch, dtype: Any, label: str, forward: Any, backward: Any
+) -> None:
+    """A position-sensitive op's NumPy blocks, pieces, runs and summation paths (a float64 sum
+    per touched pixel or over the whole key space, prepared once or per pass) give the same
+    numbers, forward and backward, non-finite values included (to float64 rounding: the order
+    of a sum follows the grouping). ``forward(x, rois)`` and ``backward(g, rois, shape)`` call
+    the op with 7x7 bins over two output channels."""
+    from roi_cupy._numpy import _separable
+
+    rng = make_rng(label, numpy.dtype(dtype).name)
+    shape = (2, 2 * 49, 12, 13)
+    x = random_features(rng, shape, dtype)
+    x[1, 60, 5, 6] = numpy.inf
+    rois = random_boxes(rng, 2, 90, 12, 13, dtype=dtype)
+    g = random_features(rng, (90, 2, 7, 7), dtype)
+    g[3, 1, 2, 2] = numpy.nan
+    # float64 rounding of the sums, or one float32 rounding of those.
+    atol = 1e-13 if dtype == numpy.float64 else 1e-6
+    with numpy.errstate(invalid="ignore"):
+        out, grad = forward(x, rois), backward(g, rois, shape)
+        for setting in [dict(_DENSE=0), dict(_DENSE=0, _MAP=0), dict(_BLOCK=16, _SCATTER=64),
+                        dict(_BLOCK=16, _SCATTER=64, _DENSE=0, _ACCUMULATOR=64),
+                        dict(_PAIRS=8, _RUN=64, _MERGE=0, _CACHE=100)]:
+            with monkeypatch.context() as patch:
+                for key, value in setting.items():
+                    patch.setattr(_separable, key, value)
+                numpy.testing.assert_allclose(
+                    forward(x, rois), out, rtol=0, atol=atol, err_msg=str(setting)
+                )
+                numpy.testing.assert_allclose(
+                    backward(g, rois, shape), grad, rtol=0, atol=atol, err_msg=str(setting)
+                )

@@ -7,6 +7,7 @@ import functools
 import numpy
 import pytest
 from conftest import (
+    assert_work_split_keeps_numbers,
     DTYPES,
     Backend,
     availability,
@@ -372,34 +373,11 @@ def test_backward_deterministic_numpy():
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
 def test_numpy_work_split_does_not_change_the_numbers(monkeypatch, dtype):
-    """The NumPy backend's blocks, pieces, runs and summation paths (a float64 sum per touched
-    pixel or over the whole key space, prepared once or per pass) give the same numbers, forward
-    and backward, non-finite values included (to float64 rounding: the order of a sum follows
-    the grouping)."""
-    from roi_cupy._numpy import _separable
-
-    rng = make_rng("ps_roi_align work split", numpy.dtype(dtype).name)
-    shape = (2, 2 * 49, 12, 13)
-    x = random_features(rng, shape, dtype)
-    x[1, 60, 5, 6] = numpy.inf
-    rois = random_boxes(rng, 2, 90, 12, 13, dtype=dtype)
-    g = random_features(rng, (90, 2, 7, 7), dtype)
-    g[3, 1, 2, 2] = numpy.nan
-    # float64 rounding of the sums, or one float32 rounding of those.
-    atol = 1e-13 if dtype == numpy.float64 else 1e-6
-    with numpy.errstate(invalid="ignore"):
-        out = roi_cupy.ps_roi_align(x, rois, 7, 0.5, -1)
-        grad = roi_cupy.ps_roi_align_backward(g, rois, shape, 7, 0.5, -1)
-        for setting in [dict(_DENSE=0), dict(_DENSE=0, _MAP=0), dict(_BLOCK=16, _SCATTER=64),
-                        dict(_BLOCK=16, _SCATTER=64, _DENSE=0, _ACCUMULATOR=64),
-                        dict(_PAIRS=8, _RUN=64, _MERGE=0, _CACHE=100)]:
-            with monkeypatch.context() as patch:
-                for key, value in setting.items():
-                    patch.setattr(_separable, key, value)
-                again = roi_cupy.ps_roi_align(x, rois, 7, 0.5, -1)
-                numpy.testing.assert_allclose(again, out, rtol=0, atol=atol, err_msg=str(setting))
-                again = roi_cupy.ps_roi_align_backward(g, rois, shape, 7, 0.5, -1)
-                numpy.testing.assert_allclose(again, grad, rtol=0, atol=atol, err_msg=str(setting))
+    assert_work_split_keeps_numbers(
+        monkeypatch, dtype, "ps_roi_align work split",
+        lambda x, rois: roi_cupy.ps_roi_align(x, rois, 7, 0.5, -1),
+        lambda g, rois, shape: roi_cupy.ps_roi_align_backward(g, rois, shape, 7, 0.5, -1),
+    )
 
 
 # ----------------------------------------------------------------------------- many and large
