@@ -686,14 +686,53 @@ __device__ __forceinline__ roi_align_shape<I> roi_align_shape_of(
     return s;
 }
 
-// Every (RoI, channel tile) of the launch, a block at a time, its bins a rectangle at a time;
-// for each (channel, bin) pair in hand, op is called (all threads of the block call this):
+// Fills the tables with the chunk of entries from ey0 (y runs; only when ex0 == 0, the y entries
+// staying while x moves on) and from ex0 (x runs; only once when they all fit a chunk), between
+// two barriers. Consecutive threads take consecutive runs, entry after entry: the entries in use
+// (few, for small bins) take the first threads.
+template <typename C, typename I>
+__device__ __forceinline__ void roi_align_fill(
+    roi_align_tables<C, I>& t, I* y_pixel, C* y_weight, I* x_pixel, C* x_weight, I rows,
+    I cols, I chunk, I ph0, I pw0, I ey0, I ex0, I ny, I nx, I height, I width)
+{
+    const bool fill_y = ex0 == 0;
+    const bool fill_x = nx > chunk || ey0 == 0;
+    const I runs = rows + cols;
+    const I ey = ny - ey0 < chunk ? ny - ey0 : chunk;
+    const I ex = nx - ex0 < chunk ? nx - ex0 : chunk;
+    const I slots = runs * (ey > ex ? ey : ex);
+    __syncthreads();
+    for (I i = threadIdx.x; i < slots; i += I(blockDim.x)) {
+        const I run = i % runs, e = i / runs;
+        if (run < rows) {
+            if (fill_y && ey0 + e < t.y_run[run].entries) {
+                const I at = run * chunk + e;
+                roi_align_entry(t.y, ph0 + run, height, t.y_run[run], ey0 + e, y_pixel[at],
+                                y_weight[at]);
+            }
+        } else {
+            const I q = run - rows, at = q * chunk + e;
+            if (fill_x && ex0 + e < t.x_run[q].entries) {
+                roi_align_entry(t.x, pw0 + q, width, t.x_run[q], ex0 + e, x_pixel[at],
+                                x_weight[at]);
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Every RoI of the launch, a block at a time with a group of its channel tiles, its bins a
+// rectangle at a time; for each (channel, bin) pair in hand, op is called (all threads of the
+// block call this):
 //     op.invalid(k, c, ph, pw)       the RoI is invalid or the plane empty;
 //     op.begin(k, b, c, ph, pw)      before the entries of a valid RoI's bin;
 //     op.row(py, wy, pixels, weights, count)   one y entry with count x entries;
 //     op.end()                       after them.
 // The entries come in chunks: a bin's y entries in order, and for each the x entries in order,
-// a row split where a bin's x entries exceed a chunk.
+// a row split where a bin's x entries exceed a chunk. A group has as many channel tiles as
+// leave every block of the grid two items; its tiles share the tables when they fit one chunk.
+// Neither the grouping nor the chunks change what op sees for one (channel, bin) but where rows
+// split, so results do not depend on the grid.
 template <typename C, typename I, typename Op>
 __device__ __forceinline__ void roi_align_blocks(
     roi_align_tables<C, I>& t, Op& op, const C* rois, I rois_count, I channels, I height,
@@ -702,12 +741,15 @@ __device__ __forceinline__ void roi_align_blocks(
 {
     const roi_align_shape<I> s = roi_align_shape_of(pooled_h, pooled_w, channels_fastest);
     const I tiles = (channels + s.tile - 1) / s.tile;
-    const I items = rois_count * tiles;
+    I per = tiles * rois_count / (I(2) * I(gridDim.x));
+    per = per < 1 ? I(1) : (per > tiles ? tiles : per);
+    const I groups = (tiles + per - 1) / per;
+    const I items = rois_count * groups;
     const I thread = threadIdx.x;
     for (I item = blockIdx.x; item < items; item += gridDim.x) {
-        const I k = item / tiles;
-        const I c = (item % tiles) * s.tile + s.channel;
-        const bool mine = c < channels && s.channel < s.tile;  // some threads may be spare
+        const I k = item / groups;
+        const I tile_first = (item % groups) * per;
+        const I tile_last = tile_first + per < tiles ? tile_first + per : tiles;
         __syncthreads();  // the previous item's readers are done
         if (thread == 0) {
             const C* roi = rois + k * 5;
@@ -722,9 +764,12 @@ __device__ __forceinline__ void roi_align_blocks(
                 const I rows = pooled_h - ph0 < s.rows ? pooled_h - ph0 : s.rows;
                 const I cols = pooled_w - pw0 < s.cols ? pooled_w - pw0 : s.cols;
                 const I ph = ph0 + s.row, pw = pw0 + s.col;
-                const bool active = mine && s.row < rows && s.col < cols;
+                const bool here = s.channel < s.tile && s.row < rows && s.col < cols;
                 if (b < 0) {
-                    if (active) op.invalid(k, c, ph, pw);
+                    for (I tile = tile_first; tile < tile_last; ++tile) {
+                        const I c = tile * s.tile + s.channel;
+                        if (here && c < channels) op.invalid(k, c, ph, pw);
+                    }
                     continue;
                 }
                 __syncthreads();
@@ -747,54 +792,38 @@ __device__ __forceinline__ void roi_align_blocks(
                 const I ny = t.y_entries, nx = t.x_entries;
                 // Entries per run in a chunk: the table split between the rows and the columns.
                 const I chunk = I(ROI_ALIGN_TABLE) / (rows + cols);
+                const bool once = ny <= chunk && nx <= chunk;  // one chunk serves every tile
                 C* const y_weight = t.weight;
                 C* const x_weight = t.weight + rows * chunk;
                 I* const y_pixel = t.pixel;
                 I* const x_pixel = t.pixel + rows * chunk;
-                if (active) op.begin(k, b, c, ph, pw);
-                for (I ey0 = 0; ey0 < ny; ey0 += chunk) {
-                    for (I ex0 = 0; ex0 < nx; ex0 += chunk) {
-                        const bool fill_y = ex0 == 0;
-                        const bool fill_x = nx > chunk || ey0 == 0;
-                        // Consecutive threads on consecutive runs, entry after entry: the
-                        // entries in use (few, for small bins) take the first threads.
-                        const I runs = rows + cols;
-                        const I ey = ny - ey0 < chunk ? ny - ey0 : chunk;
-                        const I ex = nx - ex0 < chunk ? nx - ex0 : chunk;
-                        const I slots = runs * (ey > ex ? ey : ex);
-                        __syncthreads();
-                        for (I i = thread; i < slots; i += I(blockDim.x)) {
-                            const I run = i % runs, e = i / runs;
-                            if (run < rows) {
-                                if (fill_y && ey0 + e < t.y_run[run].entries) {
-                                    const I at = run * chunk + e;
-                                    roi_align_entry(t.y, ph0 + run, height, t.y_run[run],
-                                                    ey0 + e, y_pixel[at], y_weight[at]);
-                                }
-                            } else {
-                                const I q = run - rows, at = q * chunk + e;
-                                if (fill_x && ex0 + e < t.x_run[q].entries) {
-                                    roi_align_entry(t.x, pw0 + q, width, t.x_run[q], ex0 + e,
-                                                    x_pixel[at], x_weight[at]);
-                                }
+                for (I tile = tile_first; tile < tile_last; ++tile) {
+                    const I c = tile * s.tile + s.channel;
+                    const bool active = here && c < channels;
+                    if (active) op.begin(k, b, c, ph, pw);
+                    for (I ey0 = 0; ey0 < ny; ey0 += chunk) {
+                        for (I ex0 = 0; ex0 < nx; ex0 += chunk) {
+                            if (!once || tile == tile_first) {
+                                roi_align_fill(t, y_pixel, y_weight, x_pixel, x_weight, rows,
+                                               cols, chunk, ph0, pw0, ey0, ex0, ny, nx, height,
+                                               width);
+                            }
+                            if (!active) continue;
+                            const I y_end = t.y_run[s.row].entries - ey0;
+                            const I x_end = t.x_run[s.col].entries - ex0;
+                            const int ye = static_cast<int>(y_end < chunk ? y_end : chunk);
+                            const int xe = static_cast<int>(x_end < chunk ? x_end : chunk);
+                            if (ye <= 0 || xe <= 0) continue;
+                            const I* xp = x_pixel + s.col * chunk;
+                            const C* xw = x_weight + s.col * chunk;
+                            for (int e = 0; e < ye; ++e) {
+                                op.row(y_pixel[s.row * chunk + e], y_weight[s.row * chunk + e],
+                                       xp, xw, xe);
                             }
                         }
-                        __syncthreads();
-                        if (!active) continue;
-                        const I y_end = t.y_run[s.row].entries - ey0;
-                        const I x_end = t.x_run[s.col].entries - ex0;
-                        const int ye = static_cast<int>(y_end < chunk ? y_end : chunk);
-                        const int xe = static_cast<int>(x_end < chunk ? x_end : chunk);
-                        if (ye <= 0 || xe <= 0) continue;
-                        const I* xp = x_pixel + s.col * chunk;
-                        const C* xw = x_weight + s.col * chunk;
-                        for (int e = 0; e < ye; ++e) {
-                            op.row(y_pixel[s.row * chunk + e], y_weight[s.row * chunk + e], xp,
-                                   xw, xe);
-                        }
                     }
+                    if (active) op.end();
                 }
-                if (active) op.end();
             }
         }
     }
