@@ -654,8 +654,9 @@ struct roi_align_tables {
 
 // Which bins and channels a block handles at a time: rows x columns bins (a rectangle of the
 // PH x PW bins: whole bin rows when they fit) times tile channels, so that every thread has one
-// (channel, bin) pair. With channels_fastest consecutive threads take consecutive channels (coalesced
-// loads from channels-last features), else consecutive bins (coalesced stores to [K, C, PH, PW]).
+// (channel, bin) pair. With channels_fastest consecutive threads take consecutive channels
+// (coalesced loads from channels-last features), else consecutive bins (coalesced stores to
+// [K, C, PH, PW]).
 template <typename I>
 struct roi_align_shape {
     I rows, cols, tile;
@@ -783,8 +784,12 @@ __device__ __forceinline__ void roi_align_blocks(
                 __syncthreads();
                 if (thread == 0) {
                     I ny = 0, nx = 0;
-                    for (I i = 0; i < rows; ++i) ny = t.y_run[i].entries > ny ? t.y_run[i].entries : ny;
-                    for (I i = 0; i < cols; ++i) nx = t.x_run[i].entries > nx ? t.x_run[i].entries : nx;
+                    for (I i = 0; i < rows; ++i) {
+                        ny = t.y_run[i].entries > ny ? t.y_run[i].entries : ny;
+                    }
+                    for (I i = 0; i < cols; ++i) {
+                        nx = t.x_run[i].entries > nx ? t.x_run[i].entries : nx;
+                    }
                     t.y_entries = ny;
                     t.x_entries = nx;
                 }
