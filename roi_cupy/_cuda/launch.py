@@ -84,7 +84,8 @@ def pooled_forward(
     tail: Callable[[type], tuple[Any, ...]],
     data: Any = None,
 ) -> Any:
-    """Launch a forward kernel that writes one output element per thread and return its output
+    """Launch a forward kernel that writes one output element per thread (or, as RoI Align's
+    mean does, walks the output in blocks over the same grid) and return its output
     ``[K, channels, PH, PW]`` in the input's dtype (all zeros when the feature plane is empty:
     there is no pixel to read, so every RoI is invalid).
 

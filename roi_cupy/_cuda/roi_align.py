@@ -53,9 +53,10 @@ def forward(
     Returns:
         ndarray[K, C, PH, PW] in the input's dtype.
     """
-    last = _interop.is_channels_last(input)
     # Only the mean's kernel takes the layout flag (and channels-last features).
-    layout = (numpy.bool_(last),) if kernel == "roi_align_forward" else ()
+    mean = kernel == "roi_align_forward"
+    last = mean and _interop.is_channels_last(input)
+    layout = (numpy.bool_(last),) if mean else ()
     return launch.pooled_forward(
         rt, kernel, input, rois, input.shape[1], pooled_h, pooled_w,
         lambda real: (
