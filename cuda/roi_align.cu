@@ -2,55 +2,140 @@
 // type names T (storage), C (compute), I (index).
 #include "roi_common.cuh"
 
+// ----------------------------------------------------------------------------- avg mode
+// A block per (RoI, channel tile), a thread per (channel, bin) of it, each bin a sum over the
+// (pixel, weight) entries of its per-axis tables (roi_align_blocks, roi_common.cuh).
+
+// The mean of each bin: a compensated sum of per-row sums |wy| * sum(|wx| * P[py, px]); a row
+// that is not finite is summed again with NaN for the terms that read a non-finite value at
+// weight 0 (roi_align_flagged). The features are [N, C, H, W], or [N, H, W, C] when Last.
+template <typename T, typename C, typename I, bool Last>
+struct roi_align_mean_op {
+    const T* input;
+    T* output;
+    I channels, height, width, pooled_h, pooled_w;
+    const T* plane;
+    I at;
+    roi_sum<C> sum;
+
+    __device__ __forceinline__ I out(I k, I c, I ph, I pw) const
+    {
+        return ((k * channels + c) * pooled_h + ph) * pooled_w + pw;
+    }
+
+    __device__ __forceinline__ void invalid(I k, I c, I ph, I pw) const
+    {
+        roi_store(output + out(k, c, ph, pw), C(0));
+    }
+
+    __device__ __forceinline__ void begin(I k, I b, I c, I ph, I pw)
+    {
+        plane = input + b * channels * height * width + (Last ? c : c * height * width);
+        at = out(k, c, ph, pw);
+        sum = roi_sum<C>();
+    }
+
+    __device__ __forceinline__ C load(const T* line, I px) const
+    {
+        return roi_load(line[Last ? px * channels : px]);
+    }
+
+    __device__ __forceinline__ void row(I py, C wy, const I* xp, const C* xw, int n)
+    {
+        const T* line = plane + (Last ? py * width * channels : py * width);
+        C r = C(0);
+        for (int e = 0; e < n; ++e) r += roi_abs(xw[e]) * load(line, xp[e]);
+        if (!isfinite(r)) {
+            r = C(0);
+            for (int e = 0; e < n; ++e) {
+                const C v = load(line, xp[e]);
+                r += roi_abs(xw[e]) * v + (roi_align_flagged(wy, xw[e]) ? C(0) * v : C(0));
+            }
+        }
+        sum.add(roi_abs(wy) * r);
+    }
+
+    __device__ __forceinline__ void end() const { roi_store(output + at, sum.total); }
+};
+
 // output[k, c, ph, pw] = mean over the bin's gh x gw samples of the bilinear interpolation of
-// input[b, c]; one thread per output element, consecutive threads on consecutive pw.
+// input[b, c] (docs/semantics.md), as the separable sum above.
 //
-// Parameters: const T* input [N, C, H, W], const C* rois [K, 5], T* output [K, C, PH, PW],
-// I total (= K * C * PH * PW), I channels, I height, I width, I batch, I pooled_h, I pooled_w,
-// C spatial_scale, int sampling_h, int sampling_w (samples per bin along y and x; <= 0:
-// adaptive along that axis), bool aligned.
+// Parameters: const T* input [N, C, H, W] ([N, H, W, C] with channels_last), const C* rois
+// [K, 5], T* output [K, C, PH, PW], I total (= K * C * PH * PW), I channels, I height, I width,
+// I batch, I pooled_h, I pooled_w, C spatial_scale, int sampling_h, int sampling_w (samples per
+// bin along y and x; <= 0: adaptive along that axis), bool aligned, bool channels_last.
 template <typename T, typename I>
 __global__ void roi_align_forward(
     const T* __restrict__ input, const typename roi_compute<T>::type* __restrict__ rois,
     T* __restrict__ output, I total, I channels, I height, I width, I batch, I pooled_h,
     I pooled_w, typename roi_compute<T>::type spatial_scale, int sampling_h, int sampling_w,
-    bool aligned)
+    bool aligned, bool channels_last)
 {
     typedef typename roi_compute<T>::type C;
-    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
-        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
-        const C* roi = rois + o.k * 5;
-        const I b = roi_batch(roi, batch, height, width);
-        if (b < 0) {
-            roi_store(output + index, C(0));
-            continue;
-        }
-        const T* plane = input + (b * channels + o.c) * height * width;
-        roi_store(output + index, roi_align_mean(
-            plane, roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, aligned,
-            sampling_h, sampling_w));
+    __shared__ roi_align_tables<C, I> tables;
+    const I count = total / (channels * pooled_h * pooled_w);
+    if (channels_last) {
+        roi_align_mean_op<T, C, I, true> op{input, output, channels, height, width, pooled_h,
+                                            pooled_w};
+        roi_align_blocks(tables, op, rois, count, channels, height, width, batch, pooled_h,
+                         pooled_w, spatial_scale, sampling_h, sampling_w, aligned, true);
+    } else {
+        roi_align_mean_op<T, C, I, false> op{input, output, channels, height, width, pooled_h,
+                                             pooled_w};
+        roi_align_blocks(tables, op, rois, count, channels, height, width, batch, pooled_h,
+                         pooled_w, spatial_scale, sampling_h, sampling_w, aligned, false);
     }
 }
 
-// grad_input[b, c] += for every sample of every bin, its four bilinear corners weighted by
-// grad_output[k, c, ph, pw] / (gh * gw): one thread per grad_output element, each term handed to
-// the sink (roi_common.cuh).
+// The adjoint: each bin's gradient g spread over the pixels its entries pair, g * |wy| * |wx| to
+// each (NaN where a non-finite g meets a pixel read at weight 0), handed to the sink.
+template <typename T, typename C, typename I, typename Sink>
+struct roi_align_spread_op {
+    const T* grad_output;
+    Sink sink;
+    I channels, height, width, pooled_h, pooled_w;
+    I plane;
+    C g;
+
+    __device__ __forceinline__ void invalid(I, I, I, I) const {}
+
+    __device__ __forceinline__ void begin(I k, I b, I c, I ph, I pw)
+    {
+        plane = (b * channels + c) * height * width;
+        g = roi_load(grad_output[((k * channels + c) * pooled_h + ph) * pooled_w + pw]);
+    }
+
+    __device__ __forceinline__ void row(I py, C wy, const I* xp, const C* xw, int n) const
+    {
+        const I line = plane + py * width;
+        const C gy = g * roi_abs(wy);
+        if (isfinite(g)) {
+            for (int e = 0; e < n; ++e) sink.add(line + xp[e], gy * roi_abs(xw[e]));
+        } else {
+            for (int e = 0; e < n; ++e) {
+                const C v = gy * roi_abs(xw[e]);
+                sink.add(line + xp[e], roi_align_flagged(wy, xw[e]) ? v + g * C(0) : v);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void end() const {}
+};
+
 template <typename T, typename I, typename Sink>
-__device__ __forceinline__ void roi_align_backward_terms(
+__device__ __forceinline__ void roi_align_backward_blocks(
     const T* __restrict__ grad_output, const typename roi_compute<T>::type* __restrict__ rois,
     const Sink& sink, I total, I channels, I height, I width, I batch, I pooled_h, I pooled_w,
     typename roi_compute<T>::type spatial_scale, int sampling_h, int sampling_w, bool aligned)
 {
     typedef typename roi_compute<T>::type C;
-    for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
-        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
-        const C* roi = rois + o.k * 5;
-        const I b = roi_batch(roi, batch, height, width);
-        if (b < 0) continue;
-        roi_align_spread(
-            sink, (b * channels + o.c) * height * width, grad_output + index, roi, o.ph, o.pw,
-            height, width, pooled_h, pooled_w, spatial_scale, aligned, sampling_h, sampling_w);
-    }
+    __shared__ roi_align_tables<C, I> tables;
+    roi_align_spread_op<T, C, I, Sink> op{grad_output, sink, channels, height, width, pooled_h,
+                                          pooled_w};
+    roi_align_blocks(tables, op, rois, total / (channels * pooled_h * pooled_w), channels,
+                     height, width, batch, pooled_h, pooled_w, spatial_scale, sampling_h,
+                     sampling_w, aligned, false);
 }
 
 // The gradient with atomicAdd into an accumulator of the compute type C (zero-filled by the
@@ -68,8 +153,8 @@ __global__ void roi_align_backward(
 {
     typedef typename roi_compute<T>::type C;
     const roi_atomic_sink<C, I> sink{grad_input};
-    roi_align_backward_terms(grad_output, rois, sink, total, channels, height, width, batch,
-                             pooled_h, pooled_w, spatial_scale, sampling_h, sampling_w, aligned);
+    roi_align_backward_blocks(grad_output, rois, sink, total, channels, height, width, batch,
+                              pooled_h, pooled_w, spatial_scale, sampling_h, sampling_w, aligned);
 }
 
 // The same gradient summed in fixed point (deterministic=True): bitwise the same whatever the
@@ -94,8 +179,8 @@ __global__ void roi_align_backward_deterministic(
     typedef typename roi_compute<T>::type C;
     const roi_fixed_sink<C, I> sink{
         hi, lo, flags, roi_fixed_exponent(*max_abs, count_bits), low_bits};
-    roi_align_backward_terms(grad_output, rois, sink, total, channels, height, width, batch,
-                             pooled_h, pooled_w, spatial_scale, sampling_h, sampling_w, aligned);
+    roi_align_backward_blocks(grad_output, rois, sink, total, channels, height, width, batch,
+                              pooled_h, pooled_w, spatial_scale, sampling_h, sampling_w, aligned);
 }
 
 // ----------------------------------------------------------------------------- max mode

@@ -453,6 +453,387 @@ __device__ __forceinline__ void roi_align_spread(
     }
 }
 
+// ----------------------------------------------------------------------------- RoI Align tables
+// RoI Align's mean is separable (docs/semantics.md): bin (ph, pw) is the sum over pixels (py, px)
+// of Ay(py) * Ax(px) * P[py, px], where Ay(py) adds up the y weights of the bin's sample rows
+// that read row py, divided by the samples per axis (Ax likewise). The kernels of roi_align.cu
+// build, once per RoI and bin row or column, a table of these (pixel, weight) entries per axis,
+// and sum each bin as a sum of per-row sums over its entries: the work of a bin follows the
+// pixels it covers, whatever its sample count, and no sum runs over its samples.
+//
+// A bin's entries along one axis come in one of two forms. Dense (samples at most a pixel apart):
+// one entry per pixel from the lowest to the highest pixel read, its weight in closed form from
+// the samples of the two pixel intervals around it (how many, and how far past the interval's
+// start they lie: an arithmetic progression), found by binary searches on the exact sample
+// positions, so a sample is inside, outside or snapped to the edge exactly as the per-sample
+// formula says. Sparse (samples more than a pixel apart): each inside sample's two corners, as
+// roi_lerp_weights gives them, unmerged. Either way a bin has at most about as many entries as it
+// covers pixels (plus two), and an entry costs O(log samples).
+//
+// 0 * inf is NaN: a pixel read at weight exactly 0 (the far corner of a sample on a pixel centre,
+// of a sample snapped to the edge) makes a non-finite value there NaN. A dense entry whose pixel
+// some sample reads at weight 0 carries its weight negated (-0.0 when it has no other weight);
+// the sums use the magnitude, and fall back to roi_align_flagged only where a result is not finite.
+
+// Entries along both axes that one block's tables hold at a time, and the most bins a block
+// handles at a time.
+#define ROI_ALIGN_TABLE 2048
+#define ROI_ALIGN_ROUND 128
+
+// How many samples of bin p lie below t (at or below t when inclusive). Sample positions are
+// monotone in the sample index: those below t are a prefix of the indices (a suffix for a
+// reversed box), found by one binary search.
+template <typename C, typename I>
+__host__ __device__ __forceinline__ int roi_align_below(
+    const roi_align_axis<C>& a, I p, C t, bool inclusive)
+{
+    const bool rising = a.bin >= C(0);
+    int lo = 0, hi = a.grid;  // first index where "below" differs from the first index's
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        const C v = roi_align_sample(a, p, mid);
+        const bool below = inclusive ? v <= t : v < t;
+        if (below == rising) lo = mid + 1; else hi = mid;
+    }
+    return rising ? lo : a.grid - lo;
+}
+
+// The position of the sample of bin p of rank r in increasing position.
+template <typename C, typename I>
+__host__ __device__ __forceinline__ C roi_align_ranked(const roi_align_axis<C>& a, I p, int r)
+{
+    return roi_align_sample(a, p, a.bin >= C(0) ? r : a.grid - 1 - r);
+}
+
+// One bin along one axis, as its table sees it: entries [0, entries); dense: entry e is pixel
+// lo + e; sparse: entry e is corner e % 2 of the sample of rank first + e / 2.
+template <typename C, typename I>
+struct roi_align_run {
+    I lo;
+    I entries;
+    int first, last;  // ranks of the inside samples
+    bool dense;
+};
+
+template <typename C, typename I>
+__host__ __device__ __forceinline__ roi_align_run<C, I> roi_align_run_of(
+    const roi_align_axis<C>& a, I p, I extent)
+{
+    roi_align_run<C, I> r;
+    r.lo = 0;
+    r.entries = 0;
+    r.first = 0;
+    r.last = 0;
+    r.dense = true;
+    // Positions of a box beyond the compute type's range are NaN or infinite: all outside.
+    if (a.grid == 0 || !isfinite(a.start) || !isfinite(a.bin)) return r;
+    const int first = roi_align_below(a, p, C(-1), false);
+    const int last = roi_align_below(a, p, C(extent), true);
+    if (first >= last) return r;
+    r.first = first;
+    r.last = last;
+    r.dense = roi_abs(a.bin) <= C(a.grid);  // samples at most one pixel apart
+    if (r.dense) {
+        roi_lerp<C, I> lo, hi;
+        roi_lerp_weights(roi_align_ranked(a, p, first), extent, lo);
+        roi_lerp_weights(roi_align_ranked(a, p, last - 1), extent, hi);
+        r.lo = lo.lo;
+        r.entries = hi.hi - lo.lo + 1;
+    } else {
+        r.entries = I(2) * I(last - first);
+    }
+    return r;
+}
+
+// The samples of bin p in [t, next), whose ranks are [r0, r1): how many, and how far past t they
+// lie in all (from the lowest one's exact position and the sample step), and whether the lowest
+// lies on t (a zero weight for the pixel above).
+template <typename C>
+struct roi_align_part {
+    C count;
+    C past;
+    bool on_start;
+};
+
+template <typename C, typename I>
+__host__ __device__ __forceinline__ roi_align_part<C> roi_align_part_of(
+    const roi_align_axis<C>& a, I p, int r0, int r1, C t, C step)
+{
+    roi_align_part<C> s;
+    s.count = C(r1 - r0);
+    s.past = C(0);
+    s.on_start = false;
+    if (r1 <= r0) return s;
+    const C d = roi_align_ranked(a, p, r0) - t;
+    s.past = s.count * d + step * (s.count * C(r1 - r0 - 1) * C(0.5));
+    s.on_start = d == C(0);
+    return s;
+}
+
+// The weight of pixel q in a dense run of bin p on an axis of extent pixels (negated when a
+// sample reads q at weight 0; see above), as roi_lerp_weights splits each sample: a sample in
+// [-1, 0) reads pixel 0 at weight 1 (and pixel 1 at 0), one at or past extent - 1 reads the last
+// pixel at weight 1 (and again at 0), one in [r, r + 1) pixel r at 1 - (y - r) and r + 1 at y - r.
+template <typename C, typename I>
+__host__ __device__ __forceinline__ C roi_align_dense_weight(
+    const roi_align_axis<C>& a, I p, I extent, const roi_align_run<C, I>& r, I q)
+{
+    const C step = roi_abs(a.bin) / C(a.grid);
+    const C fq = C(q);
+    C w = C(0);
+    bool zero = false;
+    const int below_first = r.first;  // samples below -1
+    const int below_end = r.last;     // samples at or below extent
+    if (extent == 1) {
+        w = C(below_end - below_first);  // every inside sample snaps to the one pixel
+        zero = w > C(0);
+    } else {
+        const int below_q = roi_align_below(a, p, fq, false);
+        if (q <= 1) {  // samples in [-1, 0)
+            const int m = roi_align_below(a, p, C(0), false) - below_first;
+            if (q == 0) w += C(m); else zero = zero || m > 0;
+        }
+        if (q <= extent - 2) {  // the low corner of samples in [q, q + 1)
+            const roi_align_part<C> s = roi_align_part_of(
+                a, p, below_q, roi_align_below(a, p, fq + C(1), false), fq, step);
+            w += roi_max(s.count - s.past, C(0));
+        }
+        if (q >= 1) {  // the high corner of samples in [q - 1, q)
+            const roi_align_part<C> s = roi_align_part_of(
+                a, p, roi_align_below(a, p, fq - C(1), false), below_q, fq - C(1), step);
+            w += roi_max(s.past, C(0));
+            zero = zero || s.on_start;
+        }
+        if (q == extent - 1) {  // samples in [extent - 1, extent] snap to the last pixel
+            const int m = below_end - below_q;
+            w += C(m);
+            zero = zero || m > 0;
+        }
+    }
+    w = w / C(a.grid);
+    return zero ? -w : w;
+}
+
+// Entry e of run r of bin p: its pixel and weight (sign as above).
+template <typename C, typename I>
+__host__ __device__ __forceinline__ void roi_align_entry(
+    const roi_align_axis<C>& a, I p, I extent, const roi_align_run<C, I>& r, I e, I& pixel,
+    C& weight)
+{
+    if (r.dense) {
+        pixel = r.lo + e;
+        weight = roi_align_dense_weight(a, p, extent, r, pixel);
+        return;
+    }
+    roi_lerp<C, I> w;
+    roi_lerp_weights(roi_align_ranked(a, p, r.first + static_cast<int>(e / 2)), extent, w);
+    const bool high = e % 2 != 0;
+    pixel = high ? w.hi : w.lo;
+    weight = (high ? w.whi : w.wlo) / C(a.grid);
+}
+
+// Whether a term of entries wy and wx on a non-finite value is NaN: some sample reads its pixel
+// at weight 0 (the sign of a dense weight, or a sparse weight of 0).
+template <typename C>
+__host__ __device__ __forceinline__ bool roi_align_flagged(C wy, C wx)
+{
+    return signbit(wy) || signbit(wx) || wy == C(0) || wx == C(0);
+}
+
+// The tables of one block: the RoI's geometry, a run per bin row and column of the bins in hand,
+// and one chunk of entries of each run.
+template <typename C, typename I>
+struct roi_align_tables {
+    roi_align_axis<C> y, x;
+    I batch_index;
+    I y_entries, x_entries;  // the most entries of a run in hand, per axis
+    roi_align_run<C, I> y_run[ROI_ALIGN_ROUND], x_run[ROI_ALIGN_ROUND];
+    I pixel[ROI_ALIGN_TABLE];
+    C weight[ROI_ALIGN_TABLE];
+};
+
+// Which bins and channels a block handles at a time: rows x columns bins (a rectangle of the
+// PH x PW bins: whole bin rows when they fit) times tile channels, so that every thread has one
+// (channel, bin) pair. With channels_fastest consecutive threads take consecutive channels
+// (coalesced loads from channels-last features), else consecutive bins (coalesced stores to
+// [K, C, PH, PW]).
+template <typename I>
+struct roi_align_shape {
+    I rows, cols, tile;
+    I channel, row, col;  // this thread's place in the tile
+};
+
+template <typename I>
+__device__ __forceinline__ roi_align_shape<I> roi_align_shape_of(
+    I pooled_h, I pooled_w, bool channels_fastest)
+{
+    roi_align_shape<I> s;
+    const I most = blockDim.x < ROI_ALIGN_ROUND ? I(blockDim.x) : I(ROI_ALIGN_ROUND);
+    s.cols = pooled_w < most ? pooled_w : most;
+    s.rows = most / s.cols < pooled_h ? most / s.cols : pooled_h;
+    if (channels_fastest && s.rows * s.cols * 32 > I(blockDim.x)) {
+        // A warp's worth of channels where the block allows it: fewer bins at a time.
+        const I bins = I(blockDim.x) / 32 > 0 ? I(blockDim.x) / 32 : I(1);
+        s.cols = pooled_w < bins ? pooled_w : bins;
+        s.rows = bins / s.cols < pooled_h ? bins / s.cols : pooled_h;
+    }
+    const I bins = s.rows * s.cols;
+    s.tile = I(blockDim.x) / bins;
+    const I t = threadIdx.x;
+    const I bin = channels_fastest ? t / s.tile : t % bins;
+    s.channel = channels_fastest ? t % s.tile : t / bins;
+    s.row = bin / s.cols;
+    s.col = bin % s.cols;
+    return s;
+}
+
+// Fills the tables with the chunk of entries from ey0 (y runs; only when ex0 == 0, the y entries
+// staying while x moves on) and from ex0 (x runs; only once when they all fit a chunk), between
+// two barriers. Consecutive threads take consecutive runs, entry after entry: the entries in use
+// (few, for small bins) take the first threads.
+template <typename C, typename I>
+__device__ __forceinline__ void roi_align_fill(
+    roi_align_tables<C, I>& t, I* y_pixel, C* y_weight, I* x_pixel, C* x_weight, I rows,
+    I cols, I chunk, I ph0, I pw0, I ey0, I ex0, I ny, I nx, I height, I width)
+{
+    const bool fill_y = ex0 == 0;
+    const bool fill_x = nx > chunk || ey0 == 0;
+    const I runs = rows + cols;
+    const I ey = ny - ey0 < chunk ? ny - ey0 : chunk;
+    const I ex = nx - ex0 < chunk ? nx - ex0 : chunk;
+    const I slots = runs * (ey > ex ? ey : ex);
+    __syncthreads();
+    for (I i = threadIdx.x; i < slots; i += I(blockDim.x)) {
+        const I run = i % runs, e = i / runs;
+        if (run < rows) {
+            if (fill_y && ey0 + e < t.y_run[run].entries) {
+                const I at = run * chunk + e;
+                roi_align_entry(t.y, ph0 + run, height, t.y_run[run], ey0 + e, y_pixel[at],
+                                y_weight[at]);
+            }
+        } else {
+            const I q = run - rows, at = q * chunk + e;
+            if (fill_x && ex0 + e < t.x_run[q].entries) {
+                roi_align_entry(t.x, pw0 + q, width, t.x_run[q], ex0 + e, x_pixel[at],
+                                x_weight[at]);
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Every RoI of the launch, a block at a time with a group of its channel tiles, its bins a
+// rectangle at a time; for each (channel, bin) pair in hand, op is called (all threads of the
+// block call this):
+//     op.invalid(k, c, ph, pw)       the RoI is invalid or the plane empty;
+//     op.begin(k, b, c, ph, pw)      before the entries of a valid RoI's bin;
+//     op.row(py, wy, pixels, weights, count)   one y entry with count x entries;
+//     op.end()                       after them.
+// The entries come in chunks: a bin's y entries in order, and for each the x entries in order,
+// a row split where a bin's x entries exceed a chunk. A group has as many channel tiles as
+// leave every block of the grid two items; its tiles share the tables when they fit one chunk.
+// Neither the grouping nor the chunks change what op sees for one (channel, bin) but where rows
+// split, so results do not depend on the grid.
+template <typename C, typename I, typename Op>
+__device__ __forceinline__ void roi_align_blocks(
+    roi_align_tables<C, I>& t, Op& op, const C* rois, I rois_count, I channels, I height,
+    I width, I batch, I pooled_h, I pooled_w, C scale, int sampling_h, int sampling_w,
+    bool aligned, bool channels_fastest)
+{
+    const roi_align_shape<I> s = roi_align_shape_of(pooled_h, pooled_w, channels_fastest);
+    const I tiles = (channels + s.tile - 1) / s.tile;
+    I per = tiles * rois_count / (I(2) * I(gridDim.x));
+    per = per < 1 ? I(1) : (per > tiles ? tiles : per);
+    const I groups = (tiles + per - 1) / per;
+    const I items = rois_count * groups;
+    const I thread = threadIdx.x;
+    for (I item = blockIdx.x; item < items; item += gridDim.x) {
+        const I k = item / groups;
+        const I tile_first = (item % groups) * per;
+        const I tile_last = tile_first + per < tiles ? tile_first + per : tiles;
+        __syncthreads();  // the previous item's readers are done
+        if (thread == 0) {
+            const C* roi = rois + k * 5;
+            t.batch_index = roi_batch(roi, batch, height, width);
+            t.y = roi_align_geometry(roi[2], roi[4], scale, aligned, pooled_h, sampling_h);
+            t.x = roi_align_geometry(roi[1], roi[3], scale, aligned, pooled_w, sampling_w);
+        }
+        __syncthreads();
+        const I b = t.batch_index;
+        for (I ph0 = 0; ph0 < pooled_h; ph0 += s.rows) {
+            for (I pw0 = 0; pw0 < pooled_w; pw0 += s.cols) {
+                const I rows = pooled_h - ph0 < s.rows ? pooled_h - ph0 : s.rows;
+                const I cols = pooled_w - pw0 < s.cols ? pooled_w - pw0 : s.cols;
+                const I ph = ph0 + s.row, pw = pw0 + s.col;
+                const bool here = s.channel < s.tile && s.row < rows && s.col < cols;
+                if (b < 0) {
+                    for (I tile = tile_first; tile < tile_last; ++tile) {
+                        const I c = tile * s.tile + s.channel;
+                        if (here && c < channels) op.invalid(k, c, ph, pw);
+                    }
+                    continue;
+                }
+                __syncthreads();
+                for (I i = thread; i < rows + cols; i += I(blockDim.x)) {
+                    if (i < rows) {
+                        t.y_run[i] = roi_align_run_of(t.y, ph0 + i, height);
+                    } else {
+                        t.x_run[i - rows] = roi_align_run_of(t.x, pw0 + i - rows, width);
+                    }
+                }
+                __syncthreads();
+                if (thread == 0) {
+                    I ny = 0, nx = 0;
+                    for (I i = 0; i < rows; ++i) {
+                        ny = t.y_run[i].entries > ny ? t.y_run[i].entries : ny;
+                    }
+                    for (I i = 0; i < cols; ++i) {
+                        nx = t.x_run[i].entries > nx ? t.x_run[i].entries : nx;
+                    }
+                    t.y_entries = ny;
+                    t.x_entries = nx;
+                }
+                __syncthreads();
+                const I ny = t.y_entries, nx = t.x_entries;
+                // Entries per run in a chunk: the table split between the rows and the columns.
+                const I chunk = I(ROI_ALIGN_TABLE) / (rows + cols);
+                const bool once = ny <= chunk && nx <= chunk;  // one chunk serves every tile
+                C* const y_weight = t.weight;
+                C* const x_weight = t.weight + rows * chunk;
+                I* const y_pixel = t.pixel;
+                I* const x_pixel = t.pixel + rows * chunk;
+                for (I tile = tile_first; tile < tile_last; ++tile) {
+                    const I c = tile * s.tile + s.channel;
+                    const bool active = here && c < channels;
+                    if (active) op.begin(k, b, c, ph, pw);
+                    for (I ey0 = 0; ey0 < ny; ey0 += chunk) {
+                        for (I ex0 = 0; ex0 < nx; ex0 += chunk) {
+                            if (!once || tile == tile_first) {
+                                roi_align_fill(t, y_pixel, y_weight, x_pixel, x_weight, rows,
+                                               cols, chunk, ph0, pw0, ey0, ex0, ny, nx, height,
+                                               width);
+                            }
+                            if (!active) continue;
+                            const I y_end = t.y_run[s.row].entries - ey0;
+                            const I x_end = t.x_run[s.col].entries - ex0;
+                            const int ye = static_cast<int>(y_end < chunk ? y_end : chunk);
+                            const int xe = static_cast<int>(x_end < chunk ? x_end : chunk);
+                            if (ye <= 0 || xe <= 0) continue;
+                            const I* xp = x_pixel + s.col * chunk;
+                            const C* xw = x_weight + s.col * chunk;
+                            for (int e = 0; e < ye; ++e) {
+                                op.row(y_pixel[s.row * chunk + e], y_weight[s.row * chunk + e],
+                                       xp, xw, xe);
+                            }
+                        }
+                    }
+                    if (active) op.end();
+                }
+            }
+        }
+    }
+}
+
 // ----------------------------------------------------------------------------- RoI Pool
 // Scaled box corners rounded half away from zero; the end pixel is inclusive, a box at least one
 // pixel. All of it in floating point: nothing is converted to an integer before roi_pool_window

@@ -341,6 +341,14 @@ class Call:
         with device_scope(self.array):
             return self.xp.ascontiguousarray(self.array)
 
+    def native_or_channels_last(self) -> Any:
+        """:meth:`native`, but features laid out channels-last stay as they are for a backend
+        that reads them so (``Capabilities.channels_last``): a torch ``channels_last`` tensor,
+        say, is not copied to ``[N, C, H, W]`` order."""
+        if self.backend.CAPABILITIES.channels_last and _interop.is_channels_last(self.array):
+            return self.array
+        return self.native()
+
     def scope(self) -> Any:
         return device_scope(self.array)
 

@@ -118,10 +118,13 @@ class Capabilities:
             integer dtype) as they are, so the caller makes no contiguous copy.
         fused_index_check (bool): ``roi_pool_backward(..., check_indices=True)`` checks RoI
             Pool's indices while it reads them.
+        channels_last (bool): ``roi_align_forward`` also reads features ``[N, C, H, W]`` laid
+            out channels-last (a transposed view of a C-contiguous ``[N, H, W, C]``) as they are.
     """
 
     strided: bool = False
     fused_index_check: bool = False
+    channels_last: bool = False
 
 
 class IndexOutOfRange(Exception):

@@ -245,3 +245,13 @@ def unwrap_like(obj: Any, what: str, device: str, other: str) -> Any:
             "move both to the same device"
         )
     return array
+
+
+def is_channels_last(array: Any) -> bool:
+    """Whether ``array`` [N, C, H, W] is a transposed view of a C-contiguous [N, H, W, C] and
+    not C-contiguous itself."""
+    return (
+        array.ndim == 4
+        and not array.flags.c_contiguous
+        and array.transpose(0, 2, 3, 1).flags.c_contiguous
+    )

@@ -36,13 +36,20 @@ def test_every_instantiation_compiles_clean_for_every_arch(results):
         assert sorted(r.kernels) == sorted(kernels.NAME_EXPRESSIONS)
 
 
-def test_no_kernel_spills_or_uses_shared_memory(results):
+# RoI Align's avg kernels keep a block's per-axis tables in static shared memory (at most the
+# 48 KiB a block may declare statically); no other kernel uses any.
+TABLE_KERNELS = ("roi_align_forward", "roi_align_backward", "roi_align_backward_deterministic")
+
+
+def test_no_kernel_spills_and_only_the_tables_use_shared_memory(results):
     for r in results:
         for name, s in r.kernels.items():
             assert 0 < s.registers <= 255, (r.arch, name, s)
-            assert (s.spill_stores, s.spill_loads, s.stack, s.shared) == (0, 0, 0, 0), (
-                r.arch, name, s,
-            )
+            assert (s.spill_stores, s.spill_loads, s.stack) == (0, 0, 0), (r.arch, name, s)
+            if name.split("<")[0] in TABLE_KERNELS:
+                assert 0 < s.shared <= 48 * 1024, (r.arch, name, s)
+            else:
+                assert s.shared == 0, (r.arch, name, s)
 
 
 def test_name_expressions_cover_every_kernel_dtype_and_index_width():
@@ -116,7 +123,7 @@ def test_warning_fails():
 
 
 def test_double_arithmetic_in_a_float_kernel_fails():
-    src = kernels.source().replace("sum.total / count", "sum.total / (count * 1.000001)", 1)
+    src = kernels.source().replace("w = w / C(a.grid);", "w = w / (C(a.grid) * 1.000001);", 1)
     assert src != kernels.source()
     (r,) = check.check(["sm_80"], source=src)
     assert "roi_align_forward<float, int> uses double-precision arithmetic" in r.problems

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import numpy
 import pytest
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import (
     bilinear_corners,
+    roi_align_backward_ref,
     roi_align_geometry,
     roi_align_ref,
     roi_align_separable,
@@ -710,3 +712,195 @@ def test_many_images_of_boxes_are_placed_without_concatenate(monkeypatch):
         _interop, "array_module", lambda a: NoConcatenate() if real(a) is numpy else real(a)
     )
     numpy.testing.assert_array_equal(roi_cupy.roi_align(x, boxes, 2, 1.0, 2, True), expected)
+
+
+# ----------------------------------------------------------------------------- the block kernels
+# The kernels pool a block per (RoI, channel tile) from per-axis tables of (pixel, weight)
+# entries (cuda/README.md): any sample count costs the pixels a bin covers, in any launch shape.
+def axis_weights_capped(start, bin_size, grid, pooled, length):
+    """``[pooled, length]`` 1-D weights as reference.axis_weights, vectorised, with the grid
+    capped at 2**20 (docs/semantics.md)."""
+    grid = min(grid, 2**20)
+    a = numpy.zeros((pooled, length))
+    for p in range(pooled):
+        t = start + p * bin_size + (numpy.arange(grid) + 0.5) * bin_size / grid
+        t = t[(t >= -1) & (t <= length)]
+        v = numpy.maximum(t, 0)
+        lo = numpy.floor(v).astype(numpy.int64)
+        snapped = lo >= length - 1
+        lo = numpy.where(snapped, length - 1, lo)
+        frac = numpy.where(snapped, 0.0, v - lo)
+        numpy.add.at(a[p], lo, (1 - frac) / grid)
+        numpy.add.at(a[p], numpy.minimum(lo + 1, length - 1), frac / grid)
+    return a
+
+
+def separable(row, shape, output_size, spatial_scale, sampling_ratio, aligned):
+    """``(b, Ay, Ax)`` of one RoI as reference.roi_align_separable, for sample counts beyond
+    its loops."""
+    pooled_h, pooled_w = numpy.broadcast_to(output_size, 2)
+    n, _, h, w = shape
+    b = int(row[0])
+    if not (numpy.isfinite(row).all() and 0 <= b < n):
+        return None, None, None
+    y0, x0, bin_h, bin_w, gh, gw = roi_align_geometry(
+        row, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+    )
+    if gh <= 0 or gw <= 0:
+        return b, numpy.zeros((pooled_h, h)), numpy.zeros((pooled_w, w))
+    return (b, axis_weights_capped(y0, bin_h, gh, pooled_h, h),
+            axis_weights_capped(x0, bin_w, gw, pooled_w, w))
+
+
+def separable_expected(x, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """The float64 forward through the separable form."""
+    out = numpy.zeros((len(rois), x.shape[1]) + tuple(numpy.broadcast_to(output_size, 2)))
+    for k, row in enumerate(numpy.asarray(rois, numpy.float64)):
+        b, ay, ax = separable(row, x.shape, output_size, spatial_scale, sampling_ratio, aligned)
+        if b is not None:
+            out[k] = ay @ x[b].astype(numpy.float64) @ ax.T
+    return out
+
+
+def emulator_only(backend):
+    if backend.name != "emulator":
+        pytest.skip("a launch-shape test of the CUDA kernels")
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+def test_sampling_128_keeps_the_dtype_tolerance(backend, dtype):
+    """128 x 128 samples per bin on a 16 x 16 map: a bin is a sum of per-row sums of per-pixel
+    weights, not of 16384 samples, and stays within the dtype's tolerance."""
+    rng = make_rng("sampling 128", numpy.dtype(dtype).name)
+    x = random_features(rng, (1, 3, 16, 16), dtype)
+    rois = numpy.array([[0, 0, 0, 16, 16], [0, -3.3, 1.7, 12.2, 19.5]], compute_dtype(dtype))
+    out = run(backend, x, rois, (2, 3), spatial_scale=1.0, sampling_ratio=128, aligned=True)
+    assert_matches(out, separable_expected(x, rois, (2, 3), 1.0, 128, True), dtype)
+
+
+@pytest.mark.parametrize("sampling_ratio", [10**9, (2**20, 3), (1, 10**9)], ids=str)
+def test_any_sampling_ratio_is_bounded_work(backend, sampling_ratio):
+    """sampling_ratio=10**9 (capped at 2**20 per axis: 2**40 samples per bin, hours sample by
+    sample) on a box over the whole map: the kernels' work follows the pixels, a second or so."""
+    emulator_only(backend)
+    rng = make_rng("bounded work", str(sampling_ratio))
+    x = random_features(rng, (1, 2, 24, 20), numpy.float32)
+    rois = numpy.array([[0, -2.0, -1.0, 21.0, 26.0], [0, 3.0, 2.0, 9.0, 8.0]], numpy.float32)
+    start = time.monotonic()
+    out = run(backend, x, rois, 3, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True)
+    assert time.monotonic() - start < 60
+    expected = separable_expected(x, rois, 3, 1.0, sampling_ratio, True)
+    assert_matches(out, expected, numpy.float32)
+    g = random_features(rng, out.shape, numpy.float32)
+    with backend.active():
+        grad = roi_cupy.roi_align_backward(g, rois, x.shape, 3, 1.0, sampling_ratio, True)
+    assert time.monotonic() - start < 120
+    expected_grad = numpy.zeros(x.shape)
+    for k, row in enumerate(rois.astype(numpy.float64)):
+        b, ay, ax = separable(row, x.shape, 3, 1.0, sampling_ratio, True)
+        expected_grad[b] += ay.T @ g[k].astype(numpy.float64) @ ax
+    assert_matches(grad, expected_grad, numpy.float32)
+
+
+LAUNCH_SHAPES = [(256, 4096), (32, 3), (64, 1), (1024, 5), (96, 7)]
+
+
+@pytest.mark.parametrize("block, grid", LAUNCH_SHAPES, ids=str)
+@pytest.mark.parametrize(
+    "channels, output_size", [(1, 7), (5, (3, 20)), (37, 7), (3, (1, 200)), (2, (150, 2))], ids=str
+)
+def test_launch_shapes_and_channel_tiles(backend, monkeypatch, block, grid, channels, output_size):
+    """Channel tiles that do not divide C, bins that do not fill a block or take several rounds
+    of it, blocks of 32 to 1024 threads and grids smaller than the work, many RoIs (invalid ones
+    among them): every output element is written (the emulator poisons outputs with NaN) and
+    matches the reference, forward and backward."""
+    emulator_only(backend)
+    from roi_cupy._cuda import launch
+
+    monkeypatch.setattr(launch, "BLOCK", block)
+    monkeypatch.setattr(launch, "MAX_GRID", grid)
+    rng = make_rng("launch shapes", block, grid, channels, str(output_size))
+    x = random_features(rng, (2, channels, 11, 13), numpy.float32)
+    rois = random_boxes(rng, 2, 40, 11, 13, dtype=numpy.float32)
+    rois[5, 0] = 7  # invalid: zeros
+    kwargs = dict(spatial_scale=1.0, sampling_ratio=(2, -1), aligned=True)
+    out = run(backend, x, rois, output_size, validate=False, **kwargs)
+    assert_matches(out, separable_expected(x, rois, output_size, 1.0, (2, -1), True), numpy.float32)
+    g = random_features(rng, out.shape, numpy.float32)
+    with backend.active():
+        grad = roi_cupy.roi_align_backward(
+            g, rois, x.shape, output_size, 1.0, (2, -1), True, validate=False
+        )
+    ref = roi_align_backward_ref(g.astype(numpy.float64), rois, x.shape, 1.0, (2, -1), True)
+    assert_matches(grad, ref, numpy.float32)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+def test_bins_wider_than_a_table_chunk(backend, dtype):
+    """Bins of 35 x 40 pixels, 120 of them at a time: a bin's entries take several chunks of the
+    block's tables along x, its rows summed a chunk at a time. (The error is relative to the
+    features' scale, 1: a bin's mean of 1400 pixels of either sign is far smaller.)"""
+    rng = make_rng("wide bins")
+    x = random_features(rng, (1, 2, 70, 2400), dtype)
+    rois = numpy.array([[0, 0, 0, 2400, 70], [0, -100.5, 3.25, 2300.75, 60.5]], dtype)
+    out = run(backend, x, rois, (2, 60), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    expected = separable_expected(x, rois, (2, 60), 1.0, -1, True)
+    assert_matches(out, expected, dtype, scale=1.0)
+    # Channels-last features take other chunks (8 bins at a time): the same numbers, rounded
+    # in another order.
+    out = run(backend, channels_last(x), rois, (2, 60), spatial_scale=1.0, sampling_ratio=-1,
+              aligned=True)
+    assert_matches(out, expected, dtype, scale=1.0)
+
+
+def channels_last(x):
+    """``x`` [N, C, H, W] as a transposed view of a C-contiguous [N, H, W, C] copy."""
+    return numpy.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+@pytest.mark.parametrize("channels, output_size", [(37, 7), (3, (2, 5)), (64, 1)], ids=str)
+def test_channels_last_features_are_read_in_place(backend, monkeypatch, dtype, channels,
+                                                  output_size):
+    """Channels-last features (a transposed view of [N, H, W, C]) go to the kernel as they are,
+    no copy to [N, C, H, W], and give the same bits as the same features in NCHW order."""
+    emulator_only(backend)
+    from roi_cupy._cuda import launch
+
+    rng = make_rng("channels last", numpy.dtype(dtype).name, channels, str(output_size))
+    x = random_features(rng, (2, channels, 9, 12), dtype)
+    rois = random_boxes(rng, 2, 21, 9, 12, dtype=compute_dtype(dtype))
+    layouts = []
+    real = launch.pooled_forward
+
+    def spy(*args, **kwargs):
+        layouts.append(kwargs.get("data") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "pooled_forward", spy)
+    kwargs = dict(spatial_scale=0.5, sampling_ratio=(3, -1), aligned=False)
+    nchw = run(backend, x, rois, output_size, **kwargs)
+    nhwc = run(backend, channels_last(x), rois, output_size, **kwargs)
+    assert layouts == [False, True]
+    numpy.testing.assert_array_equal(bits(nhwc), bits(nchw))
+    assert_matches(nchw, roi_align_ref(x, rois, output_size, **kwargs), dtype)
+
+
+def test_channels_last_torch_tensor(backend):
+    """A torch ``channels_last`` tensor (through DLPack) pools as the NCHW one does, bit for
+    bit."""
+    emulator_only(backend)
+    torch = pytest.importorskip("torch")
+    rng = make_rng("torch channels last")
+    x = random_features(rng, (2, 19, 10, 11), numpy.float32)
+    rois = random_boxes(rng, 2, 14, 10, 11, dtype=numpy.float32)
+    t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+    assert not t.is_contiguous()
+    with backend.active():
+        a = roi_cupy.roi_align(t, torch.from_numpy(rois), 7, 1.0, 2, True)
+        b = roi_cupy.roi_align(torch.from_numpy(x), torch.from_numpy(rois), 7, 1.0, 2, True)
+    numpy.testing.assert_array_equal(bits(a.numpy()), bits(b.numpy()))
+
+
+def bits(array):
+    return numpy.ascontiguousarray(array).view(numpy.uint8)

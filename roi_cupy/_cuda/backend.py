@@ -13,8 +13,9 @@ from typing import Any
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import kernel_backend, launch
 
-# C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
-CAPABILITIES = Capabilities()
+# C-contiguous arrays in, but for RoI Align's channels-last features; RoI Pool's indices checked
+# by first_invalid's kernel.
+CAPABILITIES = Capabilities(channels_last=True)
 
 
 @functools.cache

@@ -82,14 +82,17 @@ def pooled_forward(
     pooled_h: int,
     pooled_w: int,
     tail: Callable[[type], tuple[Any, ...]],
+    data: Any = None,
 ) -> Any:
-    """Launch a forward kernel that writes one output element per thread and return its output
+    """Launch a forward kernel that writes one output element per thread (or, as RoI Align's
+    mean does, walks the output in blocks over the same grid) and return its output
     ``[K, channels, PH, PW]`` in the input's dtype (all zeros when the feature plane is empty:
     there is no pixel to read, so every RoI is invalid).
 
     The kernel takes ``(input, rois, output, I total, I channels, I H, I W, I N, I PH, I PW,
     *tail(real))``, ``real`` the numpy scalar type of the compute dtype (for the spatial scale and
-    what follows it).
+    what follows it). ``data`` is the array the kernel reads in place of ``input`` (the same
+    elements in another layout), ``input`` itself when None.
     """
     n, _, h, w = input.shape
     output = rt.xp.empty((rois.shape[0], channels, pooled_h, pooled_w), dtype=input.dtype)
@@ -105,7 +108,7 @@ def pooled_forward(
         blocks,
         threads,
         (
-            input, rois, output,
+            input if data is None else data, rois, output,
             i(output.size), i(channels), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
             *tail(compute_dtype(input.dtype).type),
         ),

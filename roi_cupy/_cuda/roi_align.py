@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy
 
+from roi_cupy import _interop
 from roi_cupy._cuda import fixed, launch
 
 # The kernels take each axis's sampling as an int and cap any grid at 2**20 samples per axis.
@@ -37,7 +38,9 @@ def forward(
 
     Args:
         rt: the runtime (``xp`` and ``function``).
-        input (ndarray[N, C, H, W]): features, float16, bfloat16, float32 or float64.
+        input (ndarray[N, C, H, W]): features, float16, bfloat16, float32 or float64;
+            C-contiguous, or for ``"roi_align_forward"`` also channels-last (a transposed view
+            of a C-contiguous ``[N, H, W, C]``), which its kernel reads as it is.
         rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` in the compute dtype.
         pooled_h, pooled_w (int): bins per RoI, >= 1.
         spatial_scale (float): box-to-feature coordinate factor.
@@ -50,9 +53,16 @@ def forward(
     Returns:
         ndarray[K, C, PH, PW] in the input's dtype.
     """
+    # Only the mean's kernel takes the layout flag (and channels-last features).
+    mean = kernel == "roi_align_forward"
+    last = mean and _interop.is_channels_last(input)
+    layout = (numpy.bool_(last),) if mean else ()
     return launch.pooled_forward(
         rt, kernel, input, rois, input.shape[1], pooled_h, pooled_w,
-        lambda real: (real(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned)),
+        lambda real: (
+            real(spatial_scale), *_sampling(sampling_ratio), numpy.bool_(aligned), *layout
+        ),
+        data=input.transpose(0, 2, 3, 1) if last else None,
     )
 
 

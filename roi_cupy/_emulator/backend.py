@@ -9,8 +9,9 @@ import roi_cupy._emulator as emulator
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import kernel_backend
 
-# C-contiguous arrays in; RoI Pool's indices checked by first_invalid's kernel.
-CAPABILITIES = Capabilities()
+# C-contiguous arrays in, but for RoI Align's channels-last features; RoI Pool's indices checked
+# by first_invalid's kernel.
+CAPABILITIES = Capabilities(channels_last=True)
 
 _FUNCTIONS = kernel_backend.functions(lambda array: emulator.runtime())
 

@@ -61,7 +61,8 @@ def roi_align(
     with call.scope():
         if validate:
             prepared.check(call.backend, call.array.shape[0])
-        out = forward(call.native(), rois, pooled_h, pooled_w, scale, ratio, aligned)
+        features = call.native_or_channels_last() if mode == "avg" else call.native()
+        out = forward(features, rois, pooled_h, pooled_w, scale, ratio, aligned)
     return call.give_back(out)
 
 
