@@ -345,15 +345,12 @@ def local_cluster(workers: int) -> Any:
     dynamic mmap threshold off: every large temporary of the NumPy backend is then a fresh
     mmap, page-faulted again, and RoI Align ran 1.6x slower in such a worker than in a plain
     process ([256, 48, 48] features, 64 boxes: 12 ms against 7 ms per image). These workers are
-    spawned without it, and with ``ROI_CUPY_NUM_THREADS=1``: the processes already use the
-    cores, one each.
+    spawned without it.
     """
     import dask
     from distributed import LocalCluster
 
-    environ = "distributed.nanny.pre-spawn-environ"
-    with dask.config.set({f"{environ}.MALLOC_TRIM_THRESHOLD_": None,
-                          f"{environ}.ROI_CUPY_NUM_THREADS": "1"}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                             dashboard_address=":0", silence_logs=logging.ERROR)
 

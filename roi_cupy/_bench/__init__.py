@@ -7,7 +7,6 @@ printed as a table and written as JSON, markdown and (with matplotlib) a PNG plo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,9 +59,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"timed calls per measurement (default: {_REPEAT_FULL}, quick "
                         f"{_REPEAT_QUICK})")
     p.add_argument("--cpu-threads", type=int, metavar="N",
-                   help="threads torch and roi_cupy's NumPy backend may use on the CPU "
-                        "(default: each its own choice: torch's, and ROI_CUPY_NUM_THREADS or the "
-                        "usable cores, at most 8, for the NumPy backend)")
+                   help="threads torch may use on the CPU (default: torch's own choice); the "
+                        "NumPy backend computes on one core apart from its BLAS calls")
     p.add_argument("--out", metavar="DIR", type=Path, default=DEFAULT_OUT,
                    help="where the result files go (default: ./%(default)s, which git ignores "
                         "in the repository root; the committed results change only with --out "
@@ -104,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.cpu_threads is not None:
         _backends.set_torch_threads(args.cpu_threads)
-        os.environ["ROI_CUPY_NUM_THREADS"] = str(args.cpu_threads)
 
     defaulted = not args.quick and not args.full and default_quick(chosen_workloads,
                                                                    _backends.gpu_present)

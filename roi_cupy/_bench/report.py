@@ -65,7 +65,7 @@ def header_lines(record: Record) -> list[str]:
                  f"({env.get('cpu_count')} cores), GPU {env.get('gpu') or 'none'}")
     versions = ", ".join(f"{k} {env.get(k)}" for k in
                          ("roi_cupy", "numpy", "cupy", "torch", "torchvision", "cuda_runtime",
-                          "driver", "torch_threads", "roi_cupy_threads") if env.get(k) is not None)
+                          "driver", "torch_threads") if env.get(k) is not None)
     lines.append(f"versions: {versions}")
     for device, bw in record.bandwidth.items():
         lines.append(f"copy bandwidth {device}: {bw['gbps']:.1f} GB/s ({bw['method']}, "

@@ -242,16 +242,6 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _numpy_threads() -> int | None:
-    """The threads roi_cupy's NumPy backend computes on (None if it cannot say)."""
-    try:
-        from roi_cupy._numpy import _common
-
-        return _common.workers()
-    except Exception:  # a bad ROI_CUPY_NUM_THREADS: the NumPy rows will say so
-        return None
-
-
 def environment(devices: list[str]) -> dict:
     """Host, CPU, GPU, driver, CUDA and library versions (None where unknown)."""
     import numpy
@@ -266,7 +256,6 @@ def environment(devices: list[str]) -> dict:
         "cpu_count": os.cpu_count(),
         "numpy": numpy.__version__,
         "roi_cupy": getattr(roi_cupy, "__version__", None),
-        "roi_cupy_threads": _numpy_threads(),
         "cupy": None, "torch": None, "torchvision": None, "torch_threads": None,
         "gpu": None, "driver": None, "cuda_runtime": None, "cuda_driver_api": None,
         "torch_cuda": None,

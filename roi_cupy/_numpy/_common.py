@@ -1,18 +1,12 @@
 """Helpers shared by the NumPy RoI operators: dtypes, RoI validity, chunk sizes, layouts."""
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
-import contextvars
 import ctypes
 import functools
 import glob
-import itertools
 import os
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import numpy
 
@@ -108,115 +102,3 @@ def serial_blas() -> Iterator[None]:
     finally:
         if previous >= 1:
             lib.openblas_set_num_threads_local(previous)
-
-
-# ----------------------------------------------------------------------------- threads
-# Threads used when ROI_CUPY_NUM_THREADS is not set: the usable cores, at most this many (a call
-# has a few work items at a time).
-_DEFAULT_MOST = 8
-# Most threads at all. The pool is made once with room for this many; it starts a thread only
-# when an item waits and none is idle, so it never holds more than the most items in flight.
-_MOST = 64
-_pool_lock = threading.Lock()
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-# Set in the pool's threads: a run_all there runs its items inline (waiting on the pool from
-# one of its own threads could wait for ever).
-_inside = threading.local()
-
-
-def _forget_pool() -> None:
-    """In a forked child: the parent's pool has no threads there, and its lock may be held."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def workers() -> int:
-    """Threads the NumPy backend computes on: ``ROI_CUPY_NUM_THREADS`` when set (an integer
-    from 1 to 64), else the cores this process may run on, at most 8."""
-    value = os.environ.get("ROI_CUPY_NUM_THREADS", "").strip()
-    if value:
-        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= _MOST:
-            raise ValueError(
-                f"ROI_CUPY_NUM_THREADS must be an integer from 1 to {_MOST}, got {value!r}"
-            )
-        return int(value)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, _DEFAULT_MOST))
-
-
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=_MOST, thread_name_prefix="roi_cupy", initializer=_mark_inside
-            )
-        return _pool
-
-
-def _mark_inside() -> None:
-    _inside.flag = True
-
-
-def run_all(work: Callable[[Any], None], items: Iterable[Any]) -> None:
-    """``work(item)`` for every item, on :func:`workers` threads.
-
-    NumPy releases the GIL in its gathers, products and copies, so items run side by side on
-    several cores. Each item must write its own part of the output and compute it the same way
-    whichever thread runs it, so that the result has the same bits for any number of threads.
-    Each item runs in a copy of the caller's context (``numpy.errstate``, the backend chosen
-    by ``use_backend``); thread-local state such as :func:`serial_blas` must be set inside
-    ``work``. ``items`` is consumed as the work goes, at most :func:`workers` items ahead, so
-    that a long generator's items are not all held at once. A single item, one thread, or a
-    call from inside the pool runs inline. The first exception raised is re-raised here once
-    the items started have ended; no further item starts after it.
-    """
-    size = workers()
-    iterator = iter(items)
-    first = next(iterator, _NONE)
-    if first is _NONE:
-        return
-    second = next(iterator, _NONE)
-    if second is _NONE or size <= 1 or getattr(_inside, "flag", False):
-        work(first)
-        if second is not _NONE:
-            work(second)
-            for item in iterator:
-                work(item)
-        return
-    pool = _executor()
-    pending: collections.deque[concurrent.futures.Future] = collections.deque()
-    try:
-        for item in itertools.chain((first, second), iterator):
-            if len(pending) >= size:
-                pending.popleft().result()
-            pending.append(pool.submit(contextvars.copy_context().run, work, item))
-        for future in pending:
-            future.result()
-    except BaseException:
-        for future in pending:
-            future.cancel()
-        concurrent.futures.wait(pending)
-        raise
-
-
-_NONE = object()
-
-
-def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """``items`` in lists of ``size`` (the last one shorter)."""
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -27,8 +27,6 @@ from roi_cupy._numpy import _common
 
 # Most RoIs in one group.
 _GROUP = 4096
-# Accumulators of the tiled backward pass, filled side by side (see roi_align_backward).
-_LANES = 2
 # Most samples expanded at once along one axis (each holds a few dozen bytes of temporaries).
 _TAPS = 1 << 18
 # Most samples per bin and axis, as in the kernels (ROI_MAX_GRID): a gigantic box stays finite work.
@@ -572,22 +570,18 @@ def roi_align_forward(
             rois, input.shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct,
             (c1 - c0) * ct.itemsize,
         )
-
-        def pool(group: _Group, x=x, clean=clean, bad=bad, c0=c0, c1=c1) -> None:
-            """The group's bins, written to its own RoIs' rows of ``out``."""
-            g, r, q = group.wy.shape[0], group.rows.shape[1], group.cols.shape[1]
-            pixels = group.pixels(h, w)
-            exact = () if bad is None else group.touched(bad[pixels])
-            window = clean.take(pixels, axis=0).reshape(g, r, q * (c1 - c0))
-            with _common.serial_blas():
+        with _common.serial_blas():
+            for group in plan:
+                g, r, q = group.wy.shape[0], group.rows.shape[1], group.cols.shape[1]
+                pixels = group.pixels(h, w)
+                exact = () if bad is None else group.touched(bad[pixels])
+                window = clean.take(pixels, axis=0).reshape(g, r, q * (c1 - c0))
                 tmp = numpy.matmul(group.wy, window).reshape(g, pooled_h, q, c1 - c0)
                 res = numpy.matmul(group.wx[:, None], tmp)  # [G, PH, PW, Cc]
-            for i in exact:
-                res[i] = _exact_forward(x, group, i, h, w)
-            with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
-                out[group.kidx, c0:c1] = res.transpose(0, 3, 1, 2)
-
-        _common.run_all(pool, plan)
+                for i in exact:
+                    res[i] = _exact_forward(x, group, i, h, w)
+                with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+                    out[group.kidx, c0:c1] = res.transpose(0, 3, 1, 2)
     return out
 
 
@@ -630,26 +624,19 @@ def roi_align_backward(
     if small is not None:
         return small
     ct = _common.compute_dtype(grad_output.dtype)
-    # The groups go to _LANES accumulators in turn (group j to lane j % _LANES), which sum
-    # side by side on several threads, a round of one group per lane at a time, and are added
-    # in order at the end. Which thread runs a lane never changes a sum, so the bits are the
-    # same for any number of threads.
-    cc = _common.channel_chunk(c, n * h * w, ct.itemsize * _LANES)
+    cc = _common.channel_chunk(c, n * h * w, ct.itemsize)
     for c0 in range(0, c, cc):
         c1 = min(c, c0 + cc)
+        acc = numpy.zeros((n * h * w, c1 - c0), dtype=ct)
         plan = _plan(
             rois, input_shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct,
             (c1 - c0) * ct.itemsize,
         )
-        lanes: list[numpy.ndarray] = []
-
-        def spread(item: tuple[int, _Group], lanes=lanes, c0=c0, c1=c1) -> None:
-            """Add a group's gradient into its lane's accumulator."""
-            lane, group = item
-            acc = lanes[lane]
+        for group in plan:
             g, r, q = group.wy.shape[0], group.rows.shape[1], group.cols.shape[1]
             grad = numpy.empty((g, pooled_h, pooled_w, c1 - c0), dtype=ct)
             grad[...] = grad_output[group.kidx, c0:c1].transpose(0, 2, 3, 1)
+            exact = ()
             if not numpy.isfinite(grad).all():
                 exact = numpy.flatnonzero(~numpy.isfinite(grad).all(axis=(1, 2, 3)))
                 for i in exact:
@@ -667,17 +654,8 @@ def roi_align_backward(
             for i in range(g):
                 ry, rx = group.used_y[i], group.used_x[i]
                 acc[pixel[i, :ry, :rx].ravel()] += part[i, :ry, :rx].reshape(ry * rx, c1 - c0)
-
-        for round_ in _common.batches(plan, _LANES):
-            while len(lanes) < len(round_):
-                lanes.append(numpy.zeros((n * h * w, c1 - c0), dtype=ct))
-            _common.run_all(spread, enumerate(round_))
-        if not lanes:
-            continue
-        for other in lanes[1:]:
-            lanes[0] += other
         with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
-            grad_input[:, c0:c1] = lanes[0].reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
+            grad_input[:, c0:c1] = acc.reshape(n, h, w, c1 - c0).transpose(0, 3, 1, 2)
     return grad_input
 
 
