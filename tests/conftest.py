@@ -132,14 +132,18 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return Backend(request.param)
 
 
-@pytest.fixture(params=("numpy", "numpy-tiled") + BACKENDS[1:], ids=str)
+@pytest.fixture(params=("numpy", "numpy-tiled", "numpy-in-place") + BACKENDS[1:], ids=str)
 def align_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    """The backends, with RoI Align's NumPy code run twice: as it chooses (small calls, as most
-    here are, take its dense path) and with every call on its tiled path ("numpy-tiled")."""
-    if request.param == "numpy-tiled":
+    """The backends, with RoI Align's NumPy code run three times: as it chooses (small calls,
+    as most here are, take its dense road), with every call on its tiled road, its windows
+    gathered ("numpy-tiled"), and on its tiled road with every window it may read in place read
+    so ("numpy-in-place")."""
+    if request.param in ("numpy-tiled", "numpy-in-place"):
         from roi_cupy._numpy import roi_align
 
         monkeypatch.setattr(roi_align, "_SMALL_ROIS", -1)
+        if request.param == "numpy-in-place":
+            monkeypatch.setattr(roi_align, "_IN_PLACE_BYTES", 0)
         return Backend("numpy")
     ok, why = availability(request.param)
     if not ok:

@@ -549,6 +549,34 @@ def test_small_call_reads_only_the_images_its_boxes_name():
         assert not after[0].any() and not back_after[2:].any()
 
 
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+def test_windows_read_in_place_or_gathered_agree(monkeypatch, dtype):
+    """The tiled road reads large windows in place (views of the channels-last copy) and small
+    or sparse ones gathered: both agree with each other and the reference, whichever it takes,
+    and a window spread over more than _IN_PLACE_SPREAD times its used pixels is gathered."""
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    calls = []
+    in_place = numpy_align._forward_in_place
+    monkeypatch.setattr(numpy_align, "_forward_in_place",
+                        lambda x, group, *a: calls.append(group.kidx.size) or in_place(x, group, *a))
+    rng = make_rng("align in place", numpy.dtype(dtype).name)
+    x = random_features(rng, (2, 6, 30, 34), dtype)
+    rois = random_boxes(rng, 2, 80, 30, 34, dtype=compute_dtype(dtype))
+    kw = dict(spatial_scale=1.0, sampling_ratio=(2, 1), aligned=True)
+    gathered = roi_cupy.roi_align(x, rois, (5, 4), **kw)
+    assert not calls  # 6 channels: every window is under _IN_PLACE_BYTES
+    monkeypatch.setattr(numpy_align, "_IN_PLACE_BYTES", 0)
+    read = roi_cupy.roi_align(x, rois, (5, 4), **kw)
+    assert 0 < sum(calls) <= 80
+    assert_matches(read, gathered.astype(numpy.float64), dtype)
+    assert_matches(read, roi_align_ref(x, rois, (5, 4), **kw), dtype)
+    calls.clear()
+    sparse = numpy.array([[0, 0, 0, 33, 29]], rois.dtype).repeat(70, axis=0)
+    roi_cupy.roi_align(x, sparse, 2, sampling_ratio=1)  # 2 of 30 rows, 2 of 34 columns used
+    assert not calls
+
+
 # ----------------------------------------------------------------------------- properties
 JITTER = (math.sqrt(5) - 1) / 2 * 1e-3  # keeps samples off exact pixel and range boundaries
 

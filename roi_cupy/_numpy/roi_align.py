@@ -274,6 +274,61 @@ class _Group(NamedTuple):
         return numpy.flatnonzero(bad.any(axis=(1, 2)))
 
 
+# Bytes of a RoI's window (its rows' and columns' spans, channels included) from which reading it
+# in place beats gathering it. In place, each RoI is two products large enough for BLAS to
+# thread (NumPy's OpenBLAS uses the machine's cores there), and no window is copied; below this
+# the per-RoI calls cost more than they save. Measured forward, ms (gathered -> in place, 2
+# cores): cpu-aligned 33.4 -> 21.9, cpu-f64 50.8 -> 36.8, cpu-core 32.2 -> 23.0; cpu-many (64
+# channels, small windows) stays gathered: with every RoI in place 54.8 -> 64.2.
+_IN_PLACE_BYTES = 32 << 10
+# Most pixels a RoI's spans may hold for every pixel its weights use (sparse samples leave
+# gaps, read in place at weight 0).
+_IN_PLACE_SPREAD = 4
+
+
+def _in_place_pays(group: _Group, pixel_bytes: int) -> bool:
+    """Whether the group's RoIs are read in place (:func:`_forward_in_place`): their windows are
+    large, and their spans hold at most ``_IN_PLACE_SPREAD`` times the pixels they use."""
+    g = group.wy.shape[0]
+    last = numpy.arange(g)
+    span_y = group.rows[last, group.used_y - 1] - group.rows[:, 0] + 1
+    span_x = group.cols[last, group.used_x - 1] - group.cols[:, 0] + 1
+    area = span_y * span_x
+    return bool(
+        area.min() * pixel_bytes >= _IN_PLACE_BYTES
+        and area.sum() <= _IN_PLACE_SPREAD * (group.used_y * group.used_x).sum()
+    )
+
+
+def _forward_in_place(x: numpy.ndarray, group: _Group, out, c0: int, c1: int) -> None:
+    """The group's bins from ``x`` (channels-last ``[N, H, W, Cc]``, finite) RoI by RoI, each
+    window a view of its rows' and columns' spans (no gather); pixels of a span that the RoI
+    does not use weigh 0 (finite data: an exact 0 term). The products may run on BLAS's
+    threads."""
+    pooled_h, pooled_w = group.wy.shape[1], group.wx.shape[1]
+    cc = c1 - c0
+    for i in range(group.wy.shape[0]):
+        ry, rx = int(group.used_y[i]), int(group.used_x[i])
+        rows, cols = group.rows[i, :ry], group.cols[i, :rx]
+        y0, x0 = int(rows[0]), int(cols[0])
+        wy = _spread(group.wy[i, :, :ry], rows - y0, int(rows[-1]) - y0 + 1)
+        wx = _spread(group.wx[i, :, :rx], cols - x0, int(cols[-1]) - x0 + 1)
+        window = x[group.b[i], y0 : y0 + wy.shape[1], x0 : x0 + wx.shape[1]]
+        tmp = numpy.matmul(wy, window.reshape(wy.shape[1], wx.shape[1] * cc))
+        res = numpy.matmul(wx, tmp.reshape(pooled_h, wx.shape[1], cc))  # [PH, PW, Cc]
+        with numpy.errstate(over="ignore"):  # float16 rounds to inf past its range
+            out[group.kidx[i], c0:c1] = res.transpose(2, 0, 1)
+
+
+def _spread(weights: numpy.ndarray, at: numpy.ndarray, span: int) -> numpy.ndarray:
+    """``[P, span]`` weights, column ``at[j]`` holding ``weights[:, j]`` and zeros elsewhere."""
+    if span == at.size:
+        return numpy.ascontiguousarray(weights)  # a strided operand costs matmul its BLAS call
+    dense = numpy.zeros((weights.shape[0], span), dtype=weights.dtype)
+    dense[:, at] = weights
+    return dense
+
+
 def _plan(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct, row_bytes):
     """Yield a :class:`_Group` for every group of RoIs that touches the features; RoIs left out
     get zeros."""
@@ -570,8 +625,11 @@ def roi_align_forward(
             rois, input.shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct,
             (c1 - c0) * ct.itemsize,
         )
-        with _common.serial_blas():
-            for group in plan:
+        for group in plan:
+            if bad is None and _in_place_pays(group, (c1 - c0) * ct.itemsize):
+                _forward_in_place(clean.reshape(n, h, w, c1 - c0), group, out, c0, c1)
+                continue
+            with _common.serial_blas():
                 g, r, q = group.wy.shape[0], group.rows.shape[1], group.cols.shape[1]
                 pixels = group.pixels(h, w)
                 exact = () if bad is None else group.touched(bad[pixels])
