@@ -59,8 +59,8 @@ step pytest 200 "$py" -m pytest tests -q -p no:cacheprovider
 # huge RoIs, both index widths, non-finite values, validation, torch CUDA tensors (the emulator
 # and NumPy cases run no device code and are left out). memcheck: out-of-bounds and misaligned
 # accesses, with CuPy's and torch's memory pools off so that every array ends where its
-# allocation ends; racecheck: shared-memory hazards (the kernels use none today, so it guards
-# against new ones).
+# allocation ends; racecheck: shared-memory hazards (RoI Align's mean kernels build their
+# per-RoI sample tables in shared memory).
 edge_tests="tests/test_cuda.py tests/test_nonfinite.py tests/test_validation.py tests/test_torch.py
     tests/test_roi_align_max.py tests/test_ps_roi_align.py tests/test_ps_roi_pool.py
     tests/test_roi_align_rotated.py tests/test_multi_scale_roi_align.py"
@@ -68,7 +68,8 @@ step memcheck 120 env ROI_CUPY_TEST_NO_POOL=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 99 \
     "$py" -m pytest $edge_tests -q -p no:cacheprovider -k "cuda and not emulator"
 step racecheck 30 compute-sanitizer --tool racecheck --error-exitcode 99 \
-    "$py" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "cuda and not emulator"
+    "$py" -m pytest tests/test_cuda.py tests/test_roi_align.py -q -p no:cacheprovider \
+    -k "cuda and not emulator and (test_cuda or sampling_128 or wider or channels_last)"
 
 # The benchmark: every GPU workload at full size on the GPU backends, and of the CPU family only
 # cpu-core/cpu-pool on the CPU ones (the CPU run is committed on its own); writes
