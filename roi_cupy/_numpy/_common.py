@@ -43,6 +43,20 @@ def batch_index(rois: numpy.ndarray, n: int) -> tuple[numpy.ndarray, numpy.ndarr
     return numpy.where(valid, b, 0).astype(numpy.int64), valid
 
 
+def lerp(v: numpy.ndarray, extent, ct: numpy.dtype) -> tuple[numpy.ndarray, ...]:
+    """The kernels' ``roi_lerp_weights`` along one axis, for positions ``v`` known to lie in
+    ``[-1, extent]`` (``extent`` an int or an array broadcasting with ``v``): the low pixel,
+    the high pixel (int64) and the high pixel's weight in the compute dtype (the low pixel
+    weighs ``1 - frac``). A position below 0 reads pixel 0; one past the last pixel's centre
+    snaps to it (high = low, frac = 0)."""
+    v = numpy.maximum(v, ct.type(0))
+    low = v.astype(numpy.int64)  # v >= 0: truncation is the floor
+    edge = low >= extent - 1
+    low = numpy.where(edge, extent - 1, low)
+    high = numpy.where(edge, low, low + 1)
+    return low, high, numpy.where(edge, ct.type(0), v - low.astype(ct))
+
+
 def channel_chunk(c: int, plane: int, itemsize: int) -> int:
     """How many channels fit one channels-last working copy of ``plane`` = N*H*W pixels."""
     return max(1, min(c, PLANE_BUDGET // max(1, plane * itemsize)))

@@ -106,13 +106,7 @@ class _Axis:
             ) / self.grid[rois].astype(ct)[k]
         inside = (y >= -1) & (y <= size)  # NaN fails both
         kp, index, y = kp[inside], index[inside].astype(numpy.int64), y[inside]
-        y = numpy.maximum(y, ct.type(0))
-        low = numpy.floor(y).astype(numpy.int64)
-        edge = low >= size - 1
-        low = numpy.where(edge, size - 1, low)
-        high = numpy.where(edge, low, low + 1)
-        frac = numpy.where(edge, ct.type(0), y - low.astype(ct))
-        return kp, index, low, high, frac
+        return (kp, index, *_common.lerp(y, size, ct))
 
     def weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """Compressed weight matrices of the RoIs ``rois`` (indices into the block).
@@ -471,17 +465,13 @@ def _dense(start, bin_size, grid, pooled, size, ct) -> numpy.ndarray:
     inside = (y >= -1) & (y <= top) & (index < count)
     if (pooled != big_p).any():
         inside &= (bins < pooled[:, None])[:, :, None]
-    y = numpy.where(inside, numpy.maximum(y, ct.type(0)), ct.type(0))
-    # The low pixel; past the last pixel's centre the sample snaps to it, high = low, frac = 0.
-    low = numpy.minimum(y.astype(numpy.int64), top - 1)  # y >= 0: truncation is the floor
-    edge = low == top - 1
-    frac = numpy.where(edge, ct.type(0), y - low.astype(ct))
+    low, high, frac = _common.lerp(numpy.where(inside, y, ct.type(0)), top, ct)
     factor = 1.0 / numpy.where(bin_size == 0, 1.0, numpy.maximum(grid, 1.0))
     factor = numpy.where(inside, factor[:, None, None], 0.0)
     w_low = (ct.type(1) - frac).astype(numpy.float64) * factor
     w_high = frac.astype(numpy.float64) * factor
     first = (numpy.arange(rows * big_p) * big_s).reshape(rows, big_p, 1)
-    flat = numpy.concatenate([(first + low).ravel(), (first + low + ~edge).ravel()])
+    flat = numpy.concatenate([(first + low).ravel(), (first + high).ravel()])
     a = numpy.bincount(
         flat, weights=numpy.concatenate([w_low.ravel(), w_high.ravel()]),
         minlength=rows * big_p * big_s,

@@ -193,17 +193,6 @@ class _Taps(NamedTuple):
     zero: numpy.ndarray
 
 
-def _lerp(v, extent: int, ct):
-    """``roi_lerp_weights`` for samples known to be inside: low pixel, high pixel, the high
-    pixel's weight (the low one's is ``1 - frac``)."""
-    v = numpy.maximum(v, ct.type(0))
-    low = v.astype(numpy.int64)
-    edge = low >= extent - 1
-    low = numpy.where(edge, extent - 1, low)
-    high = numpy.where(edge, low, low + 1)
-    return low, high, numpy.where(edge, ct.type(0), v - low.astype(ct))
-
-
 def _inside_tests(h: int, w: int) -> tuple[Callable, ...]:
     """The four tests of a position ``(y, x)`` that together say it lies in [-1, H] x [-1, W]."""
     return (
@@ -281,8 +270,8 @@ def _fold(g: _Geometry, bin_, yy, pw, ix, h: int, w: int, ct) -> _Taps | None:
     if not inside.any():
         return None
     bin_, y, x = bin_[inside], y[inside], x[inside]
-    y_lo, y_hi, fy = _lerp(y, h, ct)
-    x_lo, x_hi, fx = _lerp(x, w, ct)
+    y_lo, y_hi, fy = _common.lerp(y, h, ct)
+    x_lo, x_hi, fx = _common.lerp(x, w, ct)
     one = ct.type(1)
     base = s.b[inside] * h
     pixel = numpy.concatenate([
