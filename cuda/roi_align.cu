@@ -205,9 +205,44 @@ __device__ __forceinline__ bool roi_align_max_takes(C v, C best, bool found)
     return !found || v > best || (isnan(v) && !isnan(best));
 }
 
-// The pick of bin (ph, pw) of s on plane [H, W]: its inside samples visited in row-major order,
-// then the first sample outside the window (value 0) put in its place. The forward and backward
-// kernels both call this, so the gradient goes to the sample whose value the forward stored.
+// Along one axis of bin p, the candidate that follows candidate i (an inside sample), or last,
+// the end of the bin's inside samples (docs/semantics.md, "RoI Align, max mode"). The samples
+// that read the same low pixel (roi_lerp_weights' lo) form a group, a run of indices along which
+// the high pixel's weight is monotone; a group's candidates are its first sample and the first
+// whose weight equals its last one's. On a pair of groups the value is affine in each axis'
+// weight, so it is largest at a pair of candidates, which no other sample of that value
+// precedes. With at most two samples per bin every sample is taken: one that repeats a
+// candidate's weight repeats its value later, and is never picked.
+template <typename C, typename I>
+__device__ __forceinline__ int roi_align_max_next(
+    const roi_align_axis<C>& a, I p, I extent, int i, int last)
+{
+    if (a.grid <= 2) return i + 1;
+    // An inside sample's pixel and weight; a sample outside (none is, in [i, last)) ends a group.
+    const auto lerp = [&](int j, roi_lerp<C, I>& w) {
+        return roi_lerp_weights(roi_align_sample(a, p, j), extent, w);
+    };
+    roi_lerp<C, I> w;
+    if (!lerp(i, w)) return last;
+    const I group = w.lo;
+    const int end = roi_first_where(i + 1, last, [&](int j) {
+        roi_lerp<C, I> v;
+        return !lerp(j, v) || v.lo != group;
+    });
+    roi_lerp<C, I> e;
+    lerp(end - 1, e);
+    if (e.whi == w.whi) return end;
+    return roi_first_where(i + 1, end - 1, [&](int j) {
+        roi_lerp<C, I> v;
+        return !lerp(j, v) || v.whi == e.whi;
+    });
+}
+
+// The pick of bin (ph, pw) of s on plane [H, W]: the pairs of its candidates along y and x
+// (roi_align_max_next) visited in row-major order, then the first sample outside the window
+// (value 0) put in its place. The work follows the pixels the bin covers, not its samples. The
+// forward and backward kernels both call this, so the gradient goes to the sample whose value
+// the forward stored.
 template <typename T, typename C, typename I>
 __device__ __forceinline__ roi_align_pick<C, I> roi_align_max_pick(
     const T* plane, const roi_align_bin<C>& s, I ph, I pw, I height, I width)
@@ -219,10 +254,12 @@ __device__ __forceinline__ roi_align_pick<C, I> roi_align_max_pick(
     best.found = false;
     best.inside = false;
     if (s.y.grid == 0 || s.x.grid == 0) return best;
-    for (int iy = s.y_first; iy < s.y_last; ++iy) {
+    for (int iy = s.y_first; iy < s.y_last;
+         iy = roi_align_max_next(s.y, ph, height, iy, s.y_last)) {
         roi_lerp<C, I> wy;
         const bool row = roi_lerp_weights(roi_align_sample(s.y, ph, iy), height, wy);
-        for (int ix = s.x_first; ix < s.x_last; ++ix) {
+        for (int ix = s.x_first; ix < s.x_last;
+             ix = roi_align_max_next(s.x, pw, width, ix, s.x_last)) {
             roi_lerp<C, I> wx;
             const bool inside = row && roi_lerp_weights(roi_align_sample(s.x, pw, ix), width, wx);
             const C v = inside

@@ -47,6 +47,14 @@ __host__ __device__ __forceinline__ double roi_sinpi(double v) { return sinpi(v)
 __host__ __device__ __forceinline__ float roi_epsilon(float) { return 1.1920929e-7f; }
 __host__ __device__ __forceinline__ double roi_epsilon(double) { return 2.220446049250313e-16; }
 
+// A product and a sum rounded on their own: nvcc fuses a multiply and an add where it can (in one
+// kernel and not in another), which the CPU backends do not. Where the result decides which
+// samples or pixels a computation visits, these keep every backend on the same numbers.
+__host__ __device__ __forceinline__ float roi_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__host__ __device__ __forceinline__ double roi_mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__host__ __device__ __forceinline__ float roi_add_rn(float a, float b) { return __fadd_rn(a, b); }
+__host__ __device__ __forceinline__ double roi_add_rn(double a, double b) { return __dadd_rn(a, b); }
+
 // fmin/fmax drop a NaN, so a NaN lands on lo: the result always converts to an integer safely.
 // A compensated (Kahan) sum. A plain float32 sum stops taking in small terms once it has grown
 // (2**24 samples of 0.5 add nothing more), so a bin's mean would depend on how many samples it
@@ -240,19 +248,21 @@ __host__ __device__ __forceinline__ roi_align_axis<C> roi_align_geometry(
 {
     const C offset = aligned ? C(0.5) : C(0);
     roi_align_axis<C> a;
-    a.start = lo * scale - offset;
-    C size = hi * scale - offset - a.start;
+    a.start = roi_add_rn(roi_mul_rn(lo, scale), -offset);
+    C size = roi_add_rn(roi_add_rn(roi_mul_rn(hi, scale), -offset), -a.start);
     if (!aligned) size = roi_max(size, C(1));
     a.bin = size / C(pooled);
     a.grid = roi_align_grid(size, pooled, sampling_ratio);
     return a;
 }
 
-// Position of sample i (of a.grid) in bin p.
+// Position of sample i (of a.grid) in bin p, rounded as the CPU backends round it (no fused
+// multiply-add): which samples lie inside the map, and where, is the same on every backend.
 template <typename C, typename I>
 __host__ __device__ __forceinline__ C roi_align_sample(const roi_align_axis<C>& a, I p, int i)
 {
-    return a.start + C(p) * a.bin + (C(i) + C(0.5)) * a.bin / C(a.grid);
+    return roi_add_rn(roi_add_rn(a.start, roi_mul_rn(C(p), a.bin)),
+                      roi_mul_rn(C(i) + C(0.5), a.bin) / C(a.grid));
 }
 
 template <typename C, typename I>
@@ -354,14 +364,9 @@ __device__ __forceinline__ C roi_bilinear(
            wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) + wy.whi * wx.whi * roi_load(row_hi[wx.hi]);
 }
 
-// roi_bilinear with every product and sum rounded on its own (no fused multiply-add, which nvcc
-// may use in one kernel and not in another): the value RoI Align's max mode compares, so that its
-// forward and backward kernels, and the CPU backends, pick the same sample of a near tie.
-__device__ __forceinline__ float roi_mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double roi_mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float roi_add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double roi_add_rn(double a, double b) { return __dadd_rn(a, b); }
-
+// roi_bilinear with every product and sum rounded on its own (roi_mul_rn, roi_add_rn): the value
+// RoI Align's max mode compares, so that its forward and backward kernels, and the CPU backends,
+// pick the same sample of a near tie.
 template <typename T, typename C, typename I>
 __device__ __forceinline__ C roi_bilinear_rn(
     const T* row_lo, const T* row_hi, const roi_lerp<C, I>& wy, const roi_lerp<C, I>& wx)
@@ -1004,6 +1009,18 @@ __host__ __device__ __forceinline__ void roi_rotated_point(
 {
     y = yy * r.cos_a - xx * r.sin_a + r.cy;
     x = yy * r.sin_a + xx * r.cos_a + r.cx;
+}
+
+// The first index in [lo, hi) where holds is true, or hi, for a predicate that is false on a
+// prefix of [lo, hi) and true on the rest: one binary search.
+template <typename F>
+__host__ __device__ __forceinline__ int roi_first_where(int lo, int hi, const F& holds)
+{
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (holds(mid)) hi = mid; else lo = mid + 1;
+    }
+    return lo;
 }
 
 // Narrows [first, last) to the indices i in [0, n) where holds(i) is true, for a predicate that

@@ -4,14 +4,17 @@ the NumPy backend's slicing, and the adapters (torch, JAX, dask, the babilim lay
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy
 import pytest
 from conftest import (
     DTYPES,
+    Backend,
     SAMPLING_RATIOS,
     TOLERANCE,
     assert_matches,
+    availability,
     compute_dtype,
     image_major,
     make_rng,
@@ -344,6 +347,79 @@ def test_hundreds_of_samples_per_bin(backend, dtype):
     g = random_features(rng, out.shape, dtype)
     grad = run_backward(backend, g, x, rois, (2, 1), sampling_ratio=(16, 20), aligned=True)
     assert_matches(grad, roi_align_max_backward_ref(g, x, rois, 1.0, (16, 20), True), dtype)
+
+
+def dense_bin_max(plane, y0, y1, x0, x1):
+    """The largest value of the bilinear interpolant of ``plane`` [H, W] over the rectangle
+    ``[y0, y1] x [x0, x1]`` (integer edges), 0 included where it reaches past ``[-1, H] x
+    [-1, W]``, and the pixel holding it (None for 0): bilinear interpolation is a convex
+    combination of the pixels around a point, so its maximum over such a rectangle is a pixel
+    inside it (or the edge pixel a point in [-1, 0) or (H - 1, H] snaps to)."""
+    h, w = plane.shape
+    rows = slice(max(0, min(h - 1, y0)), min(h - 1, max(0, y1)) + 1)
+    cols = slice(max(0, min(w - 1, x0)), min(w - 1, max(0, x1)) + 1)
+    window = plane[rows, cols].astype(numpy.float64)
+    best = numpy.unravel_index(numpy.argmax(window), window.shape)
+    value, at = window[best], (rows.start + best[0], cols.start + best[1])
+    if (y0 < -1 or y1 > h or x0 < -1 or x1 > w) and value < 0:
+        return 0.0, None
+    return value, at
+
+
+@pytest.mark.parametrize("sampling_ratio", [10**9, (2**20, 2**19)], ids=str)
+def test_any_sampling_ratio_is_bounded_work(backend, sampling_ratio):
+    """sampling_ratio=10**9 (capped at 2**20 per axis: 2**40 samples a bin, days one by one):
+    a bin's candidates follow the pixels it covers, so a call takes a fraction of a second.
+    Samples this dense come within 1e-5 of every point of a bin, so each bin holds its
+    rectangle's largest value (a pixel, or an outside sample's 0) and passes its gradient
+    (nearly) whole to that pixel."""
+    rng = make_rng("align max bounded work", str(sampling_ratio))
+    x = random_features(rng, (1, 2, 11, 13), numpy.float32)
+    x[0, 1] = -numpy.abs(x[0, 1]) - 0.125  # where a bin has outside samples, they win
+    # aligned=True: bins with integer edges, y in [0, 10] and x in [0, 12] for the first box;
+    # the second reaches past the left and right edges of the map (outside samples, snapping).
+    rois = numpy.array([[0, 0.5, 0.5, 12.5, 10.5], [0, -3.5, 1.5, 20.5, 9.5]], numpy.float32)
+    start = time.monotonic()
+    out = run(backend, x, rois, (2, 3), sampling_ratio=sampling_ratio, aligned=True)
+    g = random_features(rng, out.shape, numpy.float32)
+    grad = run_backward(backend, g, x, rois, (2, 3), sampling_ratio=sampling_ratio, aligned=True)
+    assert time.monotonic() - start < 60
+    expected, expected_grad = numpy.zeros(out.shape), numpy.zeros(x.shape)
+    for k, (y0, x0, hb, wb) in enumerate([(0, 0, 5, 4), (1, -4, 4, 8)]):
+        for c, ph, pw in numpy.ndindex(2, 2, 3):
+            top, left = y0 + ph * hb, x0 + pw * wb
+            value, at = dense_bin_max(x[0, c], top, top + hb, left, left + wb)
+            expected[k, c, ph, pw] = value
+            if at is not None:
+                expected_grad[0, c][at] += g[k, c, ph, pw]
+    assert (expected == 0).any() and (expected != 0).any()
+    numpy.testing.assert_allclose(out, expected, rtol=0, atol=1e-4)
+    numpy.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_numpy_and_the_kernels_pick_the_same_samples(dtype):
+    """The NumPy backend and the kernels find the same candidates and picks, bit for bit, on
+    features full of ties (values in steps of 1/4), boxes of every kind and up to 37 samples
+    per pixel; the gradients agree to rounding, so the picks' corners are the same."""
+    ok, why = availability("emulator")
+    if not ok:
+        pytest.skip(f"the emulator is not available: {why}")
+    rng = make_rng("align max numpy and kernels", numpy.dtype(dtype).name)
+    x = (numpy.round(random_features(rng, (2, 3, 9, 11), numpy.float64) * 4) / 4).astype(dtype)
+    rois = random_boxes(rng, 2, 21, 9, 11, dtype=compute_dtype(dtype))
+    for sampling_ratio in [(37, 3), (-1, 11), (5, -1)]:
+        args = dict(sampling_ratio=sampling_ratio, aligned=True, spatial_scale=0.75)
+        out = {}
+        for name in ("numpy", "emulator"):
+            backend = Backend(name)
+            out[name] = run(backend, x, rois, (3, 2), **args)
+            g = numpy.ones(out[name].shape, dtype)
+            out[name + " grad"] = run_backward(backend, g, x, rois, (3, 2), **args)
+        numpy.testing.assert_array_equal(out["numpy"], out["emulator"])
+        numpy.testing.assert_allclose(out["numpy grad"].astype(numpy.float64),
+                                      out["emulator grad"].astype(numpy.float64),
+                                      rtol=0, atol=TOLERANCE[numpy.dtype(dtype)] * 8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

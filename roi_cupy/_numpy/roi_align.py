@@ -108,6 +108,68 @@ class _Axis:
         kp, index, y = kp[inside], index[inside].astype(numpy.int64), y[inside]
         return (kp, index, *_common.lerp(y, size, ct))
 
+    def candidates(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, ...]:
+        """Max mode's candidate samples of the RoIs ``rois`` (block indices), as the kernels'
+        ``roi_align_max_next`` finds them (docs/semantics.md, "RoI Align, max mode"): of each
+        group of a bin's inside samples that read the same low pixel, the first, and the first
+        whose high-pixel weight equals the group's last one's. Found by binary searches on the
+        exact sample positions, so the work follows the pixels a bin covers, not its samples.
+
+        Returns:
+            :meth:`samples`' five arrays for the candidates (sorted by bin, then index), and
+            ``[G * P]`` int64: how many of each bin's samples, from index 0 on, lie inside
+            ``[-1, size]``.
+        """
+        ct, size = self.ct, self.size
+        pooled = self.n.shape[1]
+        k = numpy.repeat(numpy.arange(rois.size), pooled)
+        base, step = self.base[rois].ravel(), self.bin[rois][k]
+        grid = self.grid[rois][k].astype(numpy.int64)
+        divisor = self.grid[rois][k].astype(ct)
+        rising = step >= 0
+
+        def position(b, i):
+            with numpy.errstate(all="ignore"):
+                return base[b] + ((i.astype(ct) + ct.type(0.5)) * step[b]) / divisor[b]
+
+        every = numpy.arange(k.size)
+        # The inside samples [first, last) in index order, as roi_align_window finds them.
+        first = _first_where(numpy.zeros_like(grid), grid, lambda i: numpy.where(
+            rising, position(every, i) >= -1, position(every, i) <= size))
+        last = _first_where(first, grid, lambda i: numpy.where(
+            rising, position(every, i) > size, position(every, i) < -1))
+        lead = numpy.where(first == 0, last, 0)
+        bins = numpy.flatnonzero(first < last)
+        first, last = first[bins], last[bins]
+
+        def lerp(b, i, f, l):  # an inside sample's low pixel and weight (i clipped into it)
+            return _common.lerp(position(b, numpy.clip(i, f, l - 1)), size, ct)[::2]
+
+        # The groups: each low pixel from the first inside sample's to the last one's, walked in
+        # index order (down for a reversed box); a group starts at the first index reading it.
+        low, _ = lerp(bins, first, first, last)
+        end, _ = lerp(bins, last - 1, first, last)
+        span = numpy.abs(end - low) + 1
+        b = numpy.repeat(bins, span)
+        f, l = numpy.repeat(first, span), numpy.repeat(last, span)
+        sign = numpy.where(rising[b], 1, -1)
+        pixel = numpy.repeat(low, span) + sign * (
+            numpy.arange(b.size) - numpy.repeat(numpy.cumsum(span) - span, span)
+        )
+        start = _first_where(f, l, lambda i: sign * lerp(b, i, f, l)[0] >= sign * pixel)
+        stop = numpy.append(start[1:], 0)
+        stop = numpy.where(numpy.append(b[1:] != b[:-1], True), l, stop)
+        keep = start < stop
+        b, f, l, start, stop = b[keep], f[keep], l[keep], start[keep], stop[keep]
+        head = lerp(b, start, f, l)[1]
+        tail = lerp(b, stop - 1, f, l)[1]
+        second = _first_where(start + 1, stop - 1, lambda i: lerp(b, i, f, l)[1] == tail)
+        second = numpy.where(head == tail, -1, second)
+        kp = numpy.stack([b, b], axis=1).ravel()
+        index = numpy.stack([start, second], axis=1).ravel()
+        kp, index = kp[index >= 0], index[index >= 0]
+        return (kp, index, *_common.lerp(position(kp, index), size, ct), lead)
+
     def weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """Compressed weight matrices of the RoIs ``rois`` (indices into the block).
 
@@ -164,6 +226,21 @@ class _Axis:
         flat = kp * width + pos_u[inverse.ravel()]
         a = numpy.bincount(flat, weights=w, minlength=kg * pooled * width)
         return a.reshape(kg, pooled, width).astype(ct), pixels, used
+
+
+def _first_where(lo: numpy.ndarray, hi: numpy.ndarray, holds) -> numpy.ndarray:
+    """For each element, the first index in ``[lo, hi)`` where ``holds(index)`` (an array
+    predicate, false on a prefix and true on the rest) is true, or ``hi``: the kernels'
+    ``roi_first_where``, one binary search for all elements at once."""
+    lo, hi = lo.copy(), hi.copy()
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            return lo
+        mid = lo + (hi - lo) // 2
+        true = holds(mid)
+        hi = numpy.where(open_ & true, mid, hi)
+        lo = numpy.where(open_ & ~true, mid + 1, lo)
 
 
 def _axes(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct):
@@ -709,10 +786,10 @@ def roi_align_backward(
 
 
 # ----------------------------------------------------------------------------- max mode
-# Max mode (docs/semantics.md, "RoI Align, max mode") needs every sample's own value, which the
-# separable products above never form. A bin's samples inside the map are the pairs of its y and
-# x samples inside it (from the same _Axis as the mean), numbered bin by bin, row-major (iy, ix)
-# within a bin. Bins with equal pair counts are evaluated together, a bounded slice at a time:
+# Max mode (docs/semantics.md, "RoI Align, max mode") needs samples' own values, which the
+# separable products above never form. A bin's largest sample is among the pairs of its
+# candidates along y and x (_Axis.candidates: at most two per pixel row or column it covers),
+# numbered bin by bin, row-major (iy, ix) within a bin. Bins with equal pair counts are evaluated together, a bounded slice at a time:
 # four gathers from the channels-last features summed in the kernels' order of operations, then
 # the first maximum along each bin's pairs. A bin too large for one slice is evaluated in pieces
 # whose picks are merged in order, so memory stays bounded whatever the sampling grid. Samples
@@ -728,7 +805,8 @@ _PICK_BYTES = 40
 
 
 class _Pairs:
-    """The pairs of a run of RoIs: the samples of each bin that lie inside the map.
+    """The pairs of a run of RoIs: each bin's candidates along y times its candidates along x
+    (all inside the map).
 
     Pairs are numbered bin by bin (C order over ``(RoI, ph, pw)``), row-major within a bin.
     """
@@ -737,28 +815,18 @@ class _Pairs:
         g, pooled_h, pooled_w = local.size, ay.n.shape[1], ax.n.shape[1]
         self.ct, self.w, self.pooled = ay.ct, w, (pooled_h, pooled_w)
         self.base = b * (h * w)
-        ky, self.iy, self.ylo, self.yhi, self.fy = ay.samples(local)
-        kx, self.ix, self.xlo, self.xhi, self.fx = ax.samples(local)
+        ky, self.iy, self.ylo, self.yhi, self.fy, lead_y = ay.candidates(local)
+        kx, self.ix, self.xlo, self.xhi, self.fx, lead_x = ax.candidates(local)
         self.ny = numpy.bincount(ky, minlength=g * pooled_h)
         self.nx = numpy.bincount(kx, minlength=g * pooled_w)
         self.sy = numpy.cumsum(self.ny) - self.ny
         self.sx = numpy.cumsum(self.nx) - self.nx
-        # A zero-size bin puts all its samples on one point, which _Axis evaluates once: they
-        # are equal, so the first is the pick, as if the grid had one sample.
-        gh = numpy.where(ay.bin[local] == 0, numpy.minimum(ay.grid[local], 1), ay.grid[local])
-        gw = numpy.where(ax.bin[local] == 0, numpy.minimum(ax.grid[local], 1), ax.grid[local])
-        self.gw = gw.astype(numpy.int64)
-        # The first index of each bin row (column) whose sample is outside: the inside ones
-        # are the indices 0, 1, ... up to it.
-        lead_y = numpy.bincount(
-            ky, weights=self.iy == numpy.arange(ky.size) - self.sy[ky], minlength=g * pooled_h
-        ).astype(numpy.int64)
-        lead_x = numpy.bincount(
-            kx, weights=self.ix == numpy.arange(kx.size) - self.sx[kx], minlength=g * pooled_w
-        ).astype(numpy.int64)
+        gh = ay.grid[local].astype(numpy.int64)
+        self.gw = ax.grid[local].astype(numpy.int64)
+        # lead: how many samples of each bin row (column) from index 0 on are inside.
         my = lead_y.reshape(g, pooled_h, 1)
         mx = lead_x.reshape(g, 1, pooled_w)
-        gh3, gw3 = gh.astype(numpy.int64)[:, None, None], self.gw[:, None, None]
+        gh3, gw3 = gh[:, None, None], self.gw[:, None, None]
         # Each bin's first outside sample in row-major order, as iy * gw + ix; -1 for none.
         self.outside = numpy.where(
             my == 0, 0, numpy.where(mx < gw3, mx, numpy.where(my < gh3, my * gw3, -1))
