@@ -27,31 +27,11 @@ __global__ void ps_roi_align_forward(
             roi_store(output + index, C(0));
             continue;
         }
-        const roi_align_bin<C> s = roi_align_locate(
-            roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, true, sampling_h,
-            sampling_w);
-
         const T* plane = input + roi_ps_plane(o, b, channels_out, pooled_h, pooled_w) * height *
                                      width;
-        roi_sum<C> sum;
-        for (int iy = s.y_first; iy < s.y_last; ++iy) {
-            roi_lerp<C, I> wy;
-            if (!roi_lerp_weights(roi_align_sample(s.y, o.ph, iy), height, wy)) continue;
-            const T* row_lo = plane + wy.lo * width;
-            const T* row_hi = plane + wy.hi * width;
-            for (int ix = s.x_first; ix < s.x_last; ++ix) {
-                roi_lerp<C, I> wx;
-                if (!roi_lerp_weights(roi_align_sample(s.x, o.pw, ix), width, wx)) continue;
-                sum.add(wy.wlo * wx.wlo * roi_load(row_lo[wx.lo]) +
-                        wy.wlo * wx.whi * roi_load(row_lo[wx.hi]) +
-                        wy.whi * wx.wlo * roi_load(row_hi[wx.lo]) +
-                        wy.whi * wx.whi * roi_load(row_hi[wx.hi]));
-            }
-        }
-        // Samples outside the map count too; a bin without samples (an empty or reversed box
-        // under adaptive sampling) gives 0.
-        const C count = roi_max(C(s.y.grid) * C(s.x.grid), C(1));
-        roi_store(output + index, sum.total / count);
+        roi_store(output + index, roi_align_mean(
+            plane, roi, o.ph, o.pw, height, width, pooled_h, pooled_w, spatial_scale, true,
+            sampling_h, sampling_w));
     }
 }
 

@@ -43,16 +43,8 @@ struct roi_align_mean_op {
     __device__ __forceinline__ void row(I py, C wy, const I* xp, const C* xw, int n)
     {
         const T* line = plane + (Last ? py * width * channels : py * width);
-        C r = C(0);
-        for (int e = 0; e < n; ++e) r += roi_abs(xw[e]) * load(line, xp[e]);
-        if (!isfinite(r)) {
-            r = C(0);
-            for (int e = 0; e < n; ++e) {
-                const C v = load(line, xp[e]);
-                r += roi_abs(xw[e]) * v + (roi_align_flagged(wy, xw[e]) ? C(0) * v : C(0));
-            }
-        }
-        sum.add(roi_abs(wy) * r);
+        sum.add(roi_align_row<C, I>(wy, n, [&](int e, I& px, C& wx) { px = xp[e]; wx = xw[e]; },
+                                    [&](I px) { return load(line, px); }));
     }
 
     __device__ __forceinline__ void end() const { roi_store(output + at, sum.total); }
@@ -108,16 +100,8 @@ struct roi_align_spread_op {
 
     __device__ __forceinline__ void row(I py, C wy, const I* xp, const C* xw, int n) const
     {
-        const I line = plane + py * width;
-        const C gy = g * roi_abs(wy);
-        if (isfinite(g)) {
-            for (int e = 0; e < n; ++e) sink.add(line + xp[e], gy * roi_abs(xw[e]));
-        } else {
-            for (int e = 0; e < n; ++e) {
-                const C v = gy * roi_abs(xw[e]);
-                sink.add(line + xp[e], roi_align_flagged(wy, xw[e]) ? v + g * C(0) : v);
-            }
-        }
+        roi_align_row_spread<C, I>(sink, plane + py * width, g, wy, n,
+                                   [&](int e, I& px, C& wx) { px = xp[e]; wx = xw[e]; });
     }
 
     __device__ __forceinline__ void end() const {}

@@ -401,63 +401,6 @@ __host__ __device__ __forceinline__ bool roi_align_first_outside(
     return false;
 }
 
-// The value of RoI Align bin (ph, pw) of a valid RoI on one feature plane [height, width]: the
-// compensated sum of its inside samples divided by the count of all its samples (at least 1).
-template <typename T, typename C, typename I>
-__device__ __forceinline__ C roi_align_mean(
-    const T* plane, const C* roi, I ph, I pw, I height, I width, I pooled_h, I pooled_w, C scale,
-    bool aligned, int sampling_h, int sampling_w)
-{
-    const roi_align_bin<C> s = roi_align_locate(
-        roi, ph, pw, height, width, pooled_h, pooled_w, scale, aligned, sampling_h, sampling_w);
-    roi_sum<C> sum;
-    for (int iy = s.y_first; iy < s.y_last; ++iy) {
-        roi_lerp<C, I> wy;
-        if (!roi_lerp_weights(roi_align_sample(s.y, ph, iy), height, wy)) continue;
-        const T* row_lo = plane + wy.lo * width;
-        const T* row_hi = plane + wy.hi * width;
-        for (int ix = s.x_first; ix < s.x_last; ++ix) {
-            roi_lerp<C, I> wx;
-            if (!roi_lerp_weights(roi_align_sample(s.x, pw, ix), width, wx)) continue;
-            sum.add(roi_bilinear(row_lo, row_hi, wy, wx));
-        }
-    }
-    // Samples outside the map count too: they dilute the mean.
-    const C count = roi_max(C(s.y.grid) * C(s.x.grid), C(1));
-    return sum.total / count;
-}
-
-// The adjoint of roi_align_mean: *grad / (gh * gw) spread over the four bilinear corners of every
-// inside sample of bin (ph, pw), each term handed to the sink (see "gradient sums" above) at
-// plane + its flat index in the plane [height, width].
-template <typename T, typename C, typename I, typename Sink>
-__device__ __forceinline__ void roi_align_spread(
-    const Sink& sink, I plane, const T* grad, const C* roi, I ph, I pw, I height, I width,
-    I pooled_h, I pooled_w, C scale, bool aligned, int sampling_h, int sampling_w)
-{
-    const roi_align_bin<C> s = roi_align_locate(
-        roi, ph, pw, height, width, pooled_h, pooled_w, scale, aligned, sampling_h, sampling_w);
-    if (s.y_first >= s.y_last || s.x_first >= s.x_last) return;
-
-    // No max(., 1) here: a bin without samples has no sample to pass gradient to.
-    const C count = C(s.y.grid) * C(s.x.grid);
-    const C g = roi_load(*grad);
-    for (int iy = s.y_first; iy < s.y_last; ++iy) {
-        roi_lerp<C, I> wy;
-        if (!roi_lerp_weights(roi_align_sample(s.y, ph, iy), height, wy)) continue;
-        const I row_lo = plane + wy.lo * width;
-        const I row_hi = plane + wy.hi * width;
-        for (int ix = s.x_first; ix < s.x_last; ++ix) {
-            roi_lerp<C, I> wx;
-            if (!roi_lerp_weights(roi_align_sample(s.x, pw, ix), width, wx)) continue;
-            sink.add(row_lo + wx.lo, g * (wy.wlo * wx.wlo) / count);
-            sink.add(row_lo + wx.hi, g * (wy.wlo * wx.whi) / count);
-            sink.add(row_hi + wx.lo, g * (wy.whi * wx.wlo) / count);
-            sink.add(row_hi + wx.hi, g * (wy.whi * wx.whi) / count);
-        }
-    }
-}
-
 // ----------------------------------------------------------------------------- RoI Align tables
 // RoI Align's mean is separable (docs/semantics.md): bin (ph, pw) is the sum over pixels (py, px)
 // of Ay(py) * Ax(px) * P[py, px], where Ay(py) adds up the y weights of the bin's sample rows
@@ -643,6 +586,164 @@ template <typename C>
 __host__ __device__ __forceinline__ bool roi_align_flagged(C wy, C wx)
 {
     return signbit(wy) || signbit(wx) || wy == C(0) || wx == C(0);
+}
+
+// |wy| times the sum of |wx| * P[py, px] over a row's n x entries, entry(e, px, wx) giving
+// entry e and load(px) reading P[py, px]; a row that is not finite is summed again with NaN for
+// the terms that read a non-finite value at weight 0 (roi_align_flagged).
+template <typename C, typename I, typename Entry, typename Load>
+__device__ __forceinline__ C roi_align_row(C wy, int n, const Entry& entry, const Load& load)
+{
+    C r = C(0);
+    for (int e = 0; e < n; ++e) {
+        I px;
+        C wx;
+        entry(e, px, wx);
+        r += roi_abs(wx) * load(px);
+    }
+    if (!isfinite(r)) {
+        r = C(0);
+        for (int e = 0; e < n; ++e) {
+            I px;
+            C wx;
+            entry(e, px, wx);
+            const C v = load(px);
+            r += roi_abs(wx) * v + (roi_align_flagged(wy, wx) ? C(0) * v : C(0));
+        }
+    }
+    return roi_abs(wy) * r;
+}
+
+// The adjoint of roi_align_row: g * |wy| * |wx| to each pixel line + px of the row's entries
+// (NaN where a non-finite g meets a pixel read at weight 0), handed to the sink.
+template <typename C, typename I, typename Entry, typename Sink>
+__device__ __forceinline__ void roi_align_row_spread(
+    const Sink& sink, I line, C g, C wy, int n, const Entry& entry)
+{
+    const C gy = g * roi_abs(wy);
+    const bool finite = isfinite(g);
+    for (int e = 0; e < n; ++e) {
+        I px;
+        C wx;
+        entry(e, px, wx);
+        const C v = gy * roi_abs(wx);
+        sink.add(line + px, !finite && roi_align_flagged(wy, wx) ? v + g * C(0) : v);
+    }
+}
+
+// ----------------------------------------------------------------------------- RoI Align, one bin
+// The kernels that give a thread one whole bin (PS RoI Align, multi-scale RoI Align) visit its
+// samples one by one while they are few, and otherwise the (pixel, weight) entries of the tables
+// above, formed by the thread itself: the work of a bin then follows the pixels it covers,
+// whatever its sample count (sampling_ratio=10**9 takes 2**40 samples a bin).
+
+// The samples per entry pair above which a bin is summed by its entries (an entry costs a few
+// binary searches), and the fewest samples for which that is considered.
+#define ROI_ALIGN_BY_ENTRIES 8
+#define ROI_ALIGN_FEW_SAMPLES 128
+
+// Whether bin (ph, pw) of s is summed by its entries (runs ry, rx) rather than sample by sample.
+template <typename C, typename I>
+__device__ __forceinline__ bool roi_align_by_entries(
+    const roi_align_bin<C>& s, I ph, I pw, I height, I width, roi_align_run<C, I>& ry,
+    roi_align_run<C, I>& rx)
+{
+    const C samples = C(s.y_last - s.y_first) * C(s.x_last - s.x_first);
+    if (samples <= C(ROI_ALIGN_FEW_SAMPLES)) return false;
+    ry = roi_align_run_of(s.y, ph, height);
+    rx = roi_align_run_of(s.x, pw, width);
+    return samples > C(ROI_ALIGN_BY_ENTRIES) * C(ry.entries) * C(rx.entries);
+}
+
+// row(py, wy, n, entry) for every y entry of runs ry, rx of bin (ph, pw), entry(e, px, wx)
+// forming its x entry e of n: nothing is stored, each entry is formed where it is used.
+template <typename C, typename I, typename Row>
+__device__ __forceinline__ void roi_align_rows(
+    const roi_align_bin<C>& s, I ph, I pw, I height, I width, const roi_align_run<C, I>& ry,
+    const roi_align_run<C, I>& rx, const Row& row)
+{
+    const auto entry = [&](int e, I& px, C& wx) {
+        roi_align_entry(s.x, pw, width, rx, I(e), px, wx);
+    };
+    for (I ey = 0; ey < ry.entries; ++ey) {
+        I py;
+        C wy;
+        roi_align_entry(s.y, ph, height, ry, ey, py, wy);
+        row(py, wy, static_cast<int>(rx.entries), entry);
+    }
+}
+
+// The value of RoI Align bin (ph, pw) of a valid RoI on one feature plane [height, width]: the
+// compensated sum of its inside samples divided by the count of all its samples (at least 1),
+// or the same mean as a sum of per-row sums over its entries (roi_align_row).
+template <typename T, typename C, typename I>
+__device__ __forceinline__ C roi_align_mean(
+    const T* plane, const C* roi, I ph, I pw, I height, I width, I pooled_h, I pooled_w, C scale,
+    bool aligned, int sampling_h, int sampling_w)
+{
+    const roi_align_bin<C> s = roi_align_locate(
+        roi, ph, pw, height, width, pooled_h, pooled_w, scale, aligned, sampling_h, sampling_w);
+    roi_sum<C> sum;
+    roi_align_run<C, I> ry, rx;
+    if (roi_align_by_entries(s, ph, pw, height, width, ry, rx)) {
+        roi_align_rows(s, ph, pw, height, width, ry, rx, [&](I py, C wy, int n, const auto& x) {
+            const T* line = plane + py * width;
+            sum.add(roi_align_row<C, I>(wy, n, x, [&](I px) { return roi_load(line[px]); }));
+        });
+        return sum.total;  // the entries' weights are divided by the samples per axis
+    }
+    for (int iy = s.y_first; iy < s.y_last; ++iy) {
+        roi_lerp<C, I> wy;
+        if (!roi_lerp_weights(roi_align_sample(s.y, ph, iy), height, wy)) continue;
+        const T* row_lo = plane + wy.lo * width;
+        const T* row_hi = plane + wy.hi * width;
+        for (int ix = s.x_first; ix < s.x_last; ++ix) {
+            roi_lerp<C, I> wx;
+            if (!roi_lerp_weights(roi_align_sample(s.x, pw, ix), width, wx)) continue;
+            sum.add(roi_bilinear(row_lo, row_hi, wy, wx));
+        }
+    }
+    // Samples outside the map count too: they dilute the mean.
+    const C count = roi_max(C(s.y.grid) * C(s.x.grid), C(1));
+    return sum.total / count;
+}
+
+// The adjoint of roi_align_mean: *grad / (gh * gw) spread over the four bilinear corners of every
+// inside sample of bin (ph, pw), or over its entry pairs (roi_align_row_spread), each term handed
+// to the sink (see "gradient sums" above) at plane + its flat index in the plane [height, width].
+template <typename T, typename C, typename I, typename Sink>
+__device__ __forceinline__ void roi_align_spread(
+    const Sink& sink, I plane, const T* grad, const C* roi, I ph, I pw, I height, I width,
+    I pooled_h, I pooled_w, C scale, bool aligned, int sampling_h, int sampling_w)
+{
+    const roi_align_bin<C> s = roi_align_locate(
+        roi, ph, pw, height, width, pooled_h, pooled_w, scale, aligned, sampling_h, sampling_w);
+    if (s.y_first >= s.y_last || s.x_first >= s.x_last) return;
+
+    const C g = roi_load(*grad);
+    roi_align_run<C, I> ry, rx;
+    if (roi_align_by_entries(s, ph, pw, height, width, ry, rx)) {
+        roi_align_rows(s, ph, pw, height, width, ry, rx, [&](I py, C wy, int n, const auto& x) {
+            roi_align_row_spread<C, I>(sink, plane + py * width, g, wy, n, x);
+        });
+        return;
+    }
+    // No max(., 1) here: a bin without samples has no sample to pass gradient to.
+    const C count = C(s.y.grid) * C(s.x.grid);
+    for (int iy = s.y_first; iy < s.y_last; ++iy) {
+        roi_lerp<C, I> wy;
+        if (!roi_lerp_weights(roi_align_sample(s.y, ph, iy), height, wy)) continue;
+        const I row_lo = plane + wy.lo * width;
+        const I row_hi = plane + wy.hi * width;
+        for (int ix = s.x_first; ix < s.x_last; ++ix) {
+            roi_lerp<C, I> wx;
+            if (!roi_lerp_weights(roi_align_sample(s.x, pw, ix), width, wx)) continue;
+            sink.add(row_lo + wx.lo, g * (wy.wlo * wx.wlo) / count);
+            sink.add(row_lo + wx.hi, g * (wy.wlo * wx.whi) / count);
+            sink.add(row_hi + wx.lo, g * (wy.whi * wx.wlo) / count);
+            sink.add(row_hi + wx.hi, g * (wy.whi * wx.whi) / count);
+        }
+    }
 }
 
 // The tables of one block: the RoI's geometry, a run per bin row and column of the bins in hand,

@@ -866,3 +866,60 @@ def roi_align_rotated_backward_ref(
                     for h, w, weight in bilinear_corners(y, xs, height, width):
                         grad[b, :, h, w] += g[k, :, ph, pw] * weight / count
     return grad
+
+
+# ----------------------------------------------------------------------------- RoI Align, vectorised
+def axis_weights_capped(start, bin_size, grid, pooled, length):
+    """``[pooled, length]`` 1-D weights as reference.axis_weights, vectorised, with the grid
+    capped at 2**20 (docs/semantics.md)."""
+    grid = min(grid, 2**20)
+    a = numpy.zeros((pooled, length))
+    for p in range(pooled):
+        t = start + p * bin_size + (numpy.arange(grid) + 0.5) * bin_size / grid
+        t = t[(t >= -1) & (t <= length)]
+        v = numpy.maximum(t, 0)
+        lo = numpy.floor(v).astype(numpy.int64)
+        snapped = lo >= length - 1
+        lo = numpy.where(snapped, length - 1, lo)
+        frac = numpy.where(snapped, 0.0, v - lo)
+        numpy.add.at(a[p], lo, (1 - frac) / grid)
+        numpy.add.at(a[p], numpy.minimum(lo + 1, length - 1), frac / grid)
+    return a
+
+
+def separable(row, shape, output_size, spatial_scale, sampling_ratio, aligned):
+    """``(b, Ay, Ax)`` of one RoI as reference.roi_align_separable, for sample counts beyond
+    its loops."""
+    pooled_h, pooled_w = numpy.broadcast_to(output_size, 2)
+    n, _, h, w = shape
+    b = int(row[0])
+    if not (numpy.isfinite(row).all() and 0 <= b < n):
+        return None, None, None
+    y0, x0, bin_h, bin_w, gh, gw = roi_align_geometry(
+        row, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+    )
+    if gh <= 0 or gw <= 0:
+        return b, numpy.zeros((pooled_h, h)), numpy.zeros((pooled_w, w))
+    return (b, axis_weights_capped(y0, bin_h, gh, pooled_h, h),
+            axis_weights_capped(x0, bin_w, gw, pooled_w, w))
+
+
+def separable_expected(x, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """The float64 forward through the separable form."""
+    out = numpy.zeros((len(rois), x.shape[1]) + tuple(numpy.broadcast_to(output_size, 2)))
+    for k, row in enumerate(numpy.asarray(rois, numpy.float64)):
+        b, ay, ax = separable(row, x.shape, output_size, spatial_scale, sampling_ratio, aligned)
+        if b is not None:
+            out[k] = ay @ x[b].astype(numpy.float64) @ ax.T
+    return out
+
+
+def separable_backward_expected(g, rois, shape, output_size, spatial_scale, sampling_ratio,
+                                aligned):
+    """The float64 input gradient through the separable form: ``Ay.T @ g[k] @ Ax`` per RoI."""
+    grad = numpy.zeros(shape)
+    for k, row in enumerate(numpy.asarray(rois, numpy.float64)):
+        b, ay, ax = separable(row, shape, output_size, spatial_scale, sampling_ratio, aligned)
+        if b is not None:
+            grad[b] += ay.T @ numpy.asarray(g[k], numpy.float64) @ ax
+    return grad

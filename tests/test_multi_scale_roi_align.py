@@ -3,6 +3,8 @@ rule (boundaries included), every dtype, empty levels and inputs, invalid RoIs, 
 kernel launch, and the gradients (finite differences, the adjoint identity)."""
 from __future__ import annotations
 
+import time
+
 import functools
 import math
 
@@ -27,6 +29,8 @@ from reference import (
     multi_scale_roi_align_backward_ref,
     multi_scale_roi_align_ref,
     pyramid_level,
+    separable_backward_expected,
+    separable_expected,
 )
 
 import roi_cupy
@@ -293,6 +297,26 @@ def test_one_level_is_roi_align(backend, dtype):
         expected = backend.to_numpy(roi_cupy.roi_align_backward(
             backend.asarray(g), backend.asarray(rois), x.shape, SIZE, **kwargs))
     numpy.testing.assert_array_equal(grad, expected)
+
+
+@pytest.mark.parametrize("sampling_ratio", [10**9, (3, 2**20)], ids=str)
+def test_any_sampling_ratio_is_bounded_work(backend, sampling_ratio):
+    """sampling_ratio=10**9 (2**40 samples a bin, hours one by one on the kernels): a bin whose
+    samples outnumber its pixels' weights is summed by those weights; the numbers are RoI
+    Align's, in float64 through the separable form."""
+    rng = make_rng("multiscale bounded work", str(sampling_ratio))
+    x = random_features(rng, (1, 3, 12, 10), numpy.float32)
+    rois = numpy.array([[0, -8.0, -4.0, 44.0, 56.0], [0, 12.0, 8.0, 30.0, 32.0]], numpy.float32)
+    kwargs = dict(spatial_scales=[0.25], sampling_ratio=sampling_ratio, aligned=True)
+    start = time.monotonic()
+    out = run(backend, [x], rois, **kwargs)
+    g = random_features(rng, out.shape, numpy.float32)
+    (grad,) = run_backward(backend, g, rois, [x.shape], **kwargs)
+    assert time.monotonic() - start < 60
+    assert_matches(out, separable_expected(x, rois, SIZE, 0.25, sampling_ratio, True),
+                   numpy.float32)
+    assert_matches(grad, separable_backward_expected(g, rois, x.shape, SIZE, 0.25,
+                                                     sampling_ratio, True), numpy.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)

@@ -3,6 +3,7 @@ facts docs/semantics.md states about them."""
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy
 import pytest
@@ -28,6 +29,8 @@ from reference import (
     ps_roi_align_ref,
     roi_align_backward_ref,
     roi_align_ref,
+    separable_backward_expected,
+    separable_expected,
 )
 
 import roi_cupy
@@ -405,6 +408,31 @@ def test_huge_adaptive_grid(backend, dtype):
     rois = numpy.array([[0, 0, 0, 1e4, 1e4]], dtype)
     out = forward(backend, x, rois, 1)
     assert_matches(out, numpy.full((1, 1, 1, 1), 25 / 1e8), dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("sampling_ratio", [10**9, (2**20, 3)], ids=str)
+def test_any_sampling_ratio_is_bounded_work(backend, sampling_ratio):
+    """sampling_ratio=10**9 (capped at 2**20 per axis: 2**40 samples a bin, hours one by one on
+    the kernels): a bin whose samples outnumber its pixels' weights is summed by those weights,
+    so a call takes a fraction of a second; the numbers are RoI Align's (aligned) on each
+    bin's channel, in float64 through the separable form."""
+    rng = make_rng("ps align bounded work", str(sampling_ratio))
+    x = random_features(rng, (1, GROUPS * 4, 12, 10), numpy.float32)
+    rois = numpy.array([[0, -2.0, -1.0, 11.0, 14.0], [0, 3.0, 2.0, 7.5, 8.0]], numpy.float32)
+    start = time.monotonic()
+    out = forward(backend, x, rois, 2, sampling_ratio=sampling_ratio)
+    g = random_features(rng, out.shape, numpy.float32)
+    grad = backward(backend, g, rois, x.shape, 2, sampling_ratio=sampling_ratio)
+    assert time.monotonic() - start < 60
+    full = separable_expected(x, rois, 2, 1.0, sampling_ratio, True)
+    full_g = numpy.zeros(full.shape)
+    expected = numpy.zeros(out.shape)
+    for c, ph, pw in numpy.ndindex(GROUPS, 2, 2):
+        expected[:, c, ph, pw] = full[:, ps_channel(c, ph, pw, 2, 2), ph, pw]
+        full_g[:, ps_channel(c, ph, pw, 2, 2), ph, pw] = g[:, c, ph, pw]
+    assert_matches(out, expected, numpy.float32)
+    assert_matches(grad, separable_backward_expected(full_g, rois, x.shape, 2, 1.0,
+                                                     sampling_ratio, True), numpy.float32)
 
 
 # ----------------------------------------------------------------------------- kernels only

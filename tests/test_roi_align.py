@@ -32,6 +32,8 @@ from reference import (
     roi_align_ref,
     roi_align_separable,
     sample_points,
+    separable,
+    separable_expected,
 )
 
 import roi_cupy
@@ -662,51 +664,7 @@ def test_many_images_of_boxes_are_placed_without_concatenate(monkeypatch):
 # ----------------------------------------------------------------------------- the block kernels
 # The kernels pool a block per (RoI, channel tile) from per-axis tables of (pixel, weight)
 # entries (cuda/README.md): any sample count costs the pixels a bin covers, in any launch shape.
-def axis_weights_capped(start, bin_size, grid, pooled, length):
-    """``[pooled, length]`` 1-D weights as reference.axis_weights, vectorised, with the grid
-    capped at 2**20 (docs/semantics.md)."""
-    grid = min(grid, 2**20)
-    a = numpy.zeros((pooled, length))
-    for p in range(pooled):
-        t = start + p * bin_size + (numpy.arange(grid) + 0.5) * bin_size / grid
-        t = t[(t >= -1) & (t <= length)]
-        v = numpy.maximum(t, 0)
-        lo = numpy.floor(v).astype(numpy.int64)
-        snapped = lo >= length - 1
-        lo = numpy.where(snapped, length - 1, lo)
-        frac = numpy.where(snapped, 0.0, v - lo)
-        numpy.add.at(a[p], lo, (1 - frac) / grid)
-        numpy.add.at(a[p], numpy.minimum(lo + 1, length - 1), frac / grid)
-    return a
-
-
-def separable(row, shape, output_size, spatial_scale, sampling_ratio, aligned):
-    """``(b, Ay, Ax)`` of one RoI as reference.roi_align_separable, for sample counts beyond
-    its loops."""
-    pooled_h, pooled_w = numpy.broadcast_to(output_size, 2)
-    n, _, h, w = shape
-    b = int(row[0])
-    if not (numpy.isfinite(row).all() and 0 <= b < n):
-        return None, None, None
-    y0, x0, bin_h, bin_w, gh, gw = roi_align_geometry(
-        row, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
-    )
-    if gh <= 0 or gw <= 0:
-        return b, numpy.zeros((pooled_h, h)), numpy.zeros((pooled_w, w))
-    return (b, axis_weights_capped(y0, bin_h, gh, pooled_h, h),
-            axis_weights_capped(x0, bin_w, gw, pooled_w, w))
-
-
-def separable_expected(x, rois, output_size, spatial_scale, sampling_ratio, aligned):
-    """The float64 forward through the separable form."""
-    out = numpy.zeros((len(rois), x.shape[1]) + tuple(numpy.broadcast_to(output_size, 2)))
-    for k, row in enumerate(numpy.asarray(rois, numpy.float64)):
-        b, ay, ax = separable(row, x.shape, output_size, spatial_scale, sampling_ratio, aligned)
-        if b is not None:
-            out[k] = ay @ x[b].astype(numpy.float64) @ ax.T
-    return out
-
-
+# reference.separable_expected gives the float64 numbers for sample counts beyond the loops.
 def emulator_only(backend):
     if backend.name != "emulator":
         pytest.skip("a launch-shape test of the CUDA kernels")
