@@ -544,7 +544,7 @@ def pool_inputs(rng, dtype, channels):
 
 
 def spy_kernel_inputs(backend, monkeypatch):
-    """The features (first argument) of every roi_pool_forward launch on the emulator."""
+    """``(instantiation, features)`` of every roi_pool_forward launch on the emulator."""
     received = []
     if backend.name != "emulator":
         return received
@@ -557,7 +557,7 @@ def spy_kernel_inputs(backend, monkeypatch):
             return kernel
 
         def launch(grid, block, args):
-            received.append(args[0])
+            received.append((name_expression, args[0]))
             return kernel(grid, block, args)
 
         return launch
@@ -566,13 +566,14 @@ def spy_kernel_inputs(backend, monkeypatch):
     return received
 
 
-def assert_read_in_place(received, nhwc):
-    """The second launch read ``nhwc``'s own memory as [N, H, W, C], the first an NCHW array."""
-    assert len(received) == 2
-    assert not numpy.shares_memory(received[0], nhwc)
-    assert received[1].shape == nhwc.shape and received[1].flags.c_contiguous
-    assert numpy.shares_memory(received[1], nhwc)
-    assert received[1].__array_interface__["data"][0] == nhwc.__array_interface__["data"][0]
+def assert_read_in_place(received, nhwc, index="int"):
+    """The second launch read ``nhwc``'s own memory as [N, H, W, C], the first an NCHW array;
+    both on the ``index`` path."""
+    assert [name.rsplit(", ", 1)[1] for name, _ in received] == [f"{index}>"] * 2
+    (_, nchw), (_, features) = received
+    assert not numpy.shares_memory(nchw, nhwc)
+    assert features.shape == nhwc.shape and features.flags.c_contiguous
+    assert features.__array_interface__["data"][0] == nhwc.__array_interface__["data"][0]
 
 
 @pytest.mark.parametrize("index64", (False, True), ids=("int32", "int64"))
@@ -595,7 +596,7 @@ def test_channels_last_features_give_the_same_bits(backend, monkeypatch, dtype, 
     numpy.testing.assert_array_equal(argmax, nchw_argmax)
     check((out, argmax), roi_pool_ref(x, rois, (3, 4)), dtype)
     if backend.name == "emulator":
-        assert_read_in_place(received, nhwc.base)
+        assert_read_in_place(received, nhwc.base, "long long" if index64 else "int")
 
 
 LAUNCH_SHAPES = [(256, 4096), (32, 3), (64, 1), (1024, 5), (96, 7)]
