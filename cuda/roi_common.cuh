@@ -198,6 +198,30 @@ __host__ __device__ __forceinline__ roi_bin<I> roi_split(
     return o;
 }
 
+// The same coordinates of a flat index into [K, PH, PW, C] (channels fastest: consecutive
+// threads take consecutive channels, which channels-last features hold side by side).
+template <typename I>
+__host__ __device__ __forceinline__ roi_bin<I> roi_split_last(
+    I index, I channels, I pooled_h, I pooled_w)
+{
+    roi_bin<I> o;
+    o.c = index % channels;
+    index /= channels;
+    o.pw = index % pooled_w;
+    index /= pooled_w;
+    o.ph = index % pooled_h;
+    o.k = index / pooled_h;
+    return o;
+}
+
+// The flat index of (k, c, ph, pw) in a [K, C, PH, PW] array.
+template <typename I>
+__host__ __device__ __forceinline__ I roi_join(
+    const roi_bin<I>& o, I channels, I pooled_h, I pooled_w)
+{
+    return ((o.k * channels + o.c) * pooled_h + o.ph) * pooled_w + o.pw;
+}
+
 // ----------------------------------------------------------------------------- RoIs
 // The image a RoI row (batch_index, x1, y1, x2, y2) refers to, or -1 when the row is invalid: a
 // batch index outside [0, batch) after truncation toward zero, or a non-finite value. columns is

@@ -3,22 +3,24 @@
 #include "roi_common.cuh"
 
 // output[k, c, ph, pw] = max of input[b, c] over the bin's window, argmax its flat index h * W + w
-// in the plane (argmax may be null: then only the output is written). Scan row-major with a strict '>' from -FLT_MAX: the first maximum wins, NaN is
-// never picked, and a window of values <= -FLT_MAX keeps -FLT_MAX with argmax -1. An empty window
-// or an invalid RoI gives 0 and -1. One thread per output element.
-//
-// Parameters: const T* input [N, C, H, W], const C* rois [K, 5], T* output [K, C, PH, PW],
-// long long* argmax [K, C, PH, PW] or null, I total (= K * C * PH * PW), I channels, I height, I width,
-// I batch, I pooled_h, I pooled_w, C spatial_scale.
-template <typename T, typename I>
-__global__ void roi_pool_forward(
+// in the plane (argmax may be null: then only the output is written). Scan row-major with a
+// strict '>' from -FLT_MAX: the first maximum wins, NaN is never picked, and a window of values
+// <= -FLT_MAX keeps -FLT_MAX with argmax -1. An empty window or an invalid RoI gives 0 and -1. One
+// thread per output element: with [N, C, H, W] features consecutive threads take consecutive pw
+// (coalesced stores); with [N, H, W, C] ones (Last) consecutive channels, so that a warp's loads
+// of a pixel are one run of memory (its stores then stride PH * PW elements). The layout changes
+// only where a value is read: the same window, scan and results.
+template <typename T, typename I, bool Last>
+__device__ __forceinline__ void roi_pool_max(
     const T* __restrict__ input, const typename roi_compute<T>::type* __restrict__ rois,
     T* __restrict__ output, long long* __restrict__ argmax, I total, I channels, I height,
     I width, I batch, I pooled_h, I pooled_w, typename roi_compute<T>::type spatial_scale)
 {
     typedef typename roi_compute<T>::type C;
     for (I index = roi_first<I>(); index < total; index = roi_next(index, total)) {
-        const roi_bin<I> o = roi_split(index, channels, pooled_h, pooled_w);
+        const roi_bin<I> o = Last ? roi_split_last(index, channels, pooled_h, pooled_w)
+                                  : roi_split(index, channels, pooled_h, pooled_w);
+        const I out = Last ? roi_join(o, channels, pooled_h, pooled_w) : index;
         const C* roi = rois + o.k * 5;
         const I b = roi_batch(roi, batch, height, width);
         I h_first = 0, h_last = 0, w_first = 0, w_last = 0;
@@ -29,25 +31,48 @@ __global__ void roi_pool_forward(
                             width, w_first, w_last);
         }
         if (h_last <= h_first || w_last <= w_first) {
-            roi_store(output + index, C(0));
-            if (argmax) argmax[index] = -1;
+            roi_store(output + out, C(0));
+            if (argmax) argmax[out] = -1;
             continue;
         }
-        const T* plane = input + (b * channels + o.c) * height * width;
+        // Pixel at = h * W + w of plane (b, c) is plane[at * step].
+        const T* plane = Last ? input + b * height * width * channels + o.c
+                              : input + (b * channels + o.c) * height * width;
+        const I step = Last ? channels : I(1);
         C best = C(-ROI_FLT_MAX);
         I best_at = -1;
         for (I h = h_first; h < h_last; ++h) {
             for (I w = w_first; w < w_last; ++w) {
                 const I at = h * width + w;
-                const C v = roi_load(plane[at]);
+                const C v = roi_load(plane[at * step]);
                 if (v > best) {
                     best = v;
                     best_at = at;
                 }
             }
         }
-        roi_store(output + index, best);
-        if (argmax) argmax[index] = best_at;
+        roi_store(output + out, best);
+        if (argmax) argmax[out] = best_at;
+    }
+}
+
+// Parameters: const T* input [N, C, H, W] ([N, H, W, C] with channels_last), const C* rois
+// [K, 5], T* output [K, C, PH, PW], long long* argmax [K, C, PH, PW] or null, I total
+// (= K * C * PH * PW), I channels, I height, I width, I batch, I pooled_h, I pooled_w,
+// C spatial_scale, bool channels_last.
+template <typename T, typename I>
+__global__ void roi_pool_forward(
+    const T* __restrict__ input, const typename roi_compute<T>::type* __restrict__ rois,
+    T* __restrict__ output, long long* __restrict__ argmax, I total, I channels, I height,
+    I width, I batch, I pooled_h, I pooled_w, typename roi_compute<T>::type spatial_scale,
+    bool channels_last)
+{
+    if (channels_last) {
+        roi_pool_max<T, I, true>(input, rois, output, argmax, total, channels, height, width,
+                                 batch, pooled_h, pooled_w, spatial_scale);
+    } else {
+        roi_pool_max<T, I, false>(input, rois, output, argmax, total, channels, height, width,
+                                  batch, pooled_h, pooled_w, spatial_scale);
     }
 }
 

@@ -9,7 +9,8 @@ validates and normalises everything before calling them, so a backend may rely o
 - ``input`` / ``grad_output`` are C-contiguous arrays of the backend's array library, dtype
   float16, float32 or float64 (bfloat16 where the library has it); a backend with
   ``Capabilities.strided`` gets them with any strides instead (and ``argmax`` of any integer
-  dtype).
+  dtype), one with ``Capabilities.channels_last`` the features of ``roi_align_forward`` and
+  ``roi_pool_forward`` channels-last where the caller's are.
 - A backend with ``Capabilities.fused_index_check`` checks RoI Pool's indices in its
   ``roi_pool_backward(..., check_indices=True)`` pass (raising :class:`IndexOutOfRange`) rather
   than in ``first_invalid``.
@@ -118,8 +119,10 @@ class Capabilities:
             integer dtype) as they are, so the caller makes no contiguous copy.
         fused_index_check (bool): ``roi_pool_backward(..., check_indices=True)`` checks RoI
             Pool's indices while it reads them.
-        channels_last (bool): ``roi_align_forward`` also reads features ``[N, C, H, W]`` laid
-            out channels-last (a transposed view of a C-contiguous ``[N, H, W, C]``) as they are.
+        channels_last (bool): ``roi_align_forward`` and ``roi_pool_forward`` also read
+            features ``[N, C, H, W]`` laid out channels-last (a transposed view of a C-contiguous
+            ``[N, H, W, C]``) as they are, with the results they give the same features in
+            C order, bit for bit; the other functions get C-contiguous arrays.
     """
 
     strided: bool = False

@@ -7,6 +7,7 @@ float width, so that rounding a scaled corner cannot depend on the dtype; output
 from __future__ import annotations
 
 import functools
+import importlib
 
 import numpy
 import pytest
@@ -509,3 +510,138 @@ def test_without_indices_no_argmax_is_made(backend, dtype):
     assert argmax is None and full_argmax is not None
     numpy.testing.assert_array_equal(backend.to_numpy(out), backend.to_numpy(full))
     numpy.testing.assert_array_equal(backend.to_numpy(public), backend.to_numpy(full))
+
+
+# ----------------------------------------------------------------------------- channels-last
+def channels_last(x):
+    """``x`` [N, C, H, W] as a transposed view of a C-contiguous [N, H, W, C] copy."""
+    return numpy.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def bits(array):
+    return numpy.ascontiguousarray(array).view(numpy.uint8)
+
+
+def pool_inputs(rng, dtype, channels):
+    """Features [2, channels, 9, 12] with NaN, ties and a window of -inf in them, and 30 RoIs of
+    every shape conftest.random_boxes makes (outside the map, empty bins, reversed) plus boxes
+    outside the map and rows with invalid batch indices."""
+    x = random_features(rng, (2, channels, 9, 12), dtype)
+    x[0, ::2, 3, 4] = numpy.nan
+    x[1, :, 5, 2] = x[1, :, 5, 7] = 2.0  # a tie in every channel: the first one wins
+    x[0, : channels // 2 + 1, :2, :2] = -numpy.inf
+    rois = random_boxes(rng, 2, 30, 9, 12, quantum=0.25, dtype=compute_dtype(dtype))
+    extra = numpy.array([
+        [0, 0, 0, 1, 1],         # the -inf window
+        [1, 0, 4, 11, 6],        # both tied pixels
+        [0, 30, 1, 40, 3],       # right of the map
+        [1, -20, -9, -3, -1],    # above and left of it
+        [0, -5, 0, 2, 0],        # half its bins empty
+        [2, 1, 1, 4, 4],         # batch index N: invalid
+        [-1, 1, 1, 4, 4],        # batch index -1: invalid
+    ], dtype=compute_dtype(dtype))
+    return x, numpy.concatenate([rois, extra])
+
+
+def spy_kernel_inputs(backend, monkeypatch):
+    """``(instantiation, features)`` of every roi_pool_forward launch on the emulator."""
+    received = []
+    if backend.name != "emulator":
+        return received
+    emulated = importlib.import_module("roi_cupy._emulator.runtime")
+    original = emulated.Runtime.function
+
+    def function(self, name_expression):
+        kernel = original(self, name_expression)
+        if not name_expression.startswith("roi_pool_forward<"):
+            return kernel
+
+        def launch(grid, block, args):
+            received.append((name_expression, args[0]))
+            return kernel(grid, block, args)
+
+        return launch
+
+    monkeypatch.setattr(emulated.Runtime, "function", function)
+    return received
+
+
+def assert_read_in_place(received, nhwc, index="int"):
+    """The second launch read ``nhwc``'s own memory as [N, H, W, C], the first an NCHW array;
+    both on the ``index`` path."""
+    assert [name.rsplit(", ", 1)[1] for name, _ in received] == [f"{index}>"] * 2
+    (_, nchw), (_, features) = received
+    assert not numpy.shares_memory(nchw, nhwc)
+    assert features.shape == nhwc.shape and features.flags.c_contiguous
+    assert features.__array_interface__["data"][0] == nhwc.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("index64", (False, True), ids=("int32", "int64"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: numpy.dtype(d).name)
+def test_channels_last_features_give_the_same_bits(backend, monkeypatch, dtype, index64):
+    """Channels-last features (a transposed view of [N, H, W, C]) give the output and indices of
+    the same features in NCHW order, bit for bit; the kernels read them in place, no copy to
+    [N, C, H, W] (on the emulator the launch's features are checked)."""
+    from roi_cupy._cuda import launch
+
+    if index64:
+        monkeypatch.setattr(launch, "INDEX32_LIMIT", 20)  # smaller than every array here
+    rng = make_rng("pool channels last", numpy.dtype(dtype).name)
+    x, rois = pool_inputs(rng, dtype, 37)
+    received = spy_kernel_inputs(backend, monkeypatch)
+    nhwc = channels_last(x)
+    nchw_out, nchw_argmax = run(backend, x, rois, (3, 4), validate=False)
+    out, argmax = run(backend, nhwc, rois, (3, 4), validate=False)
+    numpy.testing.assert_array_equal(bits(out), bits(nchw_out))
+    numpy.testing.assert_array_equal(argmax, nchw_argmax)
+    check((out, argmax), roi_pool_ref(x, rois, (3, 4)), dtype)
+    if backend.name == "emulator":
+        assert_read_in_place(received, nhwc.base, "long long" if index64 else "int")
+
+
+LAUNCH_SHAPES = [(256, 4096), (32, 3), (64, 1), (1024, 5), (96, 7)]
+
+
+@pytest.mark.parametrize("block, grid", LAUNCH_SHAPES, ids=str)
+@pytest.mark.parametrize("channels, output_size", [(37, (3, 4)), (3, (1, 6)), (64, 1)], ids=str)
+def test_channels_last_launch_shapes(backend, monkeypatch, block, grid, channels, output_size):
+    """Channel counts that do not fill a warp or a block, blocks of 32 to 1024 threads and grids
+    smaller than the work: every element is written (the emulator poisons outputs with NaN and
+    indices with 0x5A bytes) with the NCHW path's bits."""
+    if backend.name != "emulator":
+        pytest.skip("a launch-shape test of the CUDA kernels")
+    from roi_cupy._cuda import launch
+
+    monkeypatch.setattr(launch, "BLOCK", block)
+    monkeypatch.setattr(launch, "MAX_GRID", grid)
+    rng = make_rng("pool channels last launch", block, grid, channels, str(output_size))
+    x, rois = pool_inputs(rng, numpy.float32, channels)
+    received = spy_kernel_inputs(backend, monkeypatch)
+    nhwc = channels_last(x)
+    expected = run(backend, x, rois, output_size, validate=False)
+    out, argmax = run(backend, nhwc, rois, output_size, validate=False)
+    numpy.testing.assert_array_equal(bits(out), bits(expected[0]))
+    numpy.testing.assert_array_equal(argmax, expected[1])
+    check((out, argmax), roi_pool_ref(x, rois, output_size), numpy.float32)
+    assert_read_in_place(received, nhwc.base)
+
+
+def test_channels_last_torch_tensor(backend, monkeypatch):
+    """A torch ``channels_last`` tensor pools as the NCHW one does, bit for bit, read in place."""
+    torch = pytest.importorskip("torch")
+    if backend.name == "cuda":
+        pytest.skip("a CPU tensor")
+    rng = make_rng("pool torch channels last")
+    x, rois = pool_inputs(rng, numpy.float32, 19)
+    t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+    assert not t.is_contiguous()
+    received = spy_kernel_inputs(backend, monkeypatch)
+    with backend.active():
+        a = roi_cupy.roi_pool(torch.from_numpy(x), torch.from_numpy(rois), (3, 2), 1.0,
+                              return_indices=True, validate=False)
+        b = roi_cupy.roi_pool(t, torch.from_numpy(rois), (3, 2), 1.0, return_indices=True,
+                              validate=False)
+    numpy.testing.assert_array_equal(bits(b[0].numpy()), bits(a[0].numpy()))
+    numpy.testing.assert_array_equal(b[1].numpy(), a[1].numpy())
+    if backend.name == "emulator":
+        assert_read_in_place(received, t.permute(0, 2, 3, 1).numpy())

@@ -105,6 +105,28 @@ def test_channels_last_and_strided_inputs_give_the_same_numbers():
     assert torch.equal(rt.roi_align(wide[..., ::2], boxes, 3, 0.5, 2, True), expected)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "emulator"])
+def test_roi_pool_of_channels_last_features_and_its_gradient(backend):
+    """A channels_last tensor pools to the bits of the contiguous one, with the same gradient,
+    on the NumPy backend and on the CUDA kernels (emulated), which read it in place."""
+    if backend == "emulator":
+        from roi_cupy import _emulator
+
+        ok, why = _emulator.available()
+        if not ok:
+            pytest.skip(f"the emulator is not available: {why}")
+    x, boxes = _features(torch.float32), _boxes(dtype=torch.float32)
+    g = torch.from_numpy(RNG.uniform(-1, 1, (len(boxes), C, 3, 2))).to(torch.float32)
+    results = []
+    with roi_cupy.use_backend(backend):
+        for features in (x, x.to(memory_format=torch.channels_last)):
+            features = features.detach().requires_grad_()
+            out = rt.roi_pool(features, boxes, (3, 2), 0.5)
+            results.append((out, *torch.autograd.grad(out, features, g)))
+    (out, grad), (nhwc_out, nhwc_grad) = results
+    assert torch.equal(nhwc_out, out) and torch.equal(nhwc_grad, grad)
+
+
 def test_expanded_gradients_are_read_through_their_strides():
     x, boxes = _features().requires_grad_(), _boxes()
     out = rt.roi_align(x, boxes, 3, 1.0, 2, False)

@@ -13,7 +13,7 @@ from typing import Any
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import kernel_backend, launch
 
-# C-contiguous arrays in, but for RoI Align's channels-last features; RoI Pool's indices checked
+# C-contiguous arrays in, but for RoI Align's and RoI Pool's channels-last features; RoI Pool's indices checked
 # by first_invalid's kernel.
 CAPABILITIES = Capabilities(channels_last=True)
 

@@ -1,7 +1,7 @@
 """Launchers of the RoI Pool kernels (cuda/roi_pool.cu), for any runtime (GPU or emulator).
 
-Arguments arrive as ``roi_cupy._backend`` promises: C-contiguous arrays of ``rt.xp``, rois
-``[K, 5]`` of the compute dtype, argmax int64.
+Arguments arrive as ``roi_cupy._backend`` promises: C-contiguous arrays of ``rt.xp`` (or, for
+the forward's features, channels-last ones), rois ``[K, 5]`` of the compute dtype, argmax int64.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy
 
+from roi_cupy import _interop
 from roi_cupy._cuda import fixed, launch
 
 
@@ -26,7 +27,9 @@ def forward(
 
     Args:
         rt: the runtime (``xp`` and ``function``).
-        input (ndarray[N, C, H, W]): features, float16, bfloat16, float32 or float64.
+        input (ndarray[N, C, H, W]): features, float16, bfloat16, float32 or float64;
+            C-contiguous, or channels-last (a transposed view of a C-contiguous
+            ``[N, H, W, C]``), which the kernel reads as it is.
         rois (ndarray[K, 5]): ``(batch_index, x1, y1, x2, y2)`` in the compute dtype.
         pooled_h, pooled_w (int): bins per RoI, >= 1.
         spatial_scale (float): box-to-feature coordinate factor.
@@ -51,14 +54,15 @@ def forward(
     index64 = launch.use_index64(input.size, output.size, rois.size)
     i = launch.index_scalar(index64)
     real = launch.compute_dtype(input.dtype).type
+    last = _interop.is_channels_last(input)
     grid, block = launch.grid(output.size)
     rt.function(launch.kernel_name("roi_pool_forward", input.dtype, index64))(
         grid,
         block,
         (
-            input, rois, output, argmax,
+            input.transpose(0, 2, 3, 1) if last else input, rois, output, argmax,
             i(output.size), i(c), i(h), i(w), i(n), i(pooled_h), i(pooled_w),
-            real(spatial_scale),
+            real(spatial_scale), numpy.bool_(last),
         ),
     )
     return output, argmax

@@ -9,7 +9,7 @@ import roi_cupy._emulator as emulator
 from roi_cupy._backend import Capabilities
 from roi_cupy._cuda import kernel_backend
 
-# C-contiguous arrays in, but for RoI Align's channels-last features; RoI Pool's indices checked
+# C-contiguous arrays in, but for RoI Align's and RoI Pool's channels-last features; RoI Pool's indices checked
 # by first_invalid's kernel.
 CAPABILITIES = Capabilities(channels_last=True)
 

@@ -50,7 +50,8 @@ def roi_pool(
         if validate:
             prepared.check(call.backend, call.array.shape[0])
         out, argmax = call.backend.roi_pool_forward(
-            call.native(), rois, pooled_h, pooled_w, scale, indices=return_indices
+            call.native_or_channels_last(), rois, pooled_h, pooled_w, scale,
+            indices=return_indices,
         )
     if return_indices:
         return call.give_back(out), call.give_back(argmax)
