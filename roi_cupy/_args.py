@@ -70,26 +70,34 @@ def spatial_scale_of(spatial_scale: Any, compute: Any = None) -> float:
     return value
 
 
-def sampling_of(sampling_ratio: Any) -> tuple[int, int]:
+def sampling_of(sampling_ratio: Any, most: int | None = None) -> tuple[int, int]:
     """``sampling_ratio`` (an int, or a pair ``(sampling_h, sampling_w)``) as a pair of ints;
-    a value ``<= 0`` makes that axis adaptive."""
+    a value ``<= 0`` makes that axis adaptive. ``most``: the largest fixed value an op takes
+    (None: any; the backends cap the grid at 2**20)."""
 
     def is_int(v: Any) -> bool:
         return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
     if is_int(sampling_ratio):
-        return int(sampling_ratio), int(sampling_ratio)
-    if (
+        pair = int(sampling_ratio), int(sampling_ratio)
+    elif (
         isinstance(sampling_ratio, Sequence)
         and not isinstance(sampling_ratio, str)
         and len(sampling_ratio) == 2
         and all(is_int(v) for v in sampling_ratio)
     ):
-        return int(sampling_ratio[0]), int(sampling_ratio[1])
-    raise TypeError(
-        "sampling_ratio must be an int or a pair of ints (sampling_h, sampling_w), <= 0 for "
-        f"adaptive, got {sampling_ratio!r}"
-    )
+        pair = int(sampling_ratio[0]), int(sampling_ratio[1])
+    else:
+        raise TypeError(
+            "sampling_ratio must be an int or a pair of ints (sampling_h, sampling_w), <= 0 for "
+            f"adaptive, got {sampling_ratio!r}"
+        )
+    if most is not None and max(pair) > most:
+        raise ValueError(
+            f"sampling_ratio must be at most {most} along each axis for this op (<= 0 for "
+            f"adaptive), got {sampling_ratio!r}"
+        )
+    return pair
 
 
 def flag(value: Any, what: str) -> bool:

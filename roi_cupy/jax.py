@@ -79,6 +79,7 @@ import jax.numpy as jnp
 import numpy
 
 from roi_cupy import _args, _backend, ops
+from roi_cupy._ops import roi_align_rotated as rotated
 from roi_cupy._numpy._common import batch_index
 
 try:  # experimental in jax 0.10; without it every platform takes jax.pure_callback
@@ -817,8 +818,8 @@ def roi_align_rotated(
     features = _features(input)
     static = _static(
         features, output_size, spatial_scale,
-        sampling_ratio=_args.sampling_of(sampling_ratio), aligned=_args.flag(aligned, "aligned"),
-        clockwise=_args.flag(clockwise, "clockwise"),
+        sampling_ratio=_args.sampling_of(sampling_ratio, rotated.MOST_SAMPLES),
+        aligned=_args.flag(aligned, "aligned"), clockwise=_args.flag(clockwise, "clockwise"),
     )
     rois = _rois(boxes, features, _args.flag(validate, "validate"), columns=6)
     return _roi_align_rotated_jit(static, features, rois)

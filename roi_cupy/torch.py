@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from roi_cupy import _args, ops
+from roi_cupy._ops import roi_align_rotated as rotated
 
 __all__ = [
     "MultiScaleRoIAlign",
@@ -1212,8 +1213,9 @@ def roi_align_rotated(
     pooled_h, pooled_w = _args.output_size_pair(output_size)
     return _roi_align_rotated(
         input, tensors, per_image, pooled_h, pooled_w, _args.spatial_scale_of(spatial_scale),
-        _args.sampling_of(sampling_ratio), _args.flag(aligned, "aligned"),
-        _args.flag(clockwise, "clockwise"), _args.flag(validate, "validate"),
+        _args.sampling_of(sampling_ratio, rotated.MOST_SAMPLES),
+        _args.flag(aligned, "aligned"), _args.flag(clockwise, "clockwise"),
+        _args.flag(validate, "validate"),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import numpy
 import pytest
@@ -442,6 +443,54 @@ def test_validation_rejects(backend, row, message):
         run(backend, x, rois, 2)
     with pytest.raises(ValueError, match=message):
         run_backward(backend, numpy.ones((2, 1, 2, 2), numpy.float32), rois, x.shape, 2)
+
+
+@pytest.mark.parametrize("sampling_ratio", [1025, (2, 10**9), (10**9, -1)], ids=str)
+def test_a_fixed_sampling_ratio_is_at_most_1024(sampling_ratio):
+    """A turned grid's samples are visited one by one: a fixed ratio past 1024 per axis (a
+    million samples a bin) is refused, forward and backward, before any work."""
+    x = numpy.ones((1, 1, 4, 4), numpy.float32)
+    rois = numpy.array([[0, 2.0, 2.0, 3.0, 3.0, 30.0]], numpy.float32)
+    message = r"sampling_ratio must be at most 1024 along each axis for this op"
+    with pytest.raises(ValueError, match=message):
+        roi_cupy.roi_align_rotated(x, rois, 2, sampling_ratio=sampling_ratio)
+    with pytest.raises(ValueError, match=message):
+        roi_cupy.roi_align_rotated_backward(numpy.ones((1, 1, 2, 2), numpy.float32), rois,
+                                            x.shape, 2, sampling_ratio=sampling_ratio)
+
+
+@pytest.mark.parametrize("adapter", ["torch", "jax"])
+def test_the_adapters_refuse_a_fixed_ratio_past_1024_at_the_call(adapter):
+    """The framework adapters check the ratio where they check their other arguments: at the
+    call, not inside a custom op or a host callback."""
+    framework = pytest.importorskip(adapter, reason=f"{adapter} is an optional extra")
+    if adapter == "torch":
+        import roi_cupy.torch as module
+
+        x, rois = framework.ones(1, 1, 4, 4), framework.tensor([[0, 2.0, 2.0, 3.0, 3.0, 30.0]])
+    else:
+        import roi_cupy.jax as module
+
+        x = framework.numpy.ones((1, 1, 4, 4))
+        rois = framework.numpy.array([[0, 2.0, 2.0, 3.0, 3.0, 30.0]])
+    with pytest.raises(ValueError, match="sampling_ratio must be at most 1024"):
+        module.roi_align_rotated(x, rois, 2, sampling_ratio=(2, 2000))
+
+
+def test_the_largest_fixed_sampling_ratio_is_bounded_work(backend):
+    """1024 x 1024 samples in each of a box's 2 x 2 bins, a third of them on the map: a second
+    or so, and on ones the mean is the share of samples inside the map."""
+    x = numpy.ones((1, 1, 6, 6), numpy.float32)
+    # Upright, 12 x 12 centred on the map's corner pixel (0, 0): only samples in [-1, 6] count.
+    rois = numpy.array([[0, 0.0, 0.0, 12.0, 12.0, 0.0]], numpy.float32)
+    start = time.monotonic()
+    out = run(backend, x, rois, 2, sampling_ratio=1024, aligned=False)
+    assert time.monotonic() - start < 60
+    # Bin (ph, pw) spans [-6 + 6 ph, 6 ph] along each axis: the samples in [-1, 6] of it.
+    share = [numpy.mean((t >= -1) & (t <= 6)) for t in
+             (-6 + 6 * p + (numpy.arange(1024) + 0.5) * 6 / 1024 for p in range(2))]
+    expected = numpy.array([[share[ph] * share[pw] for pw in range(2)] for ph in range(2)])
+    assert_matches(out, expected[None, None], numpy.float32, scale=1.0)
 
 
 def test_argument_errors():

@@ -9,6 +9,11 @@ from roi_cupy._args import BoxesLike, SamplingLike, SizeLike
 
 # A rotated RoI row: (batch_index, cx, cy, w, h, angle).
 _COLUMNS = 6
+# The largest fixed sampling_ratio along an axis. A turned sample grid has no per-axis form to
+# fold its samples into, so a bin's samples are visited one by one: at most 1024 x 1024 of them
+# with a fixed ratio. An adaptive grid puts samples at most a pixel apart, so there the samples
+# visited (those near the map) follow the pixels whatever the box.
+MOST_SAMPLES = 1024
 
 
 def roi_align_rotated(
@@ -39,7 +44,8 @@ def roi_align_rotated(
             Default: 1.0.
         sampling_ratio (int or (int, int)): samples per bin along both box axes, or a pair
             ``(sampling_h, sampling_w)``; ``<= 0`` picks ``ceil(size / output_size)`` along that
-            axis per RoI (adaptive). Either way at most 2**20 per axis. Default: -1.
+            axis per RoI (adaptive, capped at 2**20). A fixed value is at most 1024 (else
+            ``ValueError``): a rotated bin's samples are visited one by one. Default: -1.
         aligned (bool): shift the centre by -0.5 so that pixel centres are sampled exactly
             (detectron2); ``False`` keeps mmcv's legacy rule (no shift, sizes clamped to >= 1).
             Default: True.
@@ -56,7 +62,8 @@ def roi_align_rotated(
     _args.check_features(call.array, "input")
     pooled_h, pooled_w = _args.output_size_pair(output_size)
     compute = _args.compute_dtype(call.array.dtype)
-    scale, ratio = _args.spatial_scale_of(spatial_scale, compute), _args.sampling_of(sampling_ratio)
+    scale = _args.spatial_scale_of(spatial_scale, compute)
+    ratio = _args.sampling_of(sampling_ratio, MOST_SAMPLES)
     aligned, clockwise = _args.flag(aligned, "aligned"), _args.flag(clockwise, "clockwise")
     validate = _args.flag(validate, "validate")
     prepared = _args.normalise_boxes(boxes, call.array.shape[0], call.device, compute, _COLUMNS)
@@ -101,7 +108,7 @@ def roi_align_rotated_backward(
     size = _args.output_size_pair(output_size)
     compute = _args.compute_dtype(call.array.dtype)
     scale = _args.spatial_scale_of(spatial_scale, compute)
-    ratio = _args.sampling_of(sampling_ratio)
+    ratio = _args.sampling_of(sampling_ratio, MOST_SAMPLES)
     aligned, clockwise = _args.flag(aligned, "aligned"), _args.flag(clockwise, "clockwise")
     validate = _args.flag(validate, "validate")
     deterministic = _args.flag(deterministic, "deterministic")
