@@ -1164,8 +1164,11 @@ def _max_runs(x, shape, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio,
         safe = numpy.where(valid[:, None], chunk, 0).astype(ct)
         ay, ax = _axes(safe, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct)
         active = numpy.flatnonzero(valid & (ay.bound > 0) & (ax.bound > 0))
-        # Runs whose samples (an upper bound) and picks fit their budgets; at least one RoI.
-        taps = numpy.cumsum(ay.n[active].sum(axis=1) + ax.n[active].sum(axis=1))
+        # Runs whose samples (an upper bound; pixels for closed-form bins) and picks fit their
+        # budgets; at least one RoI.
+        taps = numpy.cumsum(
+            (ay.n + ay.span)[active].sum(axis=1) + (ax.n + ax.span)[active].sum(axis=1)
+        )
         most = max(1, _PICK_BUDGET // per_roi)
         i = 0
         while i < active.size:
