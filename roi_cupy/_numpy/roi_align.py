@@ -624,9 +624,9 @@ def _has_closed(group: _Group, i: int) -> bool:
     return bool(group.ay.closed[k].any() or group.ax.closed[k].any())
 
 
-def _dense_axis(axis: _Axis, k: int) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
-    """RoI ``k`` (block index)'s weights along ``axis``, ``[P, size]`` float64, whether some
-    sample of a bin reads a pixel at weight 0, and whether a bin reads a pixel at all."""
+def _dense_axis(axis: _Axis, k: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """RoI ``k`` (block index)'s weights along ``axis``, ``[P, size]`` float64, and whether
+    some sample of a bin reads a pixel at weight 0."""
     pooled, size, ct = axis.n.shape[1], axis.size, axis.ct
     rois = numpy.array([k])
     weight = numpy.zeros((pooled, size))
@@ -638,47 +638,62 @@ def _dense_axis(axis: _Axis, k: int) -> tuple[numpy.ndarray, numpy.ndarray, nump
     kp, pixel, part, flag = axis.closed_entries(rois)
     weight[kp, pixel] += part
     zero[kp, pixel] |= flag
-    return weight, zero, (weight != 0) | zero
+    return weight, zero
 
 
 def _closed_forward(x: numpy.ndarray, group: _Group, i: int, h: int, w: int) -> numpy.ndarray:
     """:func:`_exact_forward` of a RoI with closed-form bins: ``[PH, PW, Cc]``, summed in
     float64."""
     k = group.local[i]
-    wy, zy, ry = _dense_axis(group.ay, k)
-    wx, zx, rx = _dense_axis(group.ax, k)
+    wy, zy = _dense_axis(group.ay, k)
+    wx, zx = _dense_axis(group.ax, k)
     plane = x[int(group.b[i]) * h * w :][: h * w].reshape(h, w, -1)
-    finite = numpy.isfinite(plane)
-    clean = numpy.where(finite, plane, 0).astype(numpy.float64)
-    out = numpy.matmul(wx, numpy.tensordot(wy, clean, (1, 0)))  # [PH, PW, Cc]
-    rows, cols, chans = numpy.nonzero(~finite)
-    with numpy.errstate(invalid="ignore", over="ignore"):  # inf - inf and 0 * inf are NaN
-        for j in range(rows.size):  # each non-finite value, into the bins that read it
-            r, c, z = rows[j], cols[j], chans[j]
-            term = numpy.outer(wy[:, r], wx[:, c]) * plane[r, c, z]
-            term[numpy.outer(zy[:, r], rx[:, c]) | numpy.outer(ry[:, r], zx[:, c])] = numpy.nan
-            out[:, :, z] += numpy.where(numpy.outer(ry[:, r], rx[:, c]), term, 0.0)
-        return out.astype(x.dtype)
+
+    def carry(ay, values, ax):  # [H, W, Cc] -> [PH, PW, Cc]
+        return numpy.matmul(ax, numpy.tensordot(ay, values, (1, 0)))
+
+    out = carry(wy, numpy.where(numpy.isfinite(plane), plane, 0).astype(numpy.float64), wx)
+    _non_finite(out, plane, wy, zy, wx, zx, carry)
+    return out.astype(x.dtype)
 
 
 def _closed_backward(acc, grad: numpy.ndarray, group: _Group, i: int, h: int, w: int) -> None:
     """:func:`_exact_backward` of a RoI with closed-form bins, summed in float64."""
     k = group.local[i]
-    wy, zy, ry = _dense_axis(group.ay, k)
-    wx, zx, rx = _dense_axis(group.ax, k)
-    finite = numpy.isfinite(grad)
-    clean = numpy.where(finite, grad, 0).astype(numpy.float64)
-    part = numpy.matmul(wx.T, numpy.tensordot(wy, clean, (0, 0)))  # [H, W, Cc]
-    bins_p, bins_q, chans = numpy.nonzero(~finite)
-    with numpy.errstate(invalid="ignore", over="ignore"):  # inf - inf and 0 * inf are NaN
-        for j in range(bins_p.size):  # each non-finite gradient, onto the pixels its bin reads
-            p, q, z = bins_p[j], bins_q[j], chans[j]
-            term = numpy.outer(wy[p], wx[q]) * grad[p, q, z]
-            term[numpy.outer(zy[p], rx[q]) | numpy.outer(ry[p], zx[q])] = numpy.nan
-            part[:, :, z] += numpy.where(numpy.outer(ry[p], rx[q]), term, 0.0)
+    wy, zy = _dense_axis(group.ay, k)
+    wx, zx = _dense_axis(group.ax, k)
+
+    def carry(ay, values, ax):  # [PH, PW, Cc] -> [H, W, Cc]
+        return numpy.matmul(ax.T, numpy.tensordot(ay, values, (0, 0)))
+
+    part = carry(wy, numpy.where(numpy.isfinite(grad), grad, 0).astype(numpy.float64), wx)
+    _non_finite(part, grad, wy, zy, wx, zx, carry)
     base = int(group.b[i]) * h * w
-    with numpy.errstate(invalid="ignore", over="ignore"):
+    with numpy.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN
         acc[base : base + h * w] += part.reshape(h * w, -1).astype(acc.dtype)
+
+
+def _non_finite(out, values, wy, zy, wx, zx, carry) -> None:
+    """Give ``out`` (the finite values' sums) the non-finite ``values`` that reach it, as the
+    kernels' sums of ``|wy| * |wx| * value`` would: NaN where a NaN reaches, or infinities of
+    both signs, or a non-finite value read at weight 0 along either axis; else an infinity's
+    sign. ``carry(ay, v, ax)`` takes ``values``-shaped terms to ``out``'s elements through the
+    weights ``ay`` and ``ax``; here it counts what reaches each element."""
+    bad = ~numpy.isfinite(values)
+    if not bad.any():
+        return
+    ry, rx = ((wy != 0) | zy).astype(numpy.float64), ((wx != 0) | zx).astype(numpy.float64)
+
+    def reach(mask, ay, ax):
+        return carry(ay, mask.astype(numpy.float64), ax) > 0
+
+    with numpy.errstate(invalid="ignore"):
+        up, down = reach(values == numpy.inf, ry, rx), reach(values == -numpy.inf, ry, rx)
+    nan = reach(numpy.isnan(values), ry, rx) | (up & down)
+    nan |= reach(bad, zy.astype(numpy.float64), rx) | reach(bad, ry, zx.astype(numpy.float64))
+    out[up] = numpy.inf
+    out[down] = -numpy.inf
+    out[nan] = numpy.nan
 
 
 # ----------------------------------------------------------------------------- small calls
