@@ -705,6 +705,153 @@ def test_any_sampling_ratio_is_bounded_work(backend, sampling_ratio):
     assert_matches(grad, expected_grad, numpy.float32)
 
 
+@pytest.mark.parametrize("op", ["roi_align", "ps_roi_align"])
+def test_numpy_sampling_10_9_is_bounded_memory(op):
+    """sampling_ratio=10**9 (2**20 samples per bin and axis) on one box with a 7 x 7 output:
+    the NumPy backend's weights follow the pixels a bin covers, not its samples (sample by
+    sample this took 5 s and 1.4 GiB), and keep the float32 tolerance."""
+    import tracemalloc
+
+    rng = make_rng("numpy bounded memory", op)
+    pooled = 7 if op == "roi_align" else 2
+    x = random_features(rng, (1, 2 * pooled * pooled, 16, 16), numpy.float32)
+    rois = numpy.array([[0, 1.3, 2.1, 14.2, 13.7]], numpy.float32)
+    with roi_cupy.use_backend("numpy"):
+        tracemalloc.start()
+        try:
+            start = time.monotonic()
+            if op == "roi_align":
+                out = roi_cupy.roi_align(x, rois, pooled, 1.0, 10**9, True)
+                grad = roi_cupy.roi_align_backward(out, rois, x.shape, pooled, 1.0, 10**9, True)
+            else:
+                out = roi_cupy.ps_roi_align(x, rois, pooled, 1.0, 10**9)
+                grad = roi_cupy.ps_roi_align_backward(out, rois, x.shape, pooled, 1.0, 10**9)
+            elapsed = time.monotonic() - start
+            peak = tracemalloc.get_traced_memory()[1] / 2**20
+        finally:
+            tracemalloc.stop()
+    assert peak < 32, peak
+    assert elapsed < 4, elapsed
+    assert grad.shape == x.shape and numpy.isfinite(grad).all()
+    if op == "roi_align":
+        assert_matches(out, separable_expected(x, rois, pooled, 1.0, 10**9, True), numpy.float32)
+
+
+def _axis_weights(numpy_align, axis, k):
+    """``[K, P, size]`` float64 weights and flags of zero-weight reads of an axis's RoIs."""
+    pooled, size = axis.n.shape[1], axis.size
+    weight = numpy.zeros((k, pooled, size))
+    zero = numpy.zeros((k, pooled, size), bool)
+    kp, low, high, frac = axis.taps(numpy.arange(k))
+    for pixel, part in ((low, axis.ct.type(1) - frac), (high, frac)):
+        numpy.add.at(weight, (kp // pooled, kp % pooled, pixel),
+                     part.astype(numpy.float64) * axis.factor[kp // pooled])
+        at = part == 0
+        zero[kp[at] // pooled, kp[at] % pooled, pixel[at]] = True
+    kp, pixel, part, flag = axis.closed_entries(numpy.arange(k))
+    weight[kp // pooled, kp % pooled, pixel] += part
+    zero[kp // pooled, kp % pooled, pixel] |= flag
+    return weight, zero
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+def test_closed_form_weights_are_the_sample_sums(monkeypatch, dtype):
+    """The closed-form weights of a bin (one per pixel, from counts and offset sums of its
+    samples) are the per-sample sums within float64 rounding of the sample positions, and flag
+    the same zero-weight reads: with the threshold lowered so that grids of 2 to 70 samples,
+    down to one per pixel, take the closed form. Boxes inside, across and outside the map,
+    reversed, zero-size, on half and whole pixels, maps of one pixel."""
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    ct = numpy.dtype(dtype)
+    rng = make_rng("closed form weights", ct.name)
+    closed = 0
+    for case in range(150):
+        h, w = int(rng.integers(1, 14)), int(rng.integers(1, 14))
+        k, ph, pw = int(rng.integers(1, 5)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        rois = numpy.zeros((k, 5))
+        rois[:, 1:] = rng.uniform(-4, 18, (k, 4))
+        variant = case % 5
+        if variant == 1:
+            rois[:, 3:] = rois[:, 1:3] - rng.uniform(0, 4, (k, 2))
+        elif variant == 2:
+            rois[:, 3] = rois[:, 1]
+        elif variant == 3:
+            rois[:, 1:] = numpy.round(rois[:, 1:] * 2) / 2
+        rois = rois.astype(ct)
+        ratio = (int(rng.integers(2, 71)), int(rng.integers(2, 71)))
+        aligned = case % 2 == 0
+        results = []
+        for grid, density in ((1, 1), (math.inf, 1)):
+            monkeypatch.setattr(numpy_align, "_CLOSED_GRID", grid)
+            monkeypatch.setattr(numpy_align, "_CLOSED_DENSITY", density)
+            axes = numpy_align._axes(rois, (1, 1, h, w), ph, pw, 1.0, ratio, aligned, ct)
+            results.append([_axis_weights(numpy_align, axis, k) for axis in axes])
+            if grid == 1:
+                closed += int(sum(axis.closed.sum() for axis in axes))
+        for (weight, zero), (expected, expected_zero) in zip(*results):
+            # The positions are rounded in the compute dtype; float64 sums of up to 70 terms.
+            tol = 1e-13 if ct == numpy.float64 else 4 * numpy.finfo(numpy.float32).eps
+            numpy.testing.assert_allclose(weight, expected, rtol=0, atol=tol, err_msg=str(case))
+            assert (zero == expected_zero).all(), case
+    assert closed > 1000
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)
+def test_closed_form_exact_path_keeps_non_finite_values_to_their_bins(monkeypatch, dtype):
+    """NaN and inf in the features or gradients with closed-form bins (the exact path weighs
+    each pixel by its dense weights): the same bins and pixels come out NaN, inf or finite as
+    sample by sample, pixels read at weight 0 included (boxes on half pixels), and the finite
+    bins match the reference. Small and tiled calls."""
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    rng = make_rng("closed form non-finite", numpy.dtype(dtype).name)
+    for case in range(16):
+        h, w = int(rng.integers(1, 10)), int(rng.integers(1, 10))
+        x = random_features(rng, (2, 3, h, w), dtype)
+        for _ in range(3):
+            where = (rng.integers(2), rng.integers(3), rng.integers(h), rng.integers(w))
+            x[where] = rng.choice([numpy.nan, numpy.inf, -numpy.inf])
+        k = 70 if case % 2 else 3
+        rois = numpy.zeros((k, 5))
+        rois[:, 0] = rng.integers(0, 2, k)
+        rois[:, 1:] = rng.uniform(-3, 12, (k, 4))
+        if case % 4 < 2:
+            rois[:, 1:] = numpy.round(rois[:, 1:] * 2) / 2
+        rois = rois.astype(dtype)
+        ratio = [40, 64, (64, 2), 100][case % 4]
+        g = random_features(rng, (k, 3, 2, 3), dtype)
+        g[rng.integers(k), rng.integers(3), rng.integers(2), rng.integers(3)] = numpy.inf
+        results = []
+        for grid in (32, math.inf):
+            monkeypatch.setattr(numpy_align, "_CLOSED_GRID", grid)
+            with roi_cupy.use_backend("numpy"):
+                out = roi_cupy.roi_align(x, rois, (2, 3), 1.0, ratio, True)
+                grad = roi_cupy.roi_align_backward(g, rois, x.shape, (2, 3), 1.0, ratio, True)
+            results.append((out, grad))
+        for got, expected in zip(*results):
+            for kind in (numpy.isnan, numpy.isposinf, numpy.isneginf):
+                assert (kind(got) == kind(expected)).all(), case
+        # The finite bins read finite values only: the reference on the features without the
+        # non-finite ones (sample by sample, float32 sums of 4096 samples drift further).
+        finite = numpy.isfinite(results[1][0])
+        clean = numpy.where(numpy.isfinite(x), x, 0)
+        reference = separable_expected(clean, rois, (2, 3), 1.0, ratio, True)
+        assert_matches(results[0][0][finite], reference[finite], dtype)
+
+
+def test_closed_form_threshold_keeps_common_grids_per_sample():
+    """Grids of up to 32 samples and sparse grids expand their samples (the numbers stay bit
+    for bit those of before the closed form); dense grids past 32 take the closed form."""
+    from roi_cupy._numpy import roi_align as numpy_align
+
+    bins = numpy.array([0.1, 0.5, 2.0, 10.0, 100.0], numpy.float32)
+    for grid, expected in ((2.0, [0] * 5), (32.0, [0] * 5), (33.0, [1, 1, 1, 0, 0]),
+                           (2.0**20, [1] * 5)):
+        got = numpy_align._is_closed(bins, numpy.full(5, grid))
+        assert got.tolist() == [bool(e) for e in expected], grid
+
+
 LAUNCH_SHAPES = [(256, 4096), (32, 3), (64, 1), (1024, 5), (96, 7)]
 
 

@@ -25,10 +25,11 @@ def _entries(axis: _Axis) -> _separable.Axis:
     """The corners each bin of ``axis``'s RoIs reads and their weights: a corner's samples'
     weights added up (float64, low corners first, in sample order) and divided by the samples
     per axis; a corner read at weight exactly 0 is flagged. The samples are expanded for a run
-    of RoIs at a time (at most ``_SAMPLES`` samples, or one RoI)."""
+    of RoIs at a time (at most ``_SAMPLES`` samples and closed-form entries, or one RoI); bins
+    with many samples per pixel take RoI Align's closed form (:meth:`_Axis.closed_entries`)."""
     ct, size = axis.ct, axis.size
     g, pooled = axis.n.shape
-    per_roi = numpy.cumsum(axis.n.sum(axis=1))
+    per_roi = numpy.cumsum(axis.n.sum(axis=1) + axis.span.sum(axis=1))
     parts, i = [], 0
     while i < g:
         done = int(per_roi[i - 1]) if i else 0
@@ -72,6 +73,14 @@ def _entries(axis: _Axis) -> _separable.Axis:
                 numpy.bincount(inverse, weights=weight, minlength=unique.size),
                 numpy.bincount(inverse, weights=weight == 0, minlength=unique.size) > 0,
             ))
+        # Bins with many samples per pixel come in closed form, one entry per pixel; a bin's
+        # entries all come from one side, so a stable sort by bin keeps each bin's order.
+        kp, pixel, weight, zero = axis.closed_entries(rois)
+        if kp.size:
+            merged = [numpy.concatenate(a) for a in zip(parts[-1], (kp + i * pooled, pixel,
+                                                                    weight, zero))]
+            order = numpy.argsort(merged[0], kind="stable")
+            parts[-1] = tuple(a[order] for a in merged)
         i = j
     bins, pixel, weight, zero = (numpy.concatenate(a) for a in zip(*parts))
     return _separable.Axis.of_sorted(bins, pixel, weight, zero, (g, pooled))

@@ -31,6 +31,15 @@ _GROUP = 4096
 _TAPS = 1 << 18
 # Most samples per bin and axis, as in the kernels (ROI_MAX_GRID): a gigantic box stays finite work.
 _MAX_GRID = float(1 << 20)
+# A bin gets its weights in closed form (:meth:`_Axis.closed_entries`, the kernels' dense tables:
+# one weight per pixel from counts and sums of its samples found by binary search) where it has
+# more than _CLOSED_GRID samples and at least _CLOSED_DENSITY of them per pixel; other bins expand
+# their samples one by one. The closed form costs some 4 binary searches (up to 20 steps) per
+# pixel, the expansion a few temporaries per sample: past a few samples per pixel the closed form
+# is cheaper, and grids of up to 32 samples (every sampling_ratio in common use, and the adaptive
+# grid, about one sample per pixel) keep the sample-by-sample numbers bit for bit.
+_CLOSED_GRID = 32
+_CLOSED_DENSITY = 4
 # The compute dtypes' machine epsilon (numpy.finfo is slow to ask on every call).
 _EPS = {numpy.dtype(t): float(numpy.finfo(t).eps) for t in (numpy.float32, numpy.float64)}
 
@@ -68,12 +77,18 @@ class _Axis:
         lo = numpy.where(collapsed, 0.0, lo)
         hi = numpy.where(collapsed, 0.0, hi)
         ok = (g >= 1) & numpy.isfinite(lo) & numpy.isfinite(hi) & (hi >= lo)
+        # Bins with many samples per pixel get their weights in closed form: they expand no
+        # sample, and read at most the pixels they cover.
+        self.closed = ok & ~collapsed & _is_closed(bin_size[:, None], g)
+        with numpy.errstate(all="ignore"):
+            span = numpy.minimum(size, numpy.abs(step) * g + 3)
+        self.span = numpy.where(self.closed, span, 0).astype(numpy.int64)
         self.lo = numpy.where(ok, lo, 0.0)
-        self.n = numpy.where(ok, hi - self.lo + 1, 0).astype(numpy.int64)
+        self.n = numpy.where(ok & ~self.closed, hi - self.lo + 1, 0).astype(numpy.int64)
         # What a sample's weight is divided by: its bin's sample count along this axis.
         self.divisor = numpy.where(bin_size == 0, 1.0, numpy.maximum(grid, 1.0))
         self.factor = 1.0 / self.divisor
-        self.bound = numpy.minimum(size, 2 * self.n.sum(axis=1))
+        self.bound = numpy.minimum(size, 2 * self.n.sum(axis=1) + self.span.sum(axis=1))
 
     def taps(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, ...]:
         """The evaluated samples inside ``[-1, size]`` of the RoIs ``rois`` (block indices).
@@ -107,6 +122,83 @@ class _Axis:
         inside = (y >= -1) & (y <= size)  # NaN fails both
         kp, index, y = kp[inside], index[inside].astype(numpy.int64), y[inside]
         return (kp, index, *_common.lerp(y, size, ct))
+
+    def closed_entries(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, ...]:
+        """The weights of the closed-form bins of the RoIs ``rois`` (block indices), one entry
+        per pixel from the lowest to the highest pixel a bin reads, as the kernels'
+        ``roi_align_dense_weight`` forms them.
+
+        A pixel's weight adds up the weights of the samples of the two pixel intervals around
+        it: how many samples each holds and how far past its start they lie (an arithmetic
+        progression from the first one's exact position), found by binary searches on the exact
+        sample positions, so each sample is inside, outside or snapped to the edge as
+        :meth:`samples` finds it. Summed in float64 and divided by the bin's samples; the sums
+        differ from the sample-by-sample ones by the rounding of the positions.
+
+        Returns:
+            (ndarray[E] int64, ndarray[E] int64, ndarray[E] float64, ndarray[E] bool): each
+            entry's flat ``(RoI of rois, bin)`` index (sorted, then the pixel rising), its pixel,
+            its weight, and whether some sample reads the pixel at weight exactly 0 (the far
+            corner of a sample on a pixel centre or snapped to the edge).
+        """
+        ct, size = self.ct, self.size
+        pooled = self.n.shape[1]
+        kp = numpy.flatnonzero(self.closed[rois].ravel())
+        k = rois[kp // pooled]
+        base, bin_size = self.base[rois].ravel()[kp], self.bin[k]
+        grid = self.grid[k].astype(numpy.int64)
+        rising = bin_size >= 0
+
+        def position(b, rank):  # the sample of bin b of rank ``rank`` in increasing position
+            i = numpy.where(rising[b], rank, grid[b] - 1 - rank)
+            with numpy.errstate(all="ignore"):
+                return base[b] + ((i.astype(ct) + ct.type(0.5)) * bin_size[b]) / grid[b].astype(ct)
+
+        def below(b, t, inclusive=False):  # how many samples of bin b lie below t (or at it)
+            t = numpy.asarray(t).astype(ct)
+
+            def past(i):  # the sample of rank i is not counted: false on a prefix of ranks
+                v = position(b, i)
+                return v > t if inclusive else v >= t
+
+            return _first_where(numpy.zeros_like(b), grid[b], past)
+
+        every = numpy.arange(kp.size)
+        first, last = below(every, -1.0), below(every, float(size), inclusive=True)
+        live = numpy.flatnonzero(first < last)
+        low = _common.lerp(position(live, first[live]), size, ct)[0]
+        high = _common.lerp(position(live, last[live] - 1), size, ct)[1]
+        span = high - low + 1
+        b = numpy.repeat(live, span)
+        q = numpy.repeat(low, span) + (
+            numpy.arange(b.size) - numpy.repeat(numpy.cumsum(span) - span, span)
+        )
+        first, last = first[b], last[b]
+        step = numpy.abs(bin_size[b].astype(numpy.float64)) / grid[b]
+
+        def part(r0, r1, t):  # the samples of ranks [r0, r1), from t on: count, offset sum, on t
+            count = (r1 - r0).astype(numpy.float64)
+            d = position(b, numpy.minimum(r0, grid[b] - 1)).astype(numpy.float64) - t
+            d = numpy.where(r1 > r0, d, 0.0)
+            return count, count * d + step * (count * (count - 1) * 0.5), (r1 > r0) & (d == 0)
+
+        if size == 1:  # every inside sample snaps to the one pixel, its far corner at weight 0
+            weight = (last - first).astype(numpy.float64)
+            zero = numpy.ones(b.size, bool)
+        else:
+            at_q = below(b, q)
+            edge = below(b, numpy.zeros(b.size)) - first  # samples in [-1, 0)
+            weight = numpy.where(q == 0, edge, 0).astype(numpy.float64)
+            zero = (q == 1) & (edge > 0)
+            count, offsets, _ = part(at_q, below(b, q + 1), q.astype(numpy.float64))
+            weight += numpy.where(q <= size - 2, numpy.maximum(count - offsets, 0.0), 0.0)
+            _, offsets, on = part(below(b, q - 1), at_q, q - 1.0)
+            weight += numpy.where(q >= 1, numpy.maximum(offsets, 0.0), 0.0)
+            zero |= (q >= 1) & on
+            snapped = numpy.where(q == size - 1, last - at_q, 0)  # samples in [size - 1, size]
+            weight += snapped
+            zero |= snapped > 0
+        return kp[b], q, weight / grid[b], zero
 
     def candidates(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, ...]:
         """Max mode's candidate samples of the RoIs ``rois`` (block indices), as the kernels'
@@ -173,15 +265,17 @@ class _Axis:
     def weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """Compressed weight matrices of the RoIs ``rois`` (indices into the block).
 
-        The samples are expanded for a run of RoIs at a time (at most ``_TAPS`` of them, or one
-        RoI), so that a large ``sampling_ratio`` costs memory per RoI, not per block.
+        The samples are expanded for a run of RoIs at a time (at most ``_TAPS`` of them and of
+        closed-form entries, or one RoI), so that a large ``sampling_ratio`` costs memory per
+        RoI, not per block; bins with many samples per pixel take the closed form
+        (:meth:`closed_entries`), whose work follows the pixels they cover.
 
         Returns:
             (ndarray[G, P, R], ndarray[G, R] int64, ndarray[G] int64): ``A`` with
             ``A[g, p, r]`` the weight of pixel ``pixels[g, r]`` in bin ``p``, the pixel indices
             (0 where padded, with zero weight), and how many of the R columns each RoI uses.
         """
-        total = numpy.cumsum(self.n[rois].sum(axis=1))
+        total = numpy.cumsum(self.n[rois].sum(axis=1) + self.span[rois].sum(axis=1))
         if rois.size == 0 or total[-1] <= _TAPS:
             return self._weights(rois)
         parts, i = [], 0
@@ -210,10 +304,12 @@ class _Axis:
         w_low = (ct.type(1) - frac).astype(numpy.float64) * factor
         w_high = frac.astype(numpy.float64) * factor
 
-        kp = numpy.concatenate([kp, kp])
-        k = numpy.concatenate([k, k])
-        pixel = numpy.concatenate([low, high])
-        w = numpy.concatenate([w_low, w_high])
+        # Closed-form bins after the others: each bin's sums keep the order of its own entries.
+        ckp, cpixel, cw, _ = self.closed_entries(rois)
+        kp = numpy.concatenate([kp, kp, ckp])
+        k = kp // pooled
+        pixel = numpy.concatenate([low, high, cpixel])
+        w = numpy.concatenate([w_low, w_high, cw])
 
         # Number the distinct pixels of each RoI in increasing order.
         unique, inverse = numpy.unique(k * size + pixel, return_inverse=True)
@@ -226,6 +322,15 @@ class _Axis:
         flat = kp * width + pos_u[inverse.ravel()]
         a = numpy.bincount(flat, weights=w, minlength=kg * pooled * width)
         return a.reshape(kg, pooled, width).astype(ct), pixels, used
+
+
+def _is_closed(bin_size: numpy.ndarray, grid: numpy.ndarray) -> numpy.ndarray:
+    """Whether bins of ``bin_size`` (compute dtype) with ``grid`` samples (float64) get their
+    weights in closed form (see ``_CLOSED_GRID``); NaN and infinite bins do not."""
+    with numpy.errstate(invalid="ignore"):
+        return (grid > _CLOSED_GRID) & (
+            numpy.abs(bin_size.astype(numpy.float64)) * _CLOSED_DENSITY <= grid
+        )
 
 
 def _first_where(lo: numpy.ndarray, hi: numpy.ndarray, holds) -> numpy.ndarray:
@@ -473,6 +578,8 @@ def _exact_forward(x: numpy.ndarray, group: _Group, i: int, h: int, w: int) -> n
     never read them. Like the kernels, this path reads only the four corners of each sample that
     lies inside the map (a corner of weight 0 included: ``0 * inf`` is NaN in the kernels too).
     """
+    if _has_closed(group, i):
+        return _closed_forward(x, group, i, h, w)
     pooled_h, pooled_w = group.wy.shape[1], group.wx.shape[1]
     out = numpy.zeros((pooled_h, pooled_w, x.shape[1]), dtype=x.dtype)
     px, count, blocks = _sample_pairs(group, i, x.shape[1])
@@ -492,6 +599,9 @@ def _exact_backward(acc, grad: numpy.ndarray, group: _Group, i: int, h: int, w: 
     """Add RoI ``i`` of ``group``'s gradient ``grad`` [PH, PW, Cc] into ``acc`` [N*H*W, Cc]
     sample by sample (see :func:`_exact_forward`: non-finite gradients reach only the corners
     of their own bin's samples)."""
+    if _has_closed(group, i):
+        _closed_backward(acc, grad, group, i, h, w)
+        return
     px, count, blocks = _sample_pairs(group, i, grad.shape[2])
     base = int(group.b[i]) * h * w
     with numpy.errstate(invalid="ignore", over="ignore"):  # inf - inf and 0 * inf are NaN
@@ -501,6 +611,89 @@ def _exact_backward(acc, grad: numpy.ndarray, group: _Group, i: int, h: int, w: 
                 pixel = (base + rows * w)[:, None] + cols
                 part = g * weight[:, :, None] / count  # the kernels' order of operations
                 numpy.add.at(acc, pixel.ravel(), part.reshape(-1, g.shape[1]))
+
+
+# A RoI with closed-form bins has too many samples to visit one by one. Its exact path weighs
+# each pixel by its dense weight along y and x in float64, as the kernels' tables do, and makes a
+# non-finite value NaN where either axis reads its pixel at weight 0 (0 * inf in the kernels).
+
+
+def _has_closed(group: _Group, i: int) -> bool:
+    """Whether RoI ``i`` of ``group`` has a closed-form bin along y or x."""
+    k = group.local[i]
+    return bool(group.ay.closed[k].any() or group.ax.closed[k].any())
+
+
+def _dense_axis(axis: _Axis, k: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """RoI ``k`` (block index)'s weights along ``axis``, ``[P, size]`` float64, and whether
+    some sample of a bin reads a pixel at weight 0."""
+    pooled, size, ct = axis.n.shape[1], axis.size, axis.ct
+    rois = numpy.array([k])
+    weight = numpy.zeros((pooled, size))
+    zero = numpy.zeros((pooled, size), bool)
+    kp, low, high, frac = axis.taps(rois)
+    for pixel, part in ((low, ct.type(1) - frac), (high, frac)):
+        numpy.add.at(weight, (kp, pixel), part.astype(numpy.float64) * axis.factor[k])
+        zero[kp[part == 0], pixel[part == 0]] = True
+    kp, pixel, part, flag = axis.closed_entries(rois)
+    weight[kp, pixel] += part
+    zero[kp, pixel] |= flag
+    return weight, zero
+
+
+def _closed_forward(x: numpy.ndarray, group: _Group, i: int, h: int, w: int) -> numpy.ndarray:
+    """:func:`_exact_forward` of a RoI with closed-form bins: ``[PH, PW, Cc]``, summed in
+    float64."""
+    k = group.local[i]
+    wy, zy = _dense_axis(group.ay, k)
+    wx, zx = _dense_axis(group.ax, k)
+    plane = x[int(group.b[i]) * h * w :][: h * w].reshape(h, w, -1)
+
+    def carry(ay, values, ax):  # [H, W, Cc] -> [PH, PW, Cc]
+        return numpy.matmul(ax, numpy.tensordot(ay, values, (1, 0)))
+
+    out = carry(wy, numpy.where(numpy.isfinite(plane), plane, 0).astype(numpy.float64), wx)
+    _non_finite(out, plane, wy, zy, wx, zx, carry)
+    return out.astype(x.dtype)
+
+
+def _closed_backward(acc, grad: numpy.ndarray, group: _Group, i: int, h: int, w: int) -> None:
+    """:func:`_exact_backward` of a RoI with closed-form bins, summed in float64."""
+    k = group.local[i]
+    wy, zy = _dense_axis(group.ay, k)
+    wx, zx = _dense_axis(group.ax, k)
+
+    def carry(ay, values, ax):  # [PH, PW, Cc] -> [H, W, Cc]
+        return numpy.matmul(ax.T, numpy.tensordot(ay, values, (0, 0)))
+
+    part = carry(wy, numpy.where(numpy.isfinite(grad), grad, 0).astype(numpy.float64), wx)
+    _non_finite(part, grad, wy, zy, wx, zx, carry)
+    base = int(group.b[i]) * h * w
+    with numpy.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN
+        acc[base : base + h * w] += part.reshape(h * w, -1).astype(acc.dtype)
+
+
+def _non_finite(out, values, wy, zy, wx, zx, carry) -> None:
+    """Give ``out`` (the finite values' sums) the non-finite ``values`` that reach it, as the
+    kernels' sums of ``|wy| * |wx| * value`` would: NaN where a NaN reaches, or infinities of
+    both signs, or a non-finite value read at weight 0 along either axis; else an infinity's
+    sign. ``carry(ay, v, ax)`` takes ``values``-shaped terms to ``out``'s elements through the
+    weights ``ay`` and ``ax``; here it counts what reaches each element."""
+    bad = ~numpy.isfinite(values)
+    if not bad.any():
+        return
+    ry, rx = ((wy != 0) | zy).astype(numpy.float64), ((wx != 0) | zx).astype(numpy.float64)
+
+    def reach(mask, ay, ax):
+        return carry(ay, mask.astype(numpy.float64), ax) > 0
+
+    with numpy.errstate(invalid="ignore"):
+        up, down = reach(values == numpy.inf, ry, rx), reach(values == -numpy.inf, ry, rx)
+    nan = reach(numpy.isnan(values), ry, rx) | (up & down)
+    nan |= reach(bad, zy.astype(numpy.float64), rx) | reach(bad, ry, zx.astype(numpy.float64))
+    out[up] = numpy.inf
+    out[down] = -numpy.inf
+    out[nan] = numpy.nan
 
 
 # ----------------------------------------------------------------------------- small calls
@@ -568,6 +761,9 @@ def _small(rois, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, align
     y0, bh, gh, x0, bw, gw = _geometry(
         safe, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct
     )
+    # Closed-form bins take the tiled path, which builds their weights (_Axis.closed_entries).
+    if _is_closed(bh, gh).any() or _is_closed(bw, gw).any():
+        return None
     # _dense holds [2K, P, G] samples and [2K, P, max(H, W)] sums.
     rows = 2 * k * max(pooled_h, pooled_w)
     if rows * max(1.0, gh.max(initial=0), gw.max(initial=0)) > _SMALL_SAMPLES:
@@ -983,8 +1179,11 @@ def _max_runs(x, shape, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio,
         safe = numpy.where(valid[:, None], chunk, 0).astype(ct)
         ay, ax = _axes(safe, shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, ct)
         active = numpy.flatnonzero(valid & (ay.bound > 0) & (ax.bound > 0))
-        # Runs whose samples (an upper bound) and picks fit their budgets; at least one RoI.
-        taps = numpy.cumsum(ay.n[active].sum(axis=1) + ax.n[active].sum(axis=1))
+        # Runs whose samples (an upper bound; pixels for closed-form bins) and picks fit their
+        # budgets; at least one RoI.
+        taps = numpy.cumsum(
+            (ay.n + ay.span)[active].sum(axis=1) + (ax.n + ax.span)[active].sum(axis=1)
+        )
         most = max(1, _PICK_BUDGET // per_roi)
         i = 0
         while i < active.size:
