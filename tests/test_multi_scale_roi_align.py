@@ -306,7 +306,9 @@ def test_any_sampling_ratio_is_bounded_work(backend, sampling_ratio):
     Align's, in float64 through the separable form."""
     rng = make_rng("multiscale bounded work", str(sampling_ratio))
     x = random_features(rng, (1, 3, 12, 10), numpy.float32)
-    rois = numpy.array([[0, -8.0, -4.0, 44.0, 56.0], [0, 12.0, 8.0, 30.0, 32.0]], numpy.float32)
+    # The last box is reversed along y: its samples walk upwards.
+    rois = numpy.array([[0, -8.0, -4.0, 44.0, 56.0], [0, 12.0, 8.0, 30.0, 32.0],
+                        [0, 4.0, 40.0, 36.0, 6.0]], numpy.float32)
     kwargs = dict(spatial_scales=[0.25], sampling_ratio=sampling_ratio, aligned=True)
     start = time.monotonic()
     out = run(backend, [x], rois, **kwargs)

@@ -418,7 +418,9 @@ def test_any_sampling_ratio_is_bounded_work(backend, sampling_ratio):
     bin's channel, in float64 through the separable form."""
     rng = make_rng("ps align bounded work", str(sampling_ratio))
     x = random_features(rng, (1, GROUPS * 4, 12, 10), numpy.float32)
-    rois = numpy.array([[0, -2.0, -1.0, 11.0, 14.0], [0, 3.0, 2.0, 7.5, 8.0]], numpy.float32)
+    # The last box is reversed along x: its samples walk right to left.
+    rois = numpy.array([[0, -2.0, -1.0, 11.0, 14.0], [0, 3.0, 2.0, 7.5, 8.0],
+                        [0, 9.0, 1.0, 2.5, 11.0]], numpy.float32)
     start = time.monotonic()
     out = forward(backend, x, rois, 2, sampling_ratio=sampling_ratio)
     g = random_features(rng, out.shape, numpy.float32)

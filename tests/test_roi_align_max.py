@@ -400,21 +400,23 @@ def test_any_sampling_ratio_is_bounded_work(backend, sampling_ratio):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_numpy_and_the_kernels_pick_the_same_samples(dtype):
     """The NumPy backend and the kernels find the same candidates and picks, bit for bit, on
-    features full of ties (values in steps of 1/4), boxes of every kind and up to 37 samples
-    per pixel; the gradients agree to rounding, so the picks' corners are the same."""
+    features full of ties (values in steps of 1/4) and NaN and infinities, boxes of every kind
+    and up to 2**20 samples per axis; the gradients (random) agree to rounding, so the picks'
+    corners are the same."""
     ok, why = availability("emulator")
     if not ok:
         pytest.skip(f"the emulator is not available: {why}")
     rng = make_rng("align max numpy and kernels", numpy.dtype(dtype).name)
     x = (numpy.round(random_features(rng, (2, 3, 9, 11), numpy.float64) * 4) / 4).astype(dtype)
+    x[1, 2, 4, 5], x[0, 1, 8, 0], x[1, 0, 3, 3] = numpy.nan, numpy.inf, -numpy.inf
     rois = random_boxes(rng, 2, 21, 9, 11, dtype=compute_dtype(dtype))
-    for sampling_ratio in [(37, 3), (-1, 11), (5, -1)]:
+    for sampling_ratio in [(37, 3), (-1, 11), (5, -1), 10**9, (2**20, 3)]:
         args = dict(sampling_ratio=sampling_ratio, aligned=True, spatial_scale=0.75)
         out = {}
+        g = random_features(rng, (len(rois), 3, 3, 2), dtype)
         for name in ("numpy", "emulator"):
             backend = Backend(name)
             out[name] = run(backend, x, rois, (3, 2), **args)
-            g = numpy.ones(out[name].shape, dtype)
             out[name + " grad"] = run_backward(backend, g, x, rois, (3, 2), **args)
         numpy.testing.assert_array_equal(out["numpy"], out["emulator"])
         numpy.testing.assert_allclose(out["numpy grad"].astype(numpy.float64),
