@@ -667,7 +667,8 @@ def test_many_images_of_boxes_are_placed_without_concatenate(monkeypatch):
 # reference.separable_expected gives the float64 numbers for sample counts beyond the loops.
 def emulator_only(backend):
     if backend.name != "emulator":
-        pytest.skip("a launch-shape test of the CUDA kernels")
+        pytest.skip("a launch-shape test of the CUDA kernels: it runs on the emulator "
+                    "backend, which takes any launch shape")
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=lambda d: numpy.dtype(d).name)

@@ -609,7 +609,8 @@ def test_channels_last_launch_shapes(backend, monkeypatch, block, grid, channels
     smaller than the work: every element is written (the emulator poisons outputs with NaN and
     indices with 0x5A bytes) with the NCHW path's bits."""
     if backend.name != "emulator":
-        pytest.skip("a launch-shape test of the CUDA kernels")
+        pytest.skip("a launch-shape test of the CUDA kernels: it runs on the emulator "
+                    "backend, which takes any launch shape")
     from roi_cupy._cuda import launch
 
     monkeypatch.setattr(launch, "BLOCK", block)
