@@ -110,6 +110,48 @@ def test_kernels_agree_with_the_numpy_backend(kernels_on, dtype):
 
 
 # ----------------------------------------------------------------------------- index width
+@pytest.mark.parametrize("validate", (False, True), ids=("unvalidated", "validated"))
+def test_one_kernel_launch_per_call(monkeypatch, validate):
+    """Every op is one kernel launch with validate=False, and validation adds one (roi_check):
+    no copies, fills or casts run as kernels (the emulator's launches, by name)."""
+    ok, why = availability("emulator")
+    if not ok:
+        pytest.skip(f"the emulator is not available: {why}")
+    from roi_cupy._emulator.runtime import Kernel
+
+    launched = []
+    original = Kernel.__call__
+
+    def record(self, grid, block, args):
+        launched.append(self.name.split("<")[0])
+        return original(self, grid, block, args)
+
+    monkeypatch.setattr(Kernel, "__call__", record)
+    rng = make_rng("one launch")
+    x = random_features(rng, (2, 8, 10, 12), numpy.float32)
+    rois = numpy.array([[0, 1, 1, 8, 7], [1, 2, 0, 9, 9]], numpy.float32)
+    turned = numpy.array([[0, 5, 5, 4, 3, 30], [1, 4, 4, 5, 2, -10]], numpy.float32)
+    g = random_features(rng, (2, 8, 2, 2), numpy.float32)
+    calls = {
+        "roi_align_forward": lambda: roi_cupy.roi_align(x, rois, 2, validate=validate),
+        "roi_align_max_forward": lambda: roi_cupy.roi_align(x, rois, 2, mode="max",
+                                                            validate=validate),
+        "roi_align_backward": lambda: roi_cupy.roi_align_backward(g, rois, x.shape, 2,
+                                                                  validate=validate),
+        "roi_pool_forward": lambda: roi_cupy.roi_pool(x, rois, 2, return_indices=True,
+                                                      validate=validate),
+        "ps_roi_align_forward": lambda: roi_cupy.ps_roi_align(x, rois, 2, validate=validate),
+        "ps_roi_pool_forward": lambda: roi_cupy.ps_roi_pool(x, rois, 2, validate=validate),
+        "roi_align_rotated_forward": lambda: roi_cupy.roi_align_rotated(x, turned, 2,
+                                                                        validate=validate),
+    }
+    with roi_cupy.use_backend("emulator"):
+        for kernel, call in calls.items():
+            launched.clear()
+            call()
+            assert launched == (["roi_check"] if validate else []) + [kernel]
+
+
 def test_index_width_switches_above_the_int32_limit():
     assert not launch.use_index64(0, 2**31 - 1)
     assert launch.use_index64(2**31 - 1, 2**31)
