@@ -237,11 +237,50 @@ class _Axis:
         def lerp(b, i, f, l):  # an inside sample's low pixel and weight (i clipped into it)
             return _common.lerp(position(b, numpy.clip(i, f, l - 1)), size, ct)[::2]
 
-        # The groups: each low pixel from the first inside sample's to the last one's, walked in
-        # index order (down for a reversed box); a group starts at the first index reading it.
+        # A bin's groups are found from whichever are fewer, its inside samples or the pixels
+        # they read (each at most the run's budget, _Axis.n or _Axis.span).
         low, _ = lerp(bins, first, first, last)
         end, _ = lerp(bins, last - 1, first, last)
         span = numpy.abs(end - low) + 1
+        few = last - first <= span
+        kp, index = _concatenated([
+            self._candidates_by_sample(bins[few], first[few], last[few], lerp),
+            self._candidates_by_pixel(bins[~few], first[~few], last[~few], low[~few],
+                                      span[~few], rising, lerp),
+        ])
+        order = numpy.lexsort((index, kp))
+        kp, index = kp[order], index[order]
+        return (kp, index, *_common.lerp(position(kp, index), size, ct), lead)
+
+    @staticmethod
+    def _candidates_by_sample(bins, first, last, lerp) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """:meth:`candidates` of ``bins`` from each of their inside samples ``[first, last)``:
+        ``(bin, index)`` of each."""
+        count = last - first
+        if bins.size == 0:
+            return bins, first
+        b = numpy.repeat(bins, count)
+        f, l = numpy.repeat(first, count), numpy.repeat(last, count)
+        i = f + (numpy.arange(b.size) - numpy.repeat(numpy.cumsum(count) - count, count))
+        low, weight = lerp(b, i, f, l)
+        start = numpy.ones(b.size, bool)  # the first sample of a group
+        start[1:] = (b[1:] != b[:-1]) | (low[1:] != low[:-1])
+        group = numpy.cumsum(start) - 1
+        ends = numpy.append(numpy.flatnonzero(start)[1:], b.size)
+        # Weights are monotone in a group: those equal to its last one's are a suffix of it.
+        tail = weight == weight[ends - 1][group]
+        earlier = numpy.concatenate([[False], tail[:-1]])
+        keep = start | (tail & (start | ~earlier))
+        return b[keep], i[keep]
+
+    @staticmethod
+    def _candidates_by_pixel(bins, first, last, low, span, rising, lerp):
+        """:meth:`candidates` of ``bins`` from each low pixel their inside samples
+        ``[first, last)`` read, from ``low`` on, ``span`` of them, walked in index order (down
+        for a reversed box): a group starts at the first index that reads its pixel, and its
+        second candidate is found by binary search. ``(bin, index)`` of each."""
+        if bins.size == 0:
+            return bins, first
         b = numpy.repeat(bins, span)
         f, l = numpy.repeat(first, span), numpy.repeat(last, span)
         sign = numpy.where(rising[b], 1, -1)
@@ -259,8 +298,7 @@ class _Axis:
         second = numpy.where(head == tail, -1, second)
         kp = numpy.stack([b, b], axis=1).ravel()
         index = numpy.stack([start, second], axis=1).ravel()
-        kp, index = kp[index >= 0], index[index >= 0]
-        return (kp, index, *_common.lerp(position(kp, index), size, ct), lead)
+        return kp[index >= 0], index[index >= 0]
 
     def weights(self, rois: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
         """Compressed weight matrices of the RoIs ``rois`` (indices into the block).
@@ -331,6 +369,11 @@ def _is_closed(bin_size: numpy.ndarray, grid: numpy.ndarray) -> numpy.ndarray:
         return (grid > _CLOSED_GRID) & (
             numpy.abs(bin_size.astype(numpy.float64)) * _CLOSED_DENSITY <= grid
         )
+
+
+def _concatenated(parts) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Pairs of int64 arrays, concatenated pairwise."""
+    return tuple(numpy.concatenate([p[j] for p in parts]).astype(numpy.int64) for j in (0, 1))
 
 
 def _first_where(lo: numpy.ndarray, hi: numpy.ndarray, holds) -> numpy.ndarray:
