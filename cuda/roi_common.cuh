@@ -204,14 +204,9 @@ template <typename I>
 __host__ __device__ __forceinline__ roi_bin<I> roi_split_last(
     I index, I channels, I pooled_h, I pooled_w)
 {
-    roi_bin<I> o;
-    o.c = index % channels;
-    index /= channels;
-    o.pw = index % pooled_w;
-    index /= pooled_w;
-    o.ph = index % pooled_h;
-    o.k = index / pooled_h;
-    return o;
+    // roi_split of [K, PH, PW, C]: its (c, ph, pw) are this array's (ph, pw, c).
+    const roi_bin<I> t = roi_split(index, pooled_h, pooled_w, channels);
+    return roi_bin<I>{t.k, t.pw, t.c, t.ph};
 }
 
 // The flat index of (k, c, ph, pw) in a [K, C, PH, PW] array.
