@@ -115,10 +115,7 @@ class _Axis:
         index = self.lo[rois].ravel()[kp] + (numpy.arange(total) - first[kp])
         k = kp // pooled
         bin_size = self.bin[rois][k]
-        with numpy.errstate(all="ignore"):
-            y = self.base[rois].ravel()[kp] + (
-                (index.astype(ct) + ct.type(0.5)) * bin_size
-            ) / self.grid[rois].astype(ct)[k]
+        y = _sample_position(self.base[rois].ravel()[kp], bin_size, self.grid[rois][k], index, ct)
         inside = (y >= -1) & (y <= size)  # NaN fails both
         kp, index, y = kp[inside], index[inside].astype(numpy.int64), y[inside]
         return (kp, index, *_common.lerp(y, size, ct))
@@ -151,8 +148,7 @@ class _Axis:
 
         def position(b, rank):  # the sample of bin b of rank ``rank`` in increasing position
             i = numpy.where(rising[b], rank, grid[b] - 1 - rank)
-            with numpy.errstate(all="ignore"):
-                return base[b] + ((i.astype(ct) + ct.type(0.5)) * bin_size[b]) / grid[b].astype(ct)
+            return _sample_position(base[b], bin_size[b], grid[b], i, ct)
 
         def below(b, t, inclusive=False):  # how many samples of bin b lie below t (or at it)
             t = numpy.asarray(t).astype(ct)
@@ -217,12 +213,10 @@ class _Axis:
         k = numpy.repeat(numpy.arange(rois.size), pooled)
         base, step = self.base[rois].ravel(), self.bin[rois][k]
         grid = self.grid[rois][k].astype(numpy.int64)
-        divisor = self.grid[rois][k].astype(ct)
         rising = step >= 0
 
         def position(b, i):
-            with numpy.errstate(all="ignore"):
-                return base[b] + ((i.astype(ct) + ct.type(0.5)) * step[b]) / divisor[b]
+            return _sample_position(base[b], step[b], grid[b], i, ct)
 
         every = numpy.arange(k.size)
         # The inside samples [first, last) in index order, as roi_align_window finds them.
@@ -369,6 +363,14 @@ def _is_closed(bin_size: numpy.ndarray, grid: numpy.ndarray) -> numpy.ndarray:
         return (grid > _CLOSED_GRID) & (
             numpy.abs(bin_size.astype(numpy.float64)) * _CLOSED_DENSITY <= grid
         )
+
+
+def _sample_position(base, bin_size, grid, index, ct: numpy.dtype) -> numpy.ndarray:
+    """The kernels' ``roi_align_sample`` in the compute dtype ``ct``, in their order of
+    operations: sample ``index`` (integers) of a bin whose first edge is ``base``, of
+    ``bin_size``, with ``grid`` samples (arrays that broadcast)."""
+    with numpy.errstate(all="ignore"):
+        return base + ((index.astype(ct) + ct.type(0.5)) * bin_size) / grid.astype(ct)
 
 
 def _concatenated(parts) -> tuple[numpy.ndarray, numpy.ndarray]:
@@ -770,9 +772,7 @@ def _dense(start, bin_size, grid, pooled, size, ct) -> numpy.ndarray:
     bins = numpy.arange(big_p)
     with numpy.errstate(all="ignore"):
         base = start[:, None] + bins.astype(ct) * bin_size[:, None]
-        y = base[:, :, None] + (
-            (index + ct.type(0.5)) * bin_size[:, None, None]
-        ) / grid.astype(ct)[:, None, None]
+    y = _sample_position(base[:, :, None], bin_size[:, None, None], grid[:, None, None], index, ct)
     top = size[:, None, None]
     # NaN fails the range test; so do the padding bins and samples.
     inside = (y >= -1) & (y <= top) & (index < count)
@@ -1028,9 +1028,9 @@ def roi_align_backward(
 # Max mode (docs/semantics.md, "RoI Align, max mode") needs samples' own values, which the
 # separable products above never form. A bin's largest sample is among the pairs of its
 # candidates along y and x (_Axis.candidates: at most two per pixel row or column it covers),
-# numbered bin by bin, row-major (iy, ix) within a bin. Bins with equal pair counts are evaluated together, a bounded slice at a time:
-# four gathers from the channels-last features summed in the kernels' order of operations, then
-# the first maximum along each bin's pairs. A bin too large for one slice is evaluated in pieces
+# numbered bin by bin, row-major (iy, ix) within a bin. Bins with equal pair counts are
+# evaluated together, a bounded slice at a time: four gathers from the channels-last features
+# summed in the kernels' order of operations, then the first maximum along each bin's pairs. A bin too large for one slice is evaluated in pieces
 # whose picks are merged in order, so memory stays bounded whatever the sampling grid. Samples
 # outside the map read 0; only the first of them in a bin can be its pick, merged in last.
 
